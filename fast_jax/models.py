@@ -1,0 +1,217 @@
+"""Backbones: the MeLU user-preference estimator (also MetaCS's network) in Flax.
+
+A backbone is a Flax module with ``apply(params, x) -> rating`` plus a declared
+partition of its parameters into *local* (adapted in the inner loop) and *global*
+(updated only by the outer optimizer). The partition is a pytree of labels with the
+structure of ``params`` (see :func:`param_labels`), so the meta-learning code never
+matches parameter names itself.
+
+Network (research/fast.md §2.4, clover.md §2.1), for embedding size d = 32::
+
+    e_item = concat(field embeddings of the item fields)   # multi-valued: mean of slots
+    e_user = concat(field embeddings of the user fields)
+    h = concat(relu(item_fc(e_item)), relu(user_fc(e_user)))  # 32 + 32
+    y = out(relu(fc2(relu(fc1(h)))))                        # 64 -> 64 -> 1
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import traverse_util
+
+Params = Any
+LOCAL, GLOBAL = "local", "global"
+
+
+@dataclasses.dataclass(frozen=True)
+class Field:
+  """One input field: columns ``[start, stop)`` of x (see meta.json)."""
+  name: str
+  side: str  # "item" or "user"
+  kind: str  # "categorical" or "multi"
+  start: int
+  stop: int
+  vocab_size: int
+  pad_index: int | None = None
+
+  @property
+  def table_size(self) -> int:
+    return self.vocab_size + (1 if self.kind == "multi" else 0)
+
+
+def fields_from_meta(meta: dict) -> tuple[Field, ...]:
+  return tuple(Field(name=f["name"], side=f["side"], kind=f["kind"], start=int(f["start"]),
+                     stop=int(f["stop"]), vocab_size=int(f["vocab_size"]),
+                     pad_index=f.get("pad_index")) for f in meta["fields"])
+
+
+def _torch_uniform(fan_in: int) -> Callable:
+  """PyTorch's nn.Linear default for weights and biases: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+  bound = 1.0 / math.sqrt(max(fan_in, 1))
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+  return init
+
+
+class MeLU(nn.Module):
+  """MeLU / FAST / CLOVER user preference estimator.
+
+  Two stages, so that the meta-learner can look the embeddings up once per batch and
+  adapt only the dense head per user: ``embed(x) -> e`` (global parameters only) and
+  ``head(e) -> rating``; ``__call__(x) = head(embed(x))``.
+
+  Attributes:
+    fields: the dataset's input fields (item fields first).
+    embed_dim: field embedding size (32).
+    proj_dim: width of the item_fc / user_fc projections (32).
+    hidden: width of fc1 and fc2 (64).
+    out_dim: 1 for rating regression; C for classification over rating classes.
+    drop_fields: names of fields not fed to the network (e.g. the sensitive attribute).
+    torch_init: PyTorch default initialisation (N(0,1) embeddings, U(+-1/sqrt(fan_in))
+      dense weights and biases) as in the authors' code; Flax defaults otherwise.
+    out_bias: if set, the output bias starts at this value (e.g. the training mean).
+  """
+  fields: Sequence[Field]
+  embed_dim: int = 32
+  proj_dim: int = 32
+  hidden: int = 64
+  out_dim: int = 1
+  drop_fields: Sequence[str] = ()
+  torch_init: bool = True
+  out_bias: float | None = None
+
+  def _used(self, side: str) -> list[Field]:
+    return [f for f in self.fields if f.side == side and f.name not in self.drop_fields]
+
+  def _dense(self, features: int, fan_in: int, bias_value: float | None = None):
+    kwargs = {}
+    if self.torch_init:
+      kwargs = dict(kernel_init=_torch_uniform(fan_in), bias_init=_torch_uniform(fan_in))
+    if bias_value is not None:
+      kwargs["bias_init"] = nn.initializers.constant(bias_value)
+    return nn.Dense(features, **kwargs)
+
+  def setup(self):
+    if not self._used("item"):
+      raise ValueError("MeLU needs at least one item field")
+    init = nn.initializers.normal(1.0) if self.torch_init else nn.initializers.variance_scaling(
+        1.0, "fan_in", "normal", out_axis=0)
+    self.emb = {f.name: nn.Embed(f.table_size, self.embed_dim, embedding_init=init)
+                for f in self.fields if f.name not in self.drop_fields}
+    self.item_dim = self.embed_dim * len(self._used("item"))
+    user_dim = self.embed_dim * len(self._used("user"))
+    self.item_fc = self._dense(self.proj_dim, self.item_dim)
+    self.user_fc = self._dense(self.proj_dim, user_dim) if user_dim else None
+    concat_dim = self.proj_dim * (2 if user_dim else 1)
+    self.fc1 = self._dense(self.hidden, concat_dim)
+    self.fc2 = self._dense(self.hidden, self.hidden)
+    self.out = self._dense(self.out_dim, self.hidden, self.out_bias)
+
+  def _lookup(self, f: Field, cols: jax.Array) -> jax.Array:
+    table = self.emb[f.name]
+    if f.kind == "categorical":
+      return table(cols[..., 0])
+    valid = (cols != f.pad_index)[..., None]
+    summed = jnp.sum(jnp.where(valid, table(cols), 0.0), axis=-2)
+    return summed / jnp.maximum(jnp.sum(valid, axis=-2), 1)
+
+  def embed(self, x: jax.Array) -> jax.Array:
+    """Concatenated field embeddings, item fields first. x: int32[..., F] -> [..., D]."""
+    used = self._used("item") + self._used("user")
+    return jnp.concatenate([self._lookup(f, x[..., f.start:f.stop]) for f in used], axis=-1)
+
+  def represent(self, e: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+    """Item and user representations (after item_fc / user_fc) from ``embed``'s output."""
+    h_item = nn.relu(self.item_fc(e[..., :self.item_dim]))
+    h_user = None if self.user_fc is None else nn.relu(self.user_fc(e[..., self.item_dim:]))
+    return h_item, h_user
+
+  def head(self, e: jax.Array) -> jax.Array:
+    """Ratings (or logits [..., C]) from ``embed``'s output."""
+    h_item, h_user = self.represent(e)
+    h = h_item if h_user is None else jnp.concatenate([h_item, h_user], axis=-1)
+    h = nn.relu(self.fc1(h))
+    h = nn.relu(self.fc2(h))
+    out = self.out(h)
+    return out[..., 0] if self.out_dim == 1 else out
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x: int32[..., F] -> float32[...] ratings (or [..., C] logits when out_dim > 1)."""
+    return self.head(self.embed(x))
+
+
+# Local (inner-loop) modules. The FAST code adapts item_fc, user_fc, fc1, fc2 but, by a
+# name typo, not the output layer (fast.md §1.3 #11); MeLU and CLOVER adapt it too.
+FAST_LOCAL = ("item_fc", "user_fc", "fc1", "fc2")
+MELU_LOCAL = FAST_LOCAL + ("out",)
+
+
+def param_labels(params: Params, local_modules: Sequence[str]) -> Params:
+  """Pytree of "local"/"global" labels with the structure of ``params``."""
+  flat = traverse_util.flatten_dict(params)
+  labels = {k: LOCAL if any(part in local_modules for part in k) else GLOBAL for k in flat}
+  return traverse_util.unflatten_dict(labels)
+
+
+def split_params(params: Params, labels: Params) -> tuple[dict, dict]:
+  """Split into (local, global) flat dicts keyed by parameter path."""
+  flat, flat_labels = traverse_util.flatten_dict(params), traverse_util.flatten_dict(labels)
+  local = {k: v for k, v in flat.items() if flat_labels[k] == LOCAL}
+  glob = {k: v for k, v in flat.items() if flat_labels[k] != LOCAL}
+  return local, glob
+
+
+def merge_params(local: dict, glob: dict) -> Params:
+  """Inverse of :func:`split_params`."""
+  return traverse_util.unflatten_dict({**glob, **local})
+
+
+@dataclasses.dataclass(frozen=True)
+class Backbone:
+  """A network plus its local/global partition: what the meta-learner needs."""
+  module: nn.Module
+  local_modules: tuple[str, ...]
+
+  def init(self, key: jax.Array, x: jax.Array) -> Params:
+    return self.module.init(key, x)["params"]
+
+  def apply(self, params: Params, x: jax.Array) -> jax.Array:
+    """Predictions from raw inputs. x: int32[..., F]."""
+    return self.module.apply({"params": params}, x)
+
+  def embed(self, params: Params, x: jax.Array) -> jax.Array:
+    """The non-adapted input stage (embedding lookups). x: int32[..., F] -> [..., D]."""
+    return self.module.apply({"params": params}, x, method="embed")
+
+  def head(self, params: Params, e: jax.Array) -> jax.Array:
+    """The adapted stage: predictions from ``embed``'s output."""
+    return self.module.apply({"params": params}, e, method="head")
+
+  def user_repr(self, params: Params, e: jax.Array) -> jax.Array | None:
+    """Per-row user representation from ``embed``'s output (CLOVER's adversary input)."""
+    return self.module.apply({"params": params}, e, method=lambda m, e: m.represent(e)[1])
+
+  def labels(self, params: Params) -> Params:
+    return param_labels(params, self.local_modules)
+
+
+def make_backbone(meta: dict, *, local_output: bool = False, drop_sensitive: bool = False,
+                  torch_init: bool = True, out_bias: float | None = None, out_dim: int = 1,
+                  embed_dim: int = 32, hidden: int = 64) -> Backbone:
+  """The MeLU/MetaCS network for a prepared dataset's ``meta.json``."""
+  fields = fields_from_meta(meta)
+  drop = ()
+  if drop_sensitive:
+    sens = meta.get("sensitive") or {}
+    col = sens.get("column")
+    drop = tuple(f.name for f in fields if col is not None and f.start <= col < f.stop)
+  module = MeLU(fields=fields, embed_dim=embed_dim, proj_dim=embed_dim, hidden=hidden,
+                out_dim=out_dim, drop_fields=drop, torch_init=torch_init, out_bias=out_bias)
+  return Backbone(module=module, local_modules=MELU_LOCAL if local_output else FAST_LOCAL)

@@ -1,0 +1,345 @@
+"""Meta-training with FAST and the group-aware outer objectives; evaluation.
+
+The outer loop reads like the paper's Algorithm 1 (one call of :func:`make_train_step`'s
+``train_step`` = one outer iteration t)::
+
+    theta_u   = inner_adapt(theta, support of u)                for u in batch (vmap)
+    l_u       = query loss of theta_u
+    L_g       = group_means(l_u)                                  (Eq. 6)
+    p         = update_p(p, L_g)                                  (Eq. 7, 9)  [FAST, step mode]
+    w         = resample_weights(p)                               (B' of Alg. 1 as counts)
+    theta     = Adam step on  sum_u w_u l_u / sum_u w_u + penalty
+
+A fairness method is an :class:`Objective`: how batches are drawn, how the users of a
+batch are weighted, an optional penalty, and whether/when p moves. Backbones and
+objectives combine freely.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Callable, NamedTuple
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+from fast_jax import fairness, meta, metrics
+from fast_jax.config import Config
+from fast_jax.models import Backbone, make_backbone, split_params
+
+Params = Any
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything that changes during training, as one pytree."""
+  params: Params
+  opt_state: Any
+  alpha: Any              # inner learning rate (fixed for MeLU, learned for MetaCS)
+  alpha_opt_state: Any    # () when alpha is not learned
+  p: jax.Array            # float[G] FAST sampling probabilities
+  step: jax.Array         # int32 outer step counter
+  extra: Any = ()         # method-specific state (e.g. adversaries)
+
+
+class Objective(NamedTuple):
+  """A fairness method as pieces of the outer loop.
+
+  sampler: "uniform" (shuffle all users each epoch) or "group" (per-group pools drawn
+    with p, the FAST code's sampler).
+  p_rule: "none", "step" (update p from each batch, paper Alg. 1) or "epoch" (from all
+    training users after each epoch, the FAST code).
+  weights: ``weights(key, group[B], p[G]) -> float[B]`` outer weights of the batch users.
+  penalty: ``penalty(mse[B], mae[B], group[B], weights[B]) -> scalar`` added to the loss.
+  """
+  sampler: str
+  p_rule: str
+  weights: Callable
+  penalty: Callable
+
+
+def _uniform(key, group, p):
+  return jnp.ones(group.shape[0])
+
+
+def _no_penalty(mse, mae, group, w):
+  return jnp.zeros(())
+
+
+def make_objective(cfg: Config, num_groups: int, group_shares: np.ndarray) -> Objective:
+  """The Objective of ``cfg.method`` (origin, static, fast, reg, ipw)."""
+  resample = fairness.resample_weights if cfg.resample == "sample" else (
+      lambda key, group, p, g: fairness.expected_weights(group, p, g))
+
+  def by_p(key, group, p):
+    return resample(key, group, p, num_groups)
+
+  if cfg.method == "origin":
+    return Objective("uniform", "none", _uniform, _no_penalty)
+  if cfg.method in ("static", "fast"):
+    rule = "none" if cfg.method == "static" else cfg.p_update
+    if cfg.p_update == "epoch":  # the code's sampler draws the batch from p directly
+      return Objective("group", rule, _uniform, _no_penalty)
+    return Objective("uniform", rule, by_p, _no_penalty)
+  if cfg.method == "ipw":
+    shares = jnp.asarray(group_shares, jnp.float32)
+    return Objective("uniform", "none", lambda k, g, p: fairness.ipw_weights(g, shares),
+                     _no_penalty)
+  if cfg.method == "reg":
+    lam = cfg.reg_weight
+
+    def reg(mse, mae, group, w):
+      return lam * fairness.gap_penalty(mse, group, num_groups, w)
+    return Objective("uniform", "none", _uniform, reg)
+  raise ValueError(f"method {cfg.method!r} has no meta-learning objective")
+
+
+def weighted_mean(values: jax.Array, weights: jax.Array) -> jax.Array:
+  return jnp.sum(weights * values) / jnp.maximum(jnp.sum(weights), 1e-12)
+
+
+class MetaLearner:
+  """A backbone + inner-loop settings: adapt users and score their query sets."""
+
+  def __init__(self, backbone: Backbone, labels: Params, *, inner_steps: int,
+               first_order: bool):
+    self.backbone, self.labels = backbone, labels
+    self.inner_steps, self.first_order = inner_steps, first_order
+
+  def predict(self, params, alpha, x, y, support, query_idx):
+    """Adapted query predictions. x: int32[B, L, F]; y, support: [B, L];
+    query_idx: int32[B, Q] -> float32[B, Q].
+
+    Embeddings are global, so they are looked up once for the batch; only the head runs
+    inside each user's inner loop.
+    """
+    e = self.backbone.embed(params, x)
+    return meta.adapted_query_predictions(self.backbone.head, params, self.labels, alpha, e,
+                                          y, support, query_idx, steps=self.inner_steps,
+                                          first_order=self.first_order)
+
+  def query_losses(self, params, alpha, batch, support, query_idx):
+    """Per-user query MSE and MAE after adaptation: (float[B], float[B])."""
+    pred = self.predict(params, alpha, batch["x"], batch["y"], support, query_idx)
+    err = pred - meta.take_rows(batch["y"], query_idx)
+    return jnp.mean(jnp.square(err), -1), jnp.mean(jnp.abs(err), -1)
+
+
+def make_train_step(learner: MetaLearner, objective: Objective, tx, alpha_tx, *,
+                    cfg: Config, num_groups: int, max_len: int) -> Callable:
+  """``train_step(state, batch, key) -> (state, metrics)``: one outer iteration.
+
+  batch: {"x": int32[B, L, F], "y": float32[B, L], "length": int32[B], "group": int32[B]}.
+  """
+  gap_index = 1 if cfg.gap_loss == "mae" else 0
+
+  def train_step(state: TrainState, batch: dict, key: jax.Array):
+    key = jax.random.fold_in(key, state.step)
+    k_split, k_weights, k_split2 = jax.random.split(key, 3)
+    support, query = meta.query_split(k_split, batch["length"], max_len, cfg.train_query)
+
+    def loss_fn(params):
+      mse, mae = learner.query_losses(params, state.alpha, batch, support, query)
+      gap_values = jax.lax.stop_gradient((mse, mae)[gap_index])
+      group_loss, present = fairness.group_means(gap_values, batch["group"], num_groups)
+      p = state.p
+      if objective.p_rule == "step":
+        p = fairness.update_p(p, group_loss, present, cfg.gamma, cfg.tau)
+      w = objective.weights(k_weights, batch["group"], p)
+      loss = weighted_mean(mse, w) + objective.penalty(mse, mae, batch["group"], w)
+      return loss, (p, w, mse, group_loss, present)
+
+    (loss, (p, w, mse, group_loss, present)), grads = jax.value_and_grad(
+        loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+
+    alpha, alpha_opt_state = state.alpha, state.alpha_opt_state
+    if alpha_tx is not None:
+      # MetaCS (the FAST code): a second pass on the same batch with a fresh split and the
+      # updated theta, whose gradient moves only the inner learning rate.
+      support2, query2 = meta.query_split(k_split2, batch["length"], max_len, cfg.train_query)
+
+      def alpha_loss(a):
+        mse2, _ = learner.query_losses(params, a, batch, support2, query2)
+        return weighted_mean(mse2, w)
+      alpha_grads = jax.grad(alpha_loss)(alpha)
+      alpha_updates, alpha_opt_state = alpha_tx.update(alpha_grads, alpha_opt_state, alpha)
+      alpha = optax.apply_updates(alpha, alpha_updates)
+
+    new_state = state.replace(params=params, opt_state=opt_state, alpha=alpha,
+                              alpha_opt_state=alpha_opt_state, p=p, step=state.step + 1)
+    out = {"loss": jnp.mean(mse), "outer_loss": loss, "p": p, "group_loss": group_loss,
+           "group_present": present}
+    return new_state, out
+
+  return train_step
+
+
+def device_split(split) -> dict:
+  """The arrays of a split as device arrays (what the jitted functions index)."""
+  return {"x": jnp.asarray(split.x), "y": jnp.asarray(split.y),
+          "length": jnp.asarray(split.length), "group": jnp.asarray(split.group)}
+
+
+def make_train_epoch(train_step: Callable, objective: Objective, *, num_users: int,
+                     num_groups: int, batch_size: int) -> Callable:
+  """``train_epoch(state, data, key) -> (state, per-step metrics)``, one jitted scan."""
+
+  def train_epoch(state: TrainState, data: dict, key: jax.Array):
+    k_batches, k_steps = jax.random.split(key)
+    if objective.sampler == "group":
+      batches = fairness.group_pool_batches(k_batches, data["group"], state.p, num_groups,
+                                            batch_size)
+    else:
+      batches = fairness.uniform_batches(k_batches, num_users, batch_size)
+
+    def body(state, idx):
+      batch = jax.tree.map(lambda a: a[idx], data)
+      return train_step(state, batch, k_steps)
+    return jax.lax.scan(body, state, batches)
+
+  return jax.jit(train_epoch)
+
+
+class Evaluator:
+  """Adapt-and-score on the fixed last-10 query, in fixed-size chunks (one compilation)."""
+
+  def __init__(self, learner: MetaLearner, *, max_len: int, chunk: int):
+    self.max_len, self.chunk = max_len, chunk
+
+    @jax.jit
+    def score(params, alpha, x, y, length):
+      support, query_idx = meta.last_query_split(length, max_len)
+      pred = learner.predict(params, alpha, x, y, support, query_idx)
+      return metrics.user_metrics(pred, meta.take_rows(y, query_idx))
+    self._score = score
+
+  def per_user(self, params, alpha, data: dict) -> dict[str, np.ndarray]:
+    """Per-user MAE, MSE, NDCG@3 of every user of a split (host arrays, float[U])."""
+    n = data["x"].shape[0]
+    chunk = min(self.chunk, n)
+    outs = []
+    for start in range(0, n, chunk):
+      idx = np.minimum(np.arange(start, start + chunk), n - 1)  # pad the last chunk
+      part = self._score(params, alpha, data["x"][idx], data["y"][idx], data["length"][idx])
+      outs.append({k: np.asarray(v)[: min(chunk, n - start)] for k, v in part.items()})
+    return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
+
+
+@dataclasses.dataclass
+class Trainer:
+  """Meta-training of one configuration on one prepared dataset."""
+  cfg: Config
+  data: Any  # fast_jax.dataset.TaskData
+
+  def __post_init__(self):
+    cfg, data = self.cfg, self.data
+    self.num_groups = len(data.meta["sensitive"]["groups"])
+    self.max_len = int(data.train.x.shape[1])
+    train_group = np.asarray(data.train.group)
+    self.group_shares = np.bincount(train_group, minlength=self.num_groups) / len(train_group)
+    out_bias = float(np.sum(data.train.y) / np.sum(data.train.length)) if (
+        cfg.out_bias == "mean") else None
+    self.backbone = make_backbone(data.meta, local_output=cfg.local_output,
+                                  drop_sensitive=cfg.drop_sensitive,
+                                  torch_init=cfg.init == "torch", out_bias=out_bias)
+    self.objective = make_objective(cfg, self.num_groups, self.group_shares)
+    self.tx = optax.adam(cfg.lr)
+    self.alpha_tx = optax.adam(cfg.lr) if cfg.backbone == "metacs" else None
+    self.train_data = device_split(data.train)
+    self.valid_data = device_split(data.valid)
+    self.test_data = device_split(data.test)
+    params = self.backbone.init(jax.random.key(0), self.train_data["x"][0])
+    self.labels = self.backbone.labels(params)
+    self.learner = MetaLearner(self.backbone, self.labels, inner_steps=cfg.inner_steps,
+                               first_order=cfg.first_order)
+    step = make_train_step(self.learner, self.objective, self.tx, self.alpha_tx, cfg=cfg,
+                           num_groups=self.num_groups, max_len=self.max_len)
+    self.train_step = step
+    self.train_epoch = make_train_epoch(step, self.objective,
+                                        num_users=data.train.x.shape[0],
+                                        num_groups=self.num_groups,
+                                        batch_size=cfg.batch_size)
+    self.evaluator = Evaluator(self.learner, max_len=self.max_len, chunk=cfg.eval_chunk)
+    self._update_p = jax.jit(fairness.update_p)
+
+  def init_state(self, key: jax.Array) -> TrainState:
+    params = self.backbone.init(key, self.train_data["x"][0])
+    if self.cfg.backbone == "metacs" and self.cfg.alpha_mode == "per-param":
+      local, _ = split_params(params, self.labels)
+      alpha = jax.tree.map(lambda v: jnp.full_like(v, self.cfg.inner_lr), local)
+    else:
+      alpha = jnp.asarray(self.cfg.inner_lr, jnp.float32)
+    alpha_opt_state = self.alpha_tx.init(alpha) if self.alpha_tx is not None else ()
+    return TrainState(params=params, opt_state=self.tx.init(params), alpha=alpha,
+                      alpha_opt_state=alpha_opt_state,
+                      p=jnp.full((self.num_groups,), 1.0 / self.num_groups, jnp.float32),
+                      step=jnp.zeros((), jnp.int32))
+
+  def evaluate(self, state: TrainState, split: str) -> dict:
+    data = {"train": self.train_data, "valid": self.valid_data, "test": self.test_data}[split]
+    per_user = self.evaluator.per_user(state.params, state.alpha, data)
+    return metrics.group_report(per_user, np.asarray(data["group"]), self.num_groups)
+
+  def epoch_gap_update(self, state: TrainState) -> tuple[TrainState, np.ndarray]:
+    """The FAST code's per-epoch p update: the group gap on all training users (fixed
+    last-10 query, ``cfg.gap_loss`` per user, MAE by default)."""
+    per_user = self.evaluator.per_user(state.params, state.alpha, self.train_data)
+    values = jnp.asarray(per_user[self.cfg.gap_loss])
+    group_loss, present = fairness.group_means(values, self.train_data["group"],
+                                               self.num_groups)
+    p = self._update_p(state.p, group_loss, present, self.cfg.gamma, self.cfg.tau)
+    return state.replace(p=p), np.asarray(group_loss)
+
+  def run_seed(self, seed: int, *, log: Callable[[dict], None] = lambda r: None,
+               progress: bool = True) -> tuple[TrainState, dict]:
+    """Train one seed for ``cfg.epochs`` epochs; return the selected state and test report."""
+    key = jax.random.key(seed)
+    k_init, k_train = jax.random.split(key)
+    state = self.init_state(k_init)
+    best = (np.inf, state)
+    bar = tqdm(range(1, self.cfg.epochs + 1), desc=f"seed {seed}", disable=not progress,
+               leave=False)
+    for epoch in bar:
+      t0 = time.perf_counter()
+      state, step_metrics = self.train_epoch(state, self.train_data,
+                                             jax.random.fold_in(k_train, epoch))
+      step_metrics = jax.device_get(step_metrics)
+      group_loss = _present_mean(step_metrics["group_loss"], step_metrics["group_present"])
+      if self.objective.p_rule == "epoch":
+        state, group_loss = self.epoch_gap_update(state)
+      valid = self.evaluate(state, "valid")
+      train_loss = float(np.mean(step_metrics["loss"]))
+      if not np.isfinite(train_loss):
+        raise FloatingPointError(
+            f"seed {seed}: training loss is {train_loss} in epoch {epoch}; lower --lr or "
+            f"--inner-lr")
+      if valid["mae"] < best[0]:
+        best = (valid["mae"], state)
+      record = {"seed": seed, "epoch": epoch, "train_loss": train_loss,
+                "p": np.asarray(state.p).tolist(), "group_loss": np.asarray(group_loss).tolist(),
+                "alpha": _alpha_summary(state.alpha),
+                "valid": valid, "seconds": time.perf_counter() - t0}
+      log(record)
+      bar.set_postfix(p=np.round(np.asarray(state.p), 3).tolist(),
+                      L=np.round(np.asarray(group_loss), 3).tolist(),
+                      val_mae=round(valid["mae"], 4))
+    if self.cfg.select == "best-valid":
+      state = best[1]
+    return state, self.evaluate(state, "test")
+
+
+def _present_mean(values: np.ndarray, present: np.ndarray) -> np.ndarray:
+  """Mean over steps of per-group batch losses, counting only steps where the group was."""
+  return (values * present).sum(0) / np.maximum(present.sum(0), 1)
+
+
+def _alpha_summary(alpha) -> float:
+  leaves = jax.tree.leaves(alpha)
+  return float(np.mean([np.mean(np.asarray(a)) for a in leaves]))
