@@ -1,0 +1,223 @@
+"""Run one configuration for N seeds and write the result files of DESIGN.md.
+
+``train_and_evaluate(cfg, out_dir)`` is what ``experiments/run.py`` and the notebooks
+call. It writes into ``out_dir``:
+
+* ``config.json``: every setting used, library versions and the git commit;
+* ``metrics.jsonl``: one JSON object per epoch and seed;
+* ``results.json``: per-seed test metrics with per-group values, and mean / population
+  std (ddof = 0) over seeds.
+
+Files are written atomically (temporary file, then rename).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import tempfile
+from typing import Any, Callable
+
+import numpy as np
+
+from fast_jax import config as config_lib
+from fast_jax.config import Config
+from fast_jax.metrics import METRIC_KEYS
+
+SUMMARY_KEYS = tuple(METRIC_KEYS) + tuple(f"gf_{k}" for k in METRIC_KEYS)
+
+
+class UsageError(ValueError):
+  """A bad setting or input, reported to the user as one line (exit code 2)."""
+
+
+def load_dataset(cfg: Config, *, progress: bool = True):
+  """The prepared dataset of ``cfg.dataset``: a prepared folder, or a dataset name that
+  is prepared (and cached) on first use."""
+  from fast_jax.dataset import load_prepared
+  path = pathlib.Path(cfg.dataset).expanduser()
+  if (path / "meta.json").exists() or cfg.dataset not in config_lib.DATASETS:
+    if not path.exists():
+      raise UsageError(f"--dataset {cfg.dataset!r}: not one of {', '.join(config_lib.DATASETS)}"
+                       f" and no such prepared dataset folder")
+    return load_prepared(path)
+  import data_prep
+  folder = data_prep.ensure_prepared(cfg.dataset, data_dir=cfg.data_dir, protocol=cfg.protocol,
+                                     progress=progress)
+  return load_prepared(folder)
+
+
+def check_config(cfg: Config, data) -> None:
+  """Reject settings that cannot work with a clear message (before any JAX work)."""
+  if cfg.backbone not in config_lib.BACKBONES:
+    raise UsageError(f"--backbone {cfg.backbone!r}: expected one of {config_lib.BACKBONES}")
+  if cfg.method not in config_lib.METHODS:
+    raise UsageError(f"--method {cfg.method!r}: expected one of {config_lib.METHODS}")
+  for name in ("gamma", "tau"):
+    value = getattr(cfg, name)
+    if value is not None and value < 0:
+      raise UsageError(f"--{name} must be >= 0, got {value}")
+  if cfg.tau is not None and cfg.tau > 1:
+    raise UsageError(f"--tau caps a change of a probability and must be <= 1, got {cfg.tau}")
+  for name in ("epochs", "seeds", "batch_size", "inner_steps"):
+    if getattr(cfg, name) < 1:
+      raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+  if data is not None:
+    n_train = data.train.x.shape[0]
+    if cfg.batch_size > n_train:
+      raise UsageError(f"--batch-size {cfg.batch_size} is larger than the {n_train} "
+                       f"training users of {cfg.dataset}")
+    groups = np.unique(data.train.group)
+    if groups.size < 2:
+      raise UsageError(f"dataset {cfg.dataset} has one sensitive group only in its training "
+                       f"users; fairness methods need at least two")
+
+
+def make_runner(cfg: Config, data):
+  """An object with ``run_seed(seed, log=..., progress=...) -> (state, test_report)``."""
+  if cfg.method in config_lib.BASELINES:
+    from fast_jax import baselines
+    return baselines.make_runner(cfg, data)
+  if cfg.method == "clover":
+    from fast_jax import clover
+    return clover.make_runner(cfg, data)
+  from fast_jax.train import Trainer
+  return Trainer(cfg, data)
+
+
+def train_and_evaluate(cfg: Config, out_dir: str | os.PathLike | None = None, *, data=None,
+                       progress: bool = True, echo: Callable[[str], None] = print) -> dict:
+  """Train ``cfg`` for ``cfg.seeds`` seeds, evaluate on the test users, write the files.
+
+  Returns:
+    the content of ``results.json``.
+  """
+  if data is None:
+    data = load_dataset(cfg, progress=progress)
+  cfg = config_lib.resolve(cfg, data.meta.get("dataset"))
+  check_config(cfg, data)
+  out = pathlib.Path(out_dir) if out_dir is not None else None
+  if out is not None:
+    _prepare_out(out)
+    write_json_atomic(out / "config.json", run_record(cfg, data))
+    (out / "metrics.jsonl").write_text("")
+
+  def log(record: dict) -> None:
+    if out is not None:
+      with open(out / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(_jsonable(record)) + "\n")
+
+  runner = make_runner(cfg, data)
+  per_seed = []
+  for seed in config_lib.seed_list(cfg.seeds):
+    _, report = runner.run_seed(seed, log=log, progress=progress)
+    per_seed.append({"seed": seed, **report})
+  results = {"config": cfg.to_dict(), "per_seed": per_seed, **aggregate(per_seed)}
+  if out is not None:
+    write_json_atomic(out / "results.json", results)
+  echo(format_table(results, data.meta))
+  return results
+
+
+def aggregate(per_seed: list[dict]) -> dict:
+  """Mean and population std (ddof = 0) over seeds of every metric, overall and per group."""
+  mean, std = {}, {}
+  for key in SUMMARY_KEYS + tuple(k for k in ("auc_attack",) if k in per_seed[0]):
+    values = np.array([r[key] for r in per_seed], dtype=np.float64)
+    mean[key], std[key] = float(np.mean(values)), float(np.std(values))
+  groups = per_seed[0].get("group", {})
+  mean["group"], std["group"] = {}, {}
+  for g in groups:
+    mean["group"][g], std["group"][g] = {}, {}
+    for key in groups[g]:
+      values = np.array([r["group"][g][key] for r in per_seed], dtype=np.float64)
+      mean["group"][g][key], std["group"][g][key] = float(np.mean(values)), float(np.std(values))
+  return {"mean": mean, "std": std}
+
+
+def format_table(results: dict, meta: dict) -> str:
+  """The finished run's numbers as a small text table."""
+  cfg = results["config"]
+  names = (meta.get("sensitive") or {}).get("groups") or []
+  lines = [f"{cfg['backbone']}+{cfg['method']} on {meta.get('dataset', cfg['dataset'])}, "
+           f"{len(results['per_seed'])} seed(s): mean ± std (ddof=0)"]
+  lines.append("  ".join(f"{k:>15s}" for k in SUMMARY_KEYS))
+  lines.append("  ".join(f"{results['mean'][k]:7.3f} ± {results['std'][k]:5.3f}"
+                         for k in SUMMARY_KEYS))
+  for g, vals in results["mean"]["group"].items():
+    label = names[int(g)] if int(g) < len(names) else g
+    lines.append(f"group {g} ({label}, n={vals['n']:.0f}): " + ", ".join(
+        f"{k} {vals[k]:.3f}" for k in METRIC_KEYS if k in vals))
+  if "auc_attack" in results["mean"]:
+    lines.append(f"attacker AUC: {results['mean']['auc_attack']:.3f} ± "
+                 f"{results['std']['auc_attack']:.3f}")
+  return "\n".join(lines)
+
+
+def run_record(cfg: Config, data) -> dict:
+  """config.json: the settings, the data used, library versions and the git commit."""
+  import flax
+  import jax
+  import optax
+  return {
+      **cfg.to_dict(),
+      "data": {"path": str(getattr(data, "path", "") or ""), "dataset": data.meta.get("dataset"),
+               "protocol": data.meta.get("protocol"), "counts": data.meta.get("counts")},
+      "seed_list": config_lib.seed_list(cfg.seeds),
+      "versions": {"python": sys.version.split()[0], "jax": jax.__version__,
+                   "flax": flax.__version__, "optax": optax.__version__,
+                   "numpy": np.__version__, "backend": jax.default_backend()},
+      "git_commit": _git_commit(),
+  }
+
+
+def write_json_atomic(path: pathlib.Path, obj: Any) -> None:
+  """Write JSON to a temporary file beside ``path`` and rename it into place."""
+  path = pathlib.Path(path)
+  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+  try:
+    with os.fdopen(fd, "w") as f:
+      json.dump(_jsonable(obj), f, indent=1)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+    raise
+
+
+def _prepare_out(out: pathlib.Path) -> None:
+  try:
+    out.mkdir(parents=True, exist_ok=True)
+    probe = out / ".write_test"
+    probe.write_text("")
+    probe.unlink()
+  except OSError as e:
+    raise UsageError(f"--out {out}: cannot write there ({e.strerror or e})") from None
+
+
+def _git_commit() -> str | None:
+  try:
+    root = pathlib.Path(__file__).resolve().parent.parent
+    return subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                          text=True, timeout=5).stdout.strip() or None
+  except (OSError, subprocess.SubprocessError):
+    return None
+
+
+def _jsonable(obj: Any) -> Any:
+  if isinstance(obj, dict):
+    return {str(k): _jsonable(v) for k, v in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return [_jsonable(v) for v in obj]
+  if isinstance(obj, (np.floating, float)):
+    return None if not np.isfinite(obj) else float(obj)
+  if isinstance(obj, np.integer):
+    return int(obj)
+  if isinstance(obj, np.ndarray):
+    return _jsonable(obj.tolist())
+  return obj
