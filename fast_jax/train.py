@@ -257,17 +257,29 @@ class Trainer:
     self.test_data = device_split(data.test)
     params = self.backbone.init(jax.random.key(0), self.train_data["x"][0])
     self.labels = self.backbone.labels(params)
-    self.learner = MetaLearner(self.backbone, self.labels, inner_steps=cfg.inner_steps,
-                               first_order=cfg.first_order)
-    step = make_train_step(self.learner, self.objective, self.tx, self.alpha_tx, cfg=cfg,
-                           num_groups=self.num_groups, max_len=self.max_len)
-    self.train_step = step
-    self.train_epoch = make_train_epoch(step, self.objective,
+    self.learner = self.build_learner()
+    self.train_step = self.build_step()
+    self.train_epoch = make_train_epoch(self.train_step, self.objective,
                                         num_users=data.train.x.shape[0],
                                         num_groups=self.num_groups,
                                         batch_size=cfg.batch_size)
     self.evaluator = Evaluator(self.learner, max_len=self.max_len, chunk=cfg.eval_chunk)
     self._update_p = jax.jit(fairness.update_p)
+
+  # Extension points: a method that needs more than an Objective (e.g. CLOVER's
+  # adversaries) subclasses Trainer and overrides these, keeping the epoch loop,
+  # evaluation, logging and selection.
+  def build_learner(self) -> MetaLearner:
+    return MetaLearner(self.backbone, self.labels, inner_steps=self.cfg.inner_steps,
+                       first_order=self.cfg.first_order)
+
+  def build_step(self) -> Callable:
+    return make_train_step(self.learner, self.objective, self.tx, self.alpha_tx, cfg=self.cfg,
+                           num_groups=self.num_groups, max_len=self.max_len)
+
+  def test_report(self, state: TrainState) -> dict:
+    """What a finished seed reports: the test metrics (``results.json`` per seed)."""
+    return self.evaluate(state, "test")
 
   def init_state(self, key: jax.Array) -> TrainState:
     params = self.backbone.init(key, self.train_data["x"][0])
@@ -332,7 +344,7 @@ class Trainer:
                       val_mae=round(valid["mae"], 4))
     if self.cfg.select == "best-valid":
       state = best[1]
-    return state, self.evaluate(state, "test")
+    return state, self.test_report(state)
 
 
 def _present_mean(values: np.ndarray, present: np.ndarray) -> np.ndarray:
