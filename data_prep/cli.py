@@ -62,7 +62,7 @@ def main(argv=None) -> int:
   args = parser().parse_args(argv)
   try:
     options = _options(args)
-    progress = not args.no_progress
+    progress = not args.no_progress and sys.stderr.isatty()
     common = dict(protocol=args.protocol, data_dir=args.data_dir, seed=args.seed,
                   progress=progress, **options)
     if args.out:

@@ -188,7 +188,11 @@ def resolve(dataset: str, protocol: str, *, data_dir=None, cache_dir=None,
     download = os.environ.get("FAST_JAX_OFFLINE", "") in ("", "0")
   mirror = mirror or os.environ.get("FAST_JAX_DATA_URL") or None
   if not download:
-    raise DataError(f"{folder_name} files are missing and downloads are off. "
+    partial = next((c for c in candidates if c.is_dir() and len(_missing(c, needs)) < len(needs)),
+                   None)
+    what = (f"{', '.join(' or '.join(a) for a in _missing(partial, needs))} missing from "
+            f"{partial}" if partial else "files are missing")
+    raise DataError(f"{folder_name}: {what} and downloads are off (FAST_JAX_OFFLINE). "
                     + _placement_hint(folder, needs, data_dir, target))
   try:
     fetch(folder, needs, target, mirror=mirror, timeout=timeout, progress=progress)

@@ -1,0 +1,67 @@
+"""Shared fixtures: the shared real data and prepared datasets, once per session.
+
+``prepared(name, protocol=None, **options)`` prepares a dataset into a session cache on
+first use and returns the loaded :class:`fast_jax.dataset.TaskData`; later calls reuse it.
+Real datasets read ``<project root>/../shared/data`` (override with
+``$FAST_JAX_SHARED_DATA``) and skip when it is absent; ``synthetic`` needs no files.
+Tests never download: ``$FAST_JAX_OFFLINE`` is set for the session.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+
+import pytest
+
+from data_prep import ensure_prepared
+from fast_jax.dataset import load_prepared
+
+PROJECT_ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def shared_data_path() -> pathlib.Path:
+  return pathlib.Path(os.environ.get("FAST_JAX_SHARED_DATA")
+                      or PROJECT_ROOT.parent / "shared" / "data")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_downloads():
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setenv("FAST_JAX_OFFLINE", "1")
+    mp.delenv("FAST_JAX_DATA_URL", raising=False)
+    yield
+
+
+@pytest.fixture(scope="session")
+def shared_data_dir() -> pathlib.Path:
+  path = shared_data_path()
+  if not path.is_dir():
+    pytest.skip(f"shared data not found at {path} (set FAST_JAX_SHARED_DATA)")
+  return path
+
+
+@pytest.fixture(scope="session")
+def data_cache(tmp_path_factory) -> pathlib.Path:
+  return tmp_path_factory.mktemp("fast_jax_cache")
+
+
+@pytest.fixture(scope="session")
+def prepared(data_cache):
+  """prepared(name, protocol=None, **options) -> TaskData, memoised for the session."""
+  memo = {}
+
+  def get(name: str, protocol: str | None = None, **options):
+    key = (name, protocol, tuple(sorted(options.items())))
+    if key not in memo:
+      data_dir = None
+      if name not in ("synthetic", "custom"):
+        data_dir = shared_data_path()
+        if not data_dir.is_dir():
+          pytest.skip(f"shared data not found at {data_dir} (set FAST_JAX_SHARED_DATA)")
+      folder = ensure_prepared(name, protocol=protocol, data_dir=data_dir, cache_dir=data_cache,
+                               progress=False, **options)
+      memo[key] = load_prepared(folder)
+    return memo[key]
+
+  return get
