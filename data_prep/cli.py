@@ -1,4 +1,4 @@
-"""``python -m data_prep``: prepare one dataset into a folder (see docs/data.md).
+"""Command line of data_prep: prepare one dataset into a folder (see docs/data.md).
 
     python -m data_prep --dataset bookcrossing --data-dir ../shared/data --out prepared/bx
     python -m data_prep --dataset ml100k --protocol raw --data-dir ../shared/data --out prepared/m

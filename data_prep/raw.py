@@ -63,32 +63,22 @@ def prepare_ml100k(folder: pathlib.Path, *, seed: int, min_interactions: int,
     genders = _genders(ucols["gender"], path, ulines)
 
     step("tasks")
-    tasks = _user_tasks(users, items, ratings, times, movie_ids, user_ids, genders,
+    tasks = _user_tasks(users, items, ratings, times, lines, movie_ids, user_ids, genders,
                         folder / "u.data", folder / "u.item", folder / "u.user")
     tasks = filter_lengths(tasks, min_interactions, max_interactions, str(folder / "u.data"))
     kept_items = np.unique(tasks.item_row)
     kept_users = tasks.user_row
-    year_vocab = sorted_vocab(years[i] for i in kept_items if years[i] != "unknown")
-    if any(years[i] == "unknown" for i in kept_items):
-      year_vocab["unknown"] = len(year_vocab)
-    genre_lists = [np.flatnonzero(f).tolist() or [0] for f in flags]
+    year, year_spec = _encode("year", years, kept_items, "item")  # "unknown" sorts last
+    genre_lists = [np.flatnonzero(f).tolist() or [0] for f in flags]  # none -> "unknown"
     slots = max(len(genre_lists[i]) for i in kept_items)
-    item_table = np.zeros((len(movie_ids), 1 + slots), np.int32)
-    item_table[kept_items, 0] = [year_vocab[years[i]] for i in kept_items]
-    item_table[:, 1:] = multi_slots(genre_lists, len(ML100K_GENRES), slots)
-    occupations = sorted_vocab(ucols["occupation"][kept_users].tolist())
-    zips = sorted_vocab(ucols["zip"][kept_users].tolist())
-    user_table = np.zeros((len(user_ids), 4), np.int32)
-    user_table[:, 0] = ages >= 40
-    user_table[:, 1] = genders
-    user_table[kept_users, 2] = [occupations[v] for v in ucols["occupation"][kept_users]]
-    user_table[kept_users, 3] = [zips[v] for v in ucols["zip"][kept_users]]
-    fields = layout([("year", "item", "categorical", 1, len(year_vocab)),
-                     ("genre", "item", "multi", slots, len(ML100K_GENRES)),
-                     ("age", "user", "categorical", 1, 2),
-                     ("gender", "user", "categorical", 1, 2),
-                     ("occupation", "user", "categorical", 1, len(occupations)),
-                     ("zip", "user", "categorical", 1, len(zips))])
+    item_table = np.concatenate([year, multi_slots(genre_lists, len(ML100K_GENRES), slots)], 1)
+    occupation, occupation_spec = _encode("occupation", ucols["occupation"], kept_users, "user")
+    zip_code, zip_spec = _encode("zip", ucols["zip"], kept_users, "user")
+    user_table = np.concatenate([(ages >= 40).astype(np.int32)[:, None], genders[:, None],
+                                 occupation, zip_code], axis=1)
+    fields = layout([year_spec, ("genre", "item", "multi", slots, len(ML100K_GENRES)),
+                     ("age", "user", "categorical", 1, 2), ("gender", "user", "categorical", 1, 2),
+                     occupation_spec, zip_spec])
     step("split and pack")
     parts = stratified_split(tasks.group, seed)
     split_tasks = {s: tasks.subset(parts[s]) for s in SPLITS}
@@ -139,54 +129,35 @@ def prepare_ml1m(folder: pathlib.Path, *, seed: int, min_interactions: int,
       mcols, mlines = read_table(path, "::", 3, ("movie", "title", "genres"), "latin-1")
       movie_ids = to_numbers(mcols["movie"], np.int64, path, "movie id", mlines)
       item_values = {"genre": [g.split("|") for g in mcols["genres"]]}
-      item_specs = (("genre", None),)
+      item_specs = (("genre", 0),)
       movie_source = folder / "movies.dat"
     else:
       movie_source = pathlib.Path(movies_extrainfos).expanduser()
       movie_ids, _, item_values = read_movies_extrainfos(movie_source)
-      item_specs = (("rate", None), *((k, w) for k, w in IMDB_SLOTS.items()))
+      item_specs = (("rate", None), *IMDB_SLOTS.items())
       known = np.isin(items, movie_ids)
       if not known.all():
         notes.append(f"{int((~known).sum())} ratings of movies missing from "
                      f"{movie_source.name} were dropped")
-        users, items, ratings, times = (a[known] for a in (users, items, ratings, times))
+        users, items, ratings, times, lines = (a[known] for a in (users, items, ratings, times,
+                                                                  lines))
 
     step("tasks")
-    tasks = _user_tasks(users, items, ratings, times, movie_ids, user_ids, genders,
+    tasks = _user_tasks(users, items, ratings, times, lines, movie_ids, user_ids, genders,
                         folder / ratings_name, movie_source, folder / "users.dat")
     tasks = filter_lengths(tasks, min_interactions, max_interactions,
                            str(folder / ratings_name))
     kept_items = np.unique(tasks.item_row)
     kept_users = tasks.user_row
-    item_parts, specs = [], []
-    for name, width in item_specs:
-      values = item_values[name]
-      if width is None and name == "rate":
-        vocab = sorted_vocab(values[i] for i in kept_items)
-        col = np.zeros((len(movie_ids), 1), np.int32)
-        col[kept_items, 0] = [vocab[values[i]] for i in kept_items]
-        specs.append((name, "item", "categorical", 1, len(vocab)))
-      else:
-        vocab = sorted_vocab(v for i in kept_items for v in values[i])
-        width = width or max(len(values[i]) for i in kept_items)
-        lists = _encode_lists(values, kept_items, vocab, len(movie_ids))
-        too_many = [i for i in kept_items if len(lists[i]) > width]
-        if too_many:
-          raise DataError(f"{movie_source}: movie {movie_ids[too_many[0]]} has "
-                          f"{len(lists[too_many[0]])} {name} values; the layout has {width} slots")
-        col = multi_slots(lists, len(vocab), width)
-        specs.append((name, "item", "multi", width, len(vocab)))
-      item_parts.append(col)
-    item_table = np.concatenate(item_parts, axis=1)
-    user_table = np.zeros((len(user_ids), 4), np.int32)
-    user_table[:, 0] = genders
-    for j, (col, cut) in enumerate((("age", None), ("occupation", None), ("zip", 5)), start=1):
-      values = [v[:cut] if cut else v for v in ucols[col][kept_users]]
-      vocab = sorted_vocab(values)
-      user_table[kept_users, j] = [vocab[v] for v in values]
-      specs.append((col, "user", "categorical", 1, len(vocab)))
-    fields = layout(specs[:len(item_specs)] + [("gender", "user", "categorical", 1, 2)]
-                    + specs[len(item_specs):])
+    item_parts = [_encode(name, item_values[name], kept_items, "item", width, movie_source,
+                          movie_ids) for name, width in item_specs]
+    user_values = {"age": ucols["age"], "occupation": ucols["occupation"],
+                   "zip": [v[:5] for v in ucols["zip"]]}
+    user_parts = [_encode(name, values, kept_users, "user") for name, values in user_values.items()]
+    item_table = np.concatenate([col for col, _ in item_parts], axis=1)
+    user_table = np.concatenate([genders[:, None]] + [col for col, _ in user_parts], axis=1)
+    fields = layout([spec for _, spec in item_parts] + [("gender", "user", "categorical", 1, 2)]
+                    + [spec for _, spec in user_parts])
     step("split and pack")
     parts = stratified_split(tasks.group, seed)
     split_tasks = {s: tasks.subset(parts[s]) for s in SPLITS}
@@ -220,13 +191,13 @@ def prepare_ml1m(folder: pathlib.Path, *, seed: int, min_interactions: int,
 # ----------------------------------------------------------------------------- helpers
 
 
-def _user_tasks(users, items, ratings, times, movie_ids, user_ids, genders, ratings_path,
+def _user_tasks(users, items, ratings, times, lines, movie_ids, user_ids, genders, ratings_path,
                 movies_path, users_path):
   """All users' tasks (by user id), each in time order with ties in file order."""
   movie_row = _index(movie_ids, movies_path, "movie id")
   user_row = _index(user_ids, users_path, "user id")
-  item_rows = _rows(items, movie_row, ratings_path, f"movie id (not in {movies_path.name})")
-  user_rows = _rows(users, user_row, ratings_path, f"user id (not in {users_path.name})")
+  item_rows = _rows(items, movie_row, ratings_path, lines, "movie", movies_path.name)
+  user_rows = _rows(users, user_row, ratings_path, lines, "user", users_path.name)
   order = np.lexsort((np.arange(users.size), times, users))
   users, item_rows, user_rows, ratings = (a[order] for a in (users, item_rows, user_rows, ratings))
   starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]])
@@ -243,13 +214,14 @@ def _index(ids: np.ndarray, path, what: str) -> dict:
   return {int(v): i for i, v in enumerate(ids.tolist())}
 
 
-def _rows(ids: np.ndarray, row_of: dict, path, what: str) -> np.ndarray:
+def _rows(ids: np.ndarray, row_of: dict, path, lines, what: str, other: str) -> np.ndarray:
+  """Row of each id in its table; an id without a row is an error naming the line."""
   keys = np.array(sorted(row_of), np.int64)
   pos = np.searchsorted(keys, ids)
   found = (pos < keys.size) & (keys[np.minimum(pos, keys.size - 1)] == ids)
   if not found.all():
     i = int(np.flatnonzero(~found)[0])
-    raise DataError(f"{path}: rating {i + 1} has {what} {ids[i]}")
+    raise DataError(f"{path}:{lines[i]}: {what} {ids[i]} has no line in {other}")
   rows = np.array([row_of[int(k)] for k in keys], np.int64)
   return rows[pos]
 
@@ -269,6 +241,25 @@ def _check_ratings(ratings, path, lines, lo, hi) -> None:
     raise DataError(f"{path}:{lines[bad[0]]}: rating {ratings[bad[0]]:g} outside {lo}..{hi}")
 
 
-def _encode_lists(values, kept_items, vocab, n) -> list[list[int]]:
-  kept = set(kept_items.tolist())
-  return [[vocab[v] for v in values[i]] if i in kept else [] for i in range(n)]
+def _encode(name: str, values, kept, side: str, width: int | None = None, source=None,
+            ids=None):
+  """(int32 column(s) over all rows, field spec) of one field; vocabulary = kept rows' values.
+
+  ``width`` None: a categorical field (one value per row). Otherwise a multi field (a list
+  of values per row) with ``width`` slots, 0 meaning the most values of a kept row.
+  """
+  kept = kept.tolist()
+  if width is None:
+    vocab = sorted_vocab(values[i] for i in kept)
+    col = np.zeros((len(values), 1), np.int32)
+    col[kept, 0] = [vocab[values[i]] for i in kept]
+    return col, (name, side, "categorical", 1, len(vocab))
+  vocab = sorted_vocab(v for i in kept for v in values[i])
+  width = width or max(len(values[i]) for i in kept)
+  lists = [[] for _ in values]
+  for i in kept:
+    if len(values[i]) > width:
+      raise DataError(f"{source}: movie {ids[i]} has {len(values[i])} {name} values; the layout "
+                      f"has {width} slots")
+    lists[i] = [vocab[v] for v in values[i]]
+  return multi_slots(lists, len(vocab), width), (name, side, "multi", width, len(vocab))

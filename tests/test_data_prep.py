@@ -233,6 +233,22 @@ def test_raw_ml1m_keeps_file_order_and_says_there_are_no_timestamps(prepared, sh
   assert [f.name for f in data.fields] == ["genre", "gender", "age", "occupation", "zip"]
 
 
+def test_raw_ml1m_takes_imdb_fields_from_movies_extrainfos(shared_data_dir, tmp_path):
+  small = tmp_path / "ml-1m"
+  small.mkdir()
+  for name in ("users.dat", "movies.dat"):
+    shutil.copy(shared_data_dir / "ml-1m" / name, small / name)
+  with open(shared_data_dir / "ml-1m" / "ratings_without_timestamps.dat") as f:
+    (small / "ratings_without_timestamps.dat").write_text("".join(next(f) for _ in range(40000)))
+  splits, meta = build("ml1m", protocol="raw", data_dir=tmp_path, progress=False,
+                       movies_extrainfos=shared_data_dir / "ml-1m-clover" / "movies_extrainfos.dat")
+  layout = [(f["name"], f["kind"], f["stop"] - f["start"]) for f in meta["fields"]]
+  assert layout == [("rate", "categorical", 1), ("genre", "multi", 7), ("director", "multi", 12),
+                    ("actor", "multi", 4), ("gender", "categorical", 1), ("age", "categorical", 1),
+                    ("occupation", "categorical", 1), ("zip", "categorical", 1)]
+  assert meta["sensitive"]["column"] == 24
+
+
 # ----------------------------------------------------------------------------- synthetic
 
 
