@@ -2,8 +2,8 @@
 
 Each input folder has the name it has in the shared data folder (``ml-100k``, ``ml-1m``,
 ``ml-100k-clover``, ``ml-1m-clover``, ``bookcrossing-clover``). :func:`resolve` looks for
-the files a route needs in ``<data_dir>/<folder>/``, then ``<data_dir>/`` itself, then
-``<cache>/raw/<folder>/``; when they are missing it downloads them into the cache and
+the files a route needs in ``<data_dir>/<folder>/`` (or ``<data_dir>`` itself when it is
+named ``<folder>``), then ``<cache>/raw/<folder>/``; when they are missing it downloads them into the cache and
 verifies the checksums stored here. Downloads come from
 
 * a mirror laid out like the shared data folder (``<mirror>/<folder>/<file>``), when the
@@ -174,7 +174,7 @@ def resolve(dataset: str, protocol: str, *, data_dir=None, cache_dir=None,
   candidates = []
   if data_dir is not None:
     data_dir = pathlib.Path(data_dir).expanduser()
-    candidates += [data_dir / folder_name, data_dir]
+    candidates += [data_dir / folder_name] + ([data_dir] if data_dir.name == folder_name else [])
   candidates.append(target)
   for c in candidates:
     if not _missing(c, needs):

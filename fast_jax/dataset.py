@@ -226,9 +226,12 @@ def save_prepared(out, splits: dict[str, TaskSplit], meta: dict) -> pathlib.Path
     for s in SPLITS:
       with open(tmp / f"{s}.npz", "wb") as f:
         np.savez_compressed(f, **splits[s].arrays())
+        os.fsync(f.fileno())
     with open(tmp / "meta.json", "w", encoding="utf-8") as f:
       json.dump(meta, f, indent=2, ensure_ascii=False)
       f.write("\n")
+      f.flush()
+      os.fsync(f.fileno())
     os.chmod(tmp, 0o755)
     if out.exists():
       old = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
