@@ -1,0 +1,137 @@
+"""The trainer end to end: shapes, partition, no retracing, jit agreement, real runs."""
+
+import json
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fast_jax import meta
+from fast_jax.config import Config, resolve
+from fast_jax.experiment import train_and_evaluate
+from fast_jax.models import LOCAL, make_backbone
+from fast_jax.train import Trainer, device_split
+
+
+def _batch(trainer, n=8):
+  return jax.tree.map(lambda a: a[:n], trainer.train_data)
+
+
+def test_melu_forward_shapes_and_local_partition(prepared):
+  data = prepared("ml100k")
+  bb = make_backbone(data.meta)
+  x = jnp.asarray(data.train.x[:3])
+  params = bb.init(jax.random.key(0), x)
+  chex.assert_shape(bb.apply(params, x), x.shape[:2])
+  labels = bb.labels(params)
+  local = {k for k, v in labels.items() if set(jax.tree.leaves(v)) == {LOCAL}}
+  assert local == {"item_fc", "user_fc", "fc1", "fc2"}  # the FAST code's local tensors
+  assert set(jax.tree.leaves(make_backbone(data.meta, local_output=True).labels(params)["out"])) \
+      == {LOCAL}
+  # PyTorch-style init: dense weights and biases within +-1/sqrt(fan_in).
+  fan_in = params["fc1"]["kernel"].shape[0]
+  assert float(jnp.abs(params["fc1"]["bias"]).max()) <= 1 / np.sqrt(fan_in)
+  # The stages compose to the full forward pass.
+  e = bb.embed(params, x)
+  chex.assert_trees_all_close(bb.head(params, e), bb.apply(params, x), rtol=1e-6)
+
+
+def test_drop_sensitive_removes_the_attribute_from_the_inputs(prepared):
+  data = prepared("ml100k")
+  col = data.meta["sensitive"]["column"]
+  bb = make_backbone(data.meta, drop_sensitive=True)
+  x = jnp.asarray(data.train.x[:2])
+  params = bb.init(jax.random.key(0), x)
+  flipped = x.at[..., col].set(1 - x[..., col])
+  chex.assert_trees_all_close(bb.apply(params, x), bb.apply(params, flipped))
+  assert not any("gender" in k for k in params)
+
+
+class TrainStepTest(chex.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_jit_and_no_jit_meta_losses_agree(self):
+    trainer = Trainer(resolve(Config(dataset="synthetic", method="fast")), self._data)
+    state = trainer.init_state(jax.random.key(0))
+    batch = _batch(trainer, 2)
+    support, query = meta.last_query_split(batch["length"], trainer.max_len)
+
+    def loss(params):
+      return trainer.learner.query_losses(params, state.alpha, batch, support, query)[0].mean()
+    value, grads = self.variant(jax.value_and_grad(loss))(state.params)
+    ref_value, ref_grads = jax.jit(jax.value_and_grad(loss))(state.params)
+    chex.assert_trees_all_close((value, grads), (ref_value, ref_grads), rtol=1e-4, atol=1e-6)
+
+  def test_metacs_train_step_learns_its_inner_rate(self):
+    cfg = resolve(Config(dataset="synthetic", method="fast", backbone="metacs", lr=1e-3))
+    trainer = Trainer(cfg, self._data)
+    state = trainer.init_state(jax.random.key(0))
+    new_state, out = jax.jit(trainer.train_step)(state, _batch(trainer, 4), jax.random.key(1))
+    assert float(new_state.alpha) != float(state.alpha)
+    assert np.isfinite(float(out["outer_loss"]))
+
+  @pytest.fixture(autouse=True)
+  def _load(self, prepared):
+    self._data = prepared("synthetic")
+
+
+def test_train_epoch_compiles_once(prepared):
+  data = prepared("ml100k")
+  cfg = resolve(Config(dataset="ml100k", method="fast", batch_size=64), "ml100k")
+  trainer = Trainer(cfg, data)
+  step = chex.assert_max_traces(trainer.train_step, n=1)
+  from fast_jax.train import make_train_epoch
+  epoch = make_train_epoch(step, trainer.objective, num_users=data.train.x.shape[0],
+                           num_groups=2, batch_size=64)
+  state = trainer.init_state(jax.random.key(0))
+  for e in range(3):  # p changes every step; shapes never do
+    state, _ = epoch(state, trainer.train_data, jax.random.key(e))
+  assert int(state.step) == 3 * (data.train.x.shape[0] // 64)
+
+
+def test_step_mode_fast_moves_p_and_origin_keeps_it(prepared):
+  data = prepared("synthetic")
+  for method, moves in (("fast", True), ("origin", False)):
+    trainer = Trainer(resolve(Config(dataset="synthetic", method=method)), data)
+    state = trainer.init_state(jax.random.key(0))
+    state, out = jax.jit(trainer.train_step)(state, _batch(trainer, 32), jax.random.key(1))
+    assert (not np.allclose(state.p, 0.5)) == moves
+    np.testing.assert_allclose(np.asarray(state.p).sum(), 1.0, atol=1e-6)
+
+
+def test_two_epoch_run_on_ml100k_training_loss_falls(prepared, tmp_path):
+  data = prepared("ml100k")
+  cfg = Config(dataset="ml100k", method="fast", p_update="epoch", epochs=2, seeds=1, lr=1e-3)
+  results = train_and_evaluate(cfg, tmp_path, data=data, progress=False, echo=lambda s: None)
+  records = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert [r["epoch"] for r in records] == [1, 2]
+  assert records[1]["train_loss"] < records[0]["train_loss"]
+  assert records[0]["p"] != [0.5, 0.5]  # epoch mode moved p from the full-train gap
+  saved = json.loads((tmp_path / "results.json").read_text())
+  assert saved["per_seed"][0]["seed"] == 1024
+  for key in ("mae", "mse", "ndcg3", "gf_mae", "gf_mse", "gf_ndcg3"):
+    assert np.isfinite(saved["mean"][key]) and saved["std"][key] == 0.0
+  assert saved["per_seed"][0]["group"]["1"]["n"] == int((data.test.group == 1).sum())
+  cfg_json = json.loads((tmp_path / "config.json").read_text())
+  assert cfg_json["gamma"] == 2.0 and cfg_json["tau"] == 0.2  # paper Table 3, ML-100K
+  assert "jax" in cfg_json["versions"]
+  assert results["mean"]["mae"] == saved["mean"]["mae"]
+
+
+def test_fast_closes_at_least_half_of_origins_gap_on_theorem1_data(prepared):
+  """Theorem 1: with imbalanced groups the meta-learned model serves the minority worse;
+  FAST's adaptive sampling should remove most of that gap."""
+  data = prepared("synthetic", num_minority=80, num_majority=320)
+  n = data.meta["counts"]["train"]["groups"]
+  assert n[0] < n[1]  # group 0 is the minority
+  report = {}
+  for method in ("origin", "fast"):
+    cfg = Config(dataset="synthetic", method=method, epochs=10, seeds=1, lr=1e-3, gamma=1.0,
+                 tau=0.2, out_bias="mean")
+    res = train_and_evaluate(cfg, None, data=data, progress=False, echo=lambda s: None)
+    report[method] = res["mean"]["group"]
+  gap = {m: r["0"]["mae"] - r["1"]["mae"] for m, r in report.items()}
+  assert gap["origin"] > 0.3  # origin favours the larger group
+  assert abs(gap["fast"]) <= 0.5 * gap["origin"]
