@@ -19,17 +19,29 @@ from fast_jax import config as config_lib  # noqa: E402
 from fast_jax.config import Config  # noqa: E402
 
 
+class _Parser(argparse.ArgumentParser):
+  """A bad flag is one line on stderr and exit code 2, like every other usage error."""
+
+  def error(self, message):
+    self.exit(2, f"error: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
   d = Config()
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   a = p.add_argument
-  a("--backbone", default=d.backbone, help=f"one of {', '.join(config_lib.BACKBONES)}")
+  a("--backbone", default=d.backbone,
+    help=f"one of {', '.join(config_lib.BACKBONES)}; ignored by the baselines (widedeep, "
+         "dropoutnet, nlba, global-mean, support-mean), which use the dataset's MeLU network")
   a("--method", default=d.method, help=f"one of {', '.join(config_lib.METHODS)}")
   a("--dataset", default=d.dataset,
     help=f"one of {', '.join(config_lib.DATASETS)}, or a prepared dataset folder")
   a("--protocol", default=None, help="data protocol for a named dataset: clover (default) or raw")
   a("--data-dir", default=None, help="where raw data lives (default: a user cache dir, downloading when missing)")
   a("--out", default=None, help="folder for config.json, metrics.jsonl, results.json")
+  a("--resume", action="store_true", help="continue the interrupted run in --out")
+  a("--checkpoint-every", type=int, default=d.checkpoint_every,
+    help="epochs between checkpoints of each seed (in --out/checkpoints)")
   g = p.add_argument_group("FAST")
   g.add_argument("--gamma", type=float, default=None, help="rate of the p update (paper Table 3 by default)")
   g.add_argument("--tau", type=float, default=None, help="cap of one p update (the FAST code's --beta)")
@@ -62,6 +74,49 @@ def build_parser() -> argparse.ArgumentParser:
   r = p.add_argument_group("Reg")
   r.add_argument("--reg-weight", type=float, default=d.reg_weight)
   r.add_argument("--reg-kind", choices=("loss", "value"), default=d.reg_kind)
+  c = p.add_argument_group("CLOVER", "unset flags come from --clover-preset (research/clover.md)")
+  c.add_argument("--clover-preset", choices=tuple(config_lib.CLOVER_PRESETS), default=None,
+                 help="the README's runs: a1 (A1 on h_u), a1-ext (A1 on [h_u, rating]), "
+                      "full (A1 + A2, default)")
+  c.add_argument("--adv", type=float, default=None, help="lambda_1: weight of the adversarial loss")
+  c.add_argument("--adv2", type=float, default=None, help="lambda_2: weight of the second adversary")
+  c.add_argument("--out1", type=int, default=None,
+                 help="A1 input (CLOVER's --out): 0 h_u, 1 y_hat, 2 [y_hat, y], 4 y - y_hat, "
+                      "5 [h_u, y], 7 [h_u, h_i, y]")
+  c.add_argument("--out2", type=int, default=None, help="A2 input: -1 none, 0, 1, 2, 4 (as --out1)")
+  c.add_argument("--item-adv", action=argparse.BooleanOptionalAction, default=None,
+                 help="item branch in adversaries of type 1/2/4")
+  c.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None,
+                 help="softmax the rating logits the adversaries see (--loss ce)")
+  c.add_argument("--disable-inner-max", action=argparse.BooleanOptionalAction, default=None,
+                 help="no fooling term in the inner recommender step")
+  c.add_argument("--disable-inner-adv", action=argparse.BooleanOptionalAction, default=None,
+                 help="no adversary adaptation in the inner loop")
+  c.add_argument("--loss", choices=("mse", "ce"), default=None,
+                 help="rating loss: mse, or ce over rating classes (prediction argmax + min)")
+  b = p.add_argument_group("baselines", "widedeep, dropoutnet, nlba (research/fast.md §5.6-5.8); "
+                           "--epochs, --batch-size (users per step of dropoutnet and nlba), "
+                           "--init and --drop-sensitive apply to them too")
+  b.add_argument("--baseline-lr", type=float, default=d.baseline_lr, help="Adam learning rate")
+  b.add_argument("--baseline-select", choices=("best-valid", "last"), default=d.baseline_select,
+                 help="test the epoch with the lowest valid MAE, or the last one")
+  b.add_argument("--baseline-patience", type=int, default=d.baseline_patience,
+                 help="stop after this many epochs without a lower valid MAE (0: never)")
+  b.add_argument("--interaction-batch", type=int, default=d.interaction_batch,
+                 help="widedeep: training rows per step")
+  b.add_argument("--wide-cross", type=int, default=d.wide_cross,
+                 help="widedeep: hash buckets of user x item cross features (0: none)")
+  b.add_argument("--finetune-steps", type=int, default=d.finetune_steps,
+                 help="widedeep: SGD steps on each test user's support set (0: none)")
+  b.add_argument("--finetune-lr", type=float, default=d.finetune_lr, help="widedeep: their rate")
+  b.add_argument("--mf-dim", type=int, default=d.mf_dim, help="dropoutnet: biased-MF rank")
+  b.add_argument("--mf-steps", type=int, default=d.mf_steps,
+                 help="dropoutnet: full-batch Adam steps of the MF pretraining")
+  b.add_argument("--mf-l2", type=float, default=d.mf_l2, help="dropoutnet: MF weight decay")
+  b.add_argument("--dropout", type=float, default=d.dropout,
+                 help="dropoutnet: probability of zeroing a row's user / item preference")
+  b.add_argument("--nlba-threshold", type=float, default=d.nlba_threshold,
+                 help="nlba: ratings >= this are class 1 (default 4 on 1-5, 8 on 1-10)")
   p.add_argument("--quiet", action="store_true", help="no progress bars")
   return p
 
@@ -76,7 +131,8 @@ def main(argv=None) -> int:
   from fast_jax.experiment import UsageError, train_and_evaluate
   from fast_jax.dataset import DataError
   try:
-    train_and_evaluate(config_from_args(args), args.out, progress=not args.quiet)
+    train_and_evaluate(config_from_args(args), args.out, progress=not args.quiet,
+                       resume=args.resume)
   except (UsageError, DataError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -68,6 +68,32 @@ class Config:
   protocol: str | None = None
   data_dir: str | None = None
   eval_chunk: int = 512
+  checkpoint_every: int = 5     # epochs between checkpoints (with an output folder)
+  # CLOVER. None = from the preset (fast_jax.clover, research/clover.md §3-4).
+  clover_preset: str | None = None      # "a1" | "a1-ext" | "full" (README runs); None -> full
+  adv: float | None = None              # lambda_1: weight of -L_adv in the recommender objective
+  adv2: float | None = None             # lambda_2: weight of A2 (adversary sees lambda_2/lambda_1)
+  out1: int | None = None               # A1 input type (CLOVER's --out): 0 1 2 4 5 7
+  out2: int | None = None               # A2 input type: -1 (no A2) 0 1 2 4
+  item_adv: bool | None = None          # item-projection branch in adversaries of type 1/2/4
+  normalize: bool | None = None         # softmax the rating logits fed to adversaries (ce)
+  disable_inner_max: bool | None = None  # no -lambda_1 L_adv in the inner recommender step
+  disable_inner_adv: bool | None = None  # no adversary adaptation in the inner loop
+  loss: str | None = None               # rating loss: "mse" or "ce" (classes, argmax + min)
+  # Baselines (fast_jax.baselines, research/fast.md §5.6-5.8); `epochs`, `batch_size`,
+  # `init`, `drop_sensitive`, `local_output` and `eval_chunk` apply to them too.
+  baseline_lr: float = 1e-3             # Adam rate of widedeep, dropoutnet, nlba
+  baseline_select: str = "best-valid"   # test the epoch with the lowest valid MAE, or "last"
+  baseline_patience: int = 10           # stop after this many epochs without a lower valid MAE
+  interaction_batch: int = 1024         # widedeep: training rows per step
+  wide_cross: int = 0                   # widedeep: hash buckets of user x item crosses (0: none)
+  finetune_steps: int = 0               # widedeep: SGD steps on a test user's support set
+  finetune_lr: float = 1e-3             # widedeep: rate of those steps
+  mf_dim: int = 32                      # dropoutnet: rank of the pretrained biased MF
+  mf_steps: int = 100                   # dropoutnet: full-batch Adam steps of the MF
+  mf_l2: float = 0.05                   # dropoutnet: MF weight decay
+  dropout: float = 0.5                  # dropoutnet: input dropout of the preference vectors
+  nlba_threshold: float | None = None   # nlba: rating >= it is class 1 (None: 4 on 1-5, 8 on 1-10)
 
   def replace(self, **kw) -> "Config":
     return dataclasses.replace(self, **kw)
@@ -81,10 +107,36 @@ def resolve(cfg: Config, dataset_name: str | None = None) -> Config:
   name = dataset_name or cfg.dataset
   gamma, tau = PAPER_GAMMA_TAU.get((cfg.backbone, name), (1.0, 0.1))
   lr, inner_lr = LEARNING_RATES[cfg.backbone]
-  return cfg.replace(
+  cfg = cfg.replace(
       gamma=gamma if cfg.gamma is None else cfg.gamma,
       tau=tau if cfg.tau is None else cfg.tau,
       lr=lr if cfg.lr is None else cfg.lr,
       inner_lr=inner_lr if cfg.inner_lr is None else cfg.inner_lr,
       gap_loss=cfg.gap_loss or ("mae" if cfg.p_update == "epoch" else "mse"),
   )
+  return resolve_clover(cfg) if cfg.method == "clover" else cfg
+
+
+# CLOVER's README configurations (research/clover.md §4.5), all with --loss 1 (ce). Only
+# the CLOVER flags; the backbone and meta-learning settings stay those of the framework.
+CLOVER_PRESETS = {
+    "a1": dict(adv=1.0, out1=0, disable_inner_max=True),       # A1, no external info
+    "a1-ext": dict(adv=2.0, out1=5, disable_inner_max=True),   # A1 with the ratings
+    "full": dict(adv=2.0, adv2=1.0, out1=5, out2=2, disable_inner_max=True, normalize=True,
+                 item_adv=True),                                # A1 + A2
+}
+CLOVER_FIELDS = ("adv", "adv2", "out1", "out2", "item_adv", "normalize", "disable_inner_max",
+                 "disable_inner_adv", "loss")
+_CLOVER_DEFAULTS = dict(adv2=0.0, out2=-1, item_adv=False, normalize=False,
+                        disable_inner_max=False, disable_inner_adv=False, loss="ce")
+
+
+def resolve_clover(cfg: Config) -> Config:
+  """Fill unset CLOVER fields from the preset (default "full"), then CLOVER's defaults;
+  flags given explicitly win over the preset."""
+  preset = cfg.clover_preset or "full"
+  if preset not in CLOVER_PRESETS:
+    return cfg  # reported by fast_jax.clover.check_config
+  filled = {**_CLOVER_DEFAULTS, **CLOVER_PRESETS[preset]}
+  return cfg.replace(clover_preset=preset, **{
+      k: filled[k] if getattr(cfg, k) is None else getattr(cfg, k) for k in CLOVER_FIELDS})

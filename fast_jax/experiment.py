@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -28,6 +29,7 @@ from fast_jax.config import Config
 from fast_jax.metrics import METRIC_KEYS
 
 SUMMARY_KEYS = tuple(METRIC_KEYS) + tuple(f"gf_{k}" for k in METRIC_KEYS)
+ATTACK_KEYS = ("auc_attack", "auc_attack_max")  # fast_jax.attack; null when not applicable
 
 
 class UsageError(ValueError):
@@ -50,30 +52,39 @@ def load_dataset(cfg: Config, *, progress: bool = True):
   return load_prepared(folder)
 
 
-def check_config(cfg: Config, data) -> None:
-  """Reject settings that cannot work with a clear message (before any JAX work)."""
+def check_config(cfg: Config) -> None:
+  """Reject flag values that cannot work, with a clear message, before any data is read."""
   if cfg.backbone not in config_lib.BACKBONES:
     raise UsageError(f"--backbone {cfg.backbone!r}: expected one of {config_lib.BACKBONES}")
   if cfg.method not in config_lib.METHODS:
     raise UsageError(f"--method {cfg.method!r}: expected one of {config_lib.METHODS}")
   for name in ("gamma", "tau"):
     value = getattr(cfg, name)
-    if value is not None and value < 0:
+    if value is not None and not value >= 0:  # also NaN
       raise UsageError(f"--{name} must be >= 0, got {value}")
   if cfg.tau is not None and cfg.tau > 1:
     raise UsageError(f"--tau caps a change of a probability and must be <= 1, got {cfg.tau}")
   for name in ("epochs", "seeds", "batch_size", "inner_steps"):
     if getattr(cfg, name) < 1:
       raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
-  if data is not None:
-    n_train = data.train.x.shape[0]
-    if cfg.batch_size > n_train:
-      raise UsageError(f"--batch-size {cfg.batch_size} is larger than the {n_train} "
-                       f"training users of {cfg.dataset}")
-    groups = np.unique(data.train.group)
-    if groups.size < 2:
-      raise UsageError(f"dataset {cfg.dataset} has one sensitive group only in its training "
-                       f"users; fairness methods need at least two")
+  if cfg.method != "clover":
+    given = [f for f in ("clover_preset",) + config_lib.CLOVER_FIELDS
+             if getattr(cfg, f) is not None]
+    if given:
+      raise UsageError(f"--{given[0].replace('_', '-')} is a CLOVER setting: it needs "
+                       f"--method clover")
+
+
+def check_data(cfg: Config, data) -> None:
+  """Reject settings that do not fit the loaded dataset (``cfg`` resolved)."""
+  n_train = data.train.x.shape[0]
+  if cfg.batch_size > n_train:
+    raise UsageError(f"--batch-size {cfg.batch_size} is larger than the {n_train} "
+                     f"training users of {cfg.dataset}")
+  groups = np.unique(data.train.group)
+  if groups.size < 2:
+    raise UsageError(f"dataset {cfg.dataset} has one sensitive group only in its training "
+                     f"users; fairness methods need at least two")
 
 
 def make_runner(cfg: Config, data):
@@ -89,20 +100,42 @@ def make_runner(cfg: Config, data):
 
 
 def train_and_evaluate(cfg: Config, out_dir: str | os.PathLike | None = None, *, data=None,
-                       progress: bool = True, echo: Callable[[str], None] = print) -> dict:
+                       progress: bool = True, resume: bool = False,
+                       echo: Callable[[str], None] = print) -> dict:
   """Train ``cfg`` for ``cfg.seeds`` seeds, evaluate on the test users, write the files.
+
+  With ``out_dir``, every seed is checkpointed every ``cfg.checkpoint_every`` epochs
+  (``checkpoints/seed-S.msgpack``) and a finished seed's report is kept in
+  ``seeds/seed-S.json``. ``resume=True`` continues an interrupted run in ``out_dir``:
+  finished seeds are not retrained, the unfinished one restarts from its checkpoint, and
+  the result files end up identical to an uninterrupted run's.
+
+  A seed whose loss becomes NaN/inf is stopped (its last good checkpoint is kept), named
+  in ``results.json["diverged"]`` and left out of the mean; if every seed diverges,
+  :class:`fast_jax.train.Diverged` is raised.
 
   Returns:
     the content of ``results.json``.
   """
+  from fast_jax.checkpoint import SeedCheckpoint
+  from fast_jax.train import Diverged, Trainer
+  check_config(cfg)
   if data is None:
     data = load_dataset(cfg, progress=progress)
   cfg = config_lib.resolve(cfg, data.meta.get("dataset"))
-  check_config(cfg, data)
+  check_data(cfg, data)
   out = pathlib.Path(out_dir) if out_dir is not None else None
+  if resume and out is None:
+    raise UsageError("--resume needs --out: the folder of the run to continue")
   if out is not None:
     _prepare_out(out)
-    write_json_atomic(out / "config.json", run_record(cfg, data))
+    record = run_record(cfg, data)
+    if resume:
+      _check_same_settings(out, record)
+    else:
+      for stale in ("checkpoints", "seeds"):
+        shutil.rmtree(out / stale, ignore_errors=True)
+    write_json_atomic(out / "config.json", record)
     (out / "metrics.jsonl").write_text("")
 
   def log(record: dict) -> None:
@@ -111,23 +144,71 @@ def train_and_evaluate(cfg: Config, out_dir: str | os.PathLike | None = None, *,
         f.write(json.dumps(_jsonable(record)) + "\n")
 
   runner = make_runner(cfg, data)
-  per_seed = []
+  per_seed, diverged = [], []
   for seed in config_lib.seed_list(cfg.seeds):
-    _, report = runner.run_seed(seed, log=log, progress=progress)
-    per_seed.append({"seed": seed, **report})
+    done = out / "seeds" / f"seed-{seed}.json" if out is not None else None
+    kwargs = {}
+    if out is not None and isinstance(runner, Trainer):
+      kwargs = {"checkpoint": SeedCheckpoint(out, seed), "checkpoint_every": cfg.checkpoint_every}
+    if done is not None and done.exists():
+      saved = json.loads(done.read_text())
+      for r in saved["records"]:
+        log(r)
+      per_seed.append(saved["report"])
+      continue
+    records: list[dict] = []
+
+    def log_seed(r: dict) -> None:
+      records.append(r)
+      log(r)
+    try:
+      _, report = runner.run_seed(seed, log=log_seed, progress=progress, **kwargs)
+    except Diverged as e:
+      print(f"warning: {e}", file=sys.stderr)
+      diverged.append({"seed": seed, "message": str(e)})
+      continue
+    entry = {"seed": seed, **report}
+    per_seed.append(entry)
+    if done is not None:
+      done.parent.mkdir(exist_ok=True)
+      write_json_atomic(done, {"report": entry, "records": records})
+  if not per_seed:
+    raise Diverged("every seed diverged: " + "; ".join(d["message"] for d in diverged))
   results = {"config": cfg.to_dict(), "per_seed": per_seed, **aggregate(per_seed)}
+  if diverged:
+    results["diverged"] = diverged
   if out is not None:
     write_json_atomic(out / "results.json", results)
   echo(format_table(results, data.meta))
   return results
 
 
+def _check_same_settings(out: pathlib.Path, record: dict) -> None:
+  """--resume continues only a run of the same configuration."""
+  path = out / "config.json"
+  if not path.exists():
+    raise UsageError(f"--resume: {out} holds no run to continue (no config.json)")
+  before = json.loads(path.read_text())
+  skip = {"versions", "git_commit", "checkpoint_every"}
+  changed = [k for k in record if k not in skip and _jsonable(record[k]) != before.get(k)]
+  if changed:
+    k = changed[0]
+    raise UsageError(f"--resume: the run in {out} used {k}={before.get(k)!r}, not "
+                     f"{_jsonable(record[k])!r}; resume with the same settings or use a new --out")
+
+
 def aggregate(per_seed: list[dict]) -> dict:
   """Mean and population std (ddof = 0) over seeds of every metric, overall and per group."""
   mean, std = {}, {}
-  for key in SUMMARY_KEYS + tuple(k for k in ("auc_attack",) if k in per_seed[0]):
+  for key in SUMMARY_KEYS:
     values = np.array([r[key] for r in per_seed], dtype=np.float64)
     mean[key], std[key] = float(np.mean(values)), float(np.std(values))
+  # Attacker AUCs are null for methods without a user representation: skip the nulls,
+  # and leave the key out when no seed has a value.
+  for key in ATTACK_KEYS:
+    values = np.array([r[key] for r in per_seed if r.get(key) is not None], dtype=np.float64)
+    if values.size:
+      mean[key], std[key] = float(np.mean(values)), float(np.std(values))
   groups = per_seed[0].get("group", {})
   mean["group"], std["group"] = {}, {}
   for g in groups:
@@ -154,6 +235,10 @@ def format_table(results: dict, meta: dict) -> str:
   if "auc_attack" in results["mean"]:
     lines.append(f"attacker AUC: {results['mean']['auc_attack']:.3f} ± "
                  f"{results['std']['auc_attack']:.3f}")
+  else:
+    notes = {r["auc_attack_note"] for r in results["per_seed"] if r.get("auc_attack_note")}
+    if notes:
+      lines.append(f"attacker AUC: n/a ({'; '.join(sorted(notes))})")
   return "\n".join(lines)
 
 

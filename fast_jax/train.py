@@ -28,8 +28,9 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from fast_jax import fairness, meta, metrics
-from fast_jax.config import Config
+from fast_jax import attack, fairness, meta, metrics
+from fast_jax.checkpoint import SeedCheckpoint
+from fast_jax.config import Config, resolve
 from fast_jax.models import Backbone, make_backbone, split_params
 
 Params = Any
@@ -55,7 +56,7 @@ class Objective(NamedTuple):
   p_rule: "none", "step" (update p from each batch, paper Alg. 1) or "epoch" (from all
     training users after each epoch, the FAST code).
   weights: ``weights(key, group[B], p[G]) -> float[B]`` outer weights of the batch users.
-  penalty: ``penalty(mse[B], mae[B], group[B], weights[B]) -> scalar`` added to the loss.
+  penalty: ``penalty(terms: OuterTerms) -> scalar`` added to the loss.
   """
   sampler: str
   p_rule: str
@@ -63,23 +64,42 @@ class Objective(NamedTuple):
   penalty: Callable
 
 
+class OuterTerms(NamedTuple):
+  """What an outer penalty sees: the B users of a batch after their adaptation."""
+  mse: jax.Array      # float[B] query MSE per user
+  mae: jax.Array      # float[B] query MAE per user
+  group: jax.Array    # int[B]
+  weights: jax.Array  # float[B] outer weights
+  pred: jax.Array     # float[B, Q] adapted query predictions
+  y: jax.Array        # float[B, Q] query ratings
+  x: jax.Array        # int[B, Q, F] query inputs
+
+
 def _uniform(key, group, p):
   return jnp.ones(group.shape[0])
 
 
-def _no_penalty(mse, mae, group, w):
+def _no_penalty(terms: OuterTerms):
   return jnp.zeros(())
 
 
-def make_objective(cfg: Config, num_groups: int, group_shares: np.ndarray) -> Objective:
-  """The Objective of ``cfg.method`` (origin, static, fast, reg, ipw)."""
+def make_objective(cfg: Config, num_groups: int, group_shares: np.ndarray, *,
+                   item_columns: tuple[int, ...] = ()) -> Objective:
+  """The Objective of ``cfg.method`` (origin, static, fast, reg, ipw; clover's batching).
+
+  Reg (fast.md §5.3): ``mean_u l_u + lambda * pen`` with ``pen`` the spread of the group
+  means of the query MSE (``reg_kind="loss"``; differentiable through the inner step, 0
+  when a group is missing from the batch) or Yao & Huang's value unfairness over the
+  batch's query rows (``reg_kind="value"``, items identified by ``item_columns``).
+  IPW (fast.md §5.4): weights ``1 / pi_g`` self-normalised in the batch.
+  """
   resample = fairness.resample_weights if cfg.resample == "sample" else (
       lambda key, group, p, g: fairness.expected_weights(group, p, g))
 
   def by_p(key, group, p):
     return resample(key, group, p, num_groups)
 
-  if cfg.method == "origin":
+  if cfg.method in ("origin", "clover"):  # CLOVER's adversaries live in fast_jax.clover
     return Objective("uniform", "none", _uniform, _no_penalty)
   if cfg.method in ("static", "fast"):
     rule = "none" if cfg.method == "static" else cfg.p_update
@@ -92,9 +112,18 @@ def make_objective(cfg: Config, num_groups: int, group_shares: np.ndarray) -> Ob
                      _no_penalty)
   if cfg.method == "reg":
     lam = cfg.reg_weight
+    if cfg.reg_kind == "loss":
+      def reg(t: OuterTerms):
+        return lam * fairness.gap_penalty(t.mse, t.group, num_groups, t.weights)
+    elif cfg.reg_kind == "value":
+      if not item_columns:
+        raise ValueError("reg_kind='value' needs the item columns of x")
+      cols = jnp.asarray(item_columns)
 
-    def reg(mse, mae, group, w):
-      return lam * fairness.gap_penalty(mse, group, num_groups, w)
+      def reg(t: OuterTerms):
+        return lam * fairness.value_unfairness(t.pred, t.y, t.x[..., cols], t.group, num_groups)
+    else:
+      raise ValueError(f"reg_kind {cfg.reg_kind!r}: expected 'loss' or 'value'")
     return Objective("uniform", "none", _uniform, reg)
   raise ValueError(f"method {cfg.method!r} has no meta-learning objective")
 
@@ -111,9 +140,10 @@ class MetaLearner:
     self.backbone, self.labels = backbone, labels
     self.inner_steps, self.first_order = inner_steps, first_order
 
-  def predict(self, params, alpha, x, y, support, query_idx):
+  def predict(self, params, alpha, x, y, support, query_idx, group=None):
     """Adapted query predictions. x: int32[B, L, F]; y, support: [B, L];
-    query_idx: int32[B, Q] -> float32[B, Q].
+    query_idx: int32[B, Q]; group: int32[B] (unused here; a learner whose adaptation
+    involves the sensitive attribute, such as CLOVER's, reads it) -> float32[B, Q].
 
     Embeddings are global, so they are looked up once for the batch; only the head runs
     inside each user's inner loop.
@@ -126,8 +156,29 @@ class MetaLearner:
   def query_losses(self, params, alpha, batch, support, query_idx):
     """Per-user query MSE and MAE after adaptation: (float[B], float[B])."""
     pred = self.predict(params, alpha, batch["x"], batch["y"], support, query_idx)
-    err = pred - meta.take_rows(batch["y"], query_idx)
-    return jnp.mean(jnp.square(err), -1), jnp.mean(jnp.abs(err), -1)
+    return query_errors(pred, meta.take_rows(batch["y"], query_idx))
+
+  def user_representations(self, params, alpha, x, y, support, valid, group=None):
+    """Each user's adapted user representation: the mean over its valid rows of the
+    user-tower output (``user_fc``) after its inner adaptation on ``support``.
+
+    x: int32[B, L, F]; y: float32[B, L]; support, valid: bool[B, L] -> float32[B, D],
+    or None when the backbone has no user representation (no user fields).
+    """
+    e = self.backbone.embed(params, x)
+
+    def one_user(e_u, y_u, s_u, v_u):
+      theta_u = meta.inner_adapt(self.backbone.head, params, self.labels, alpha, e_u, y_u, s_u,
+                                 steps=self.inner_steps, first_order=self.first_order)
+      h = self.backbone.user_repr(theta_u, e_u)
+      return None if h is None else metrics.masked_mean(h, v_u[:, None], axis=0)
+    return jax.vmap(one_user)(e, y, support, valid)
+
+
+def query_errors(pred: jax.Array, y: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Per-user MSE and MAE of query predictions. pred, y: float[B, Q] -> (float[B], float[B])."""
+  err = pred - y
+  return jnp.mean(jnp.square(err), -1), jnp.mean(jnp.abs(err), -1)
 
 
 def make_train_step(learner: MetaLearner, objective: Objective, tx, alpha_tx, *,
@@ -144,14 +195,18 @@ def make_train_step(learner: MetaLearner, objective: Objective, tx, alpha_tx, *,
     support, query = meta.query_split(k_split, batch["length"], max_len, cfg.train_query)
 
     def loss_fn(params):
-      mse, mae = learner.query_losses(params, state.alpha, batch, support, query)
+      pred = learner.predict(params, state.alpha, batch["x"], batch["y"], support, query)
+      y_q = meta.take_rows(batch["y"], query)
+      mse, mae = query_errors(pred, y_q)
       gap_values = jax.lax.stop_gradient((mse, mae)[gap_index])
       group_loss, present = fairness.group_means(gap_values, batch["group"], num_groups)
       p = state.p
       if objective.p_rule == "step":
         p = fairness.update_p(p, group_loss, present, cfg.gamma, cfg.tau)
       w = objective.weights(k_weights, batch["group"], p)
-      loss = weighted_mean(mse, w) + objective.penalty(mse, mae, batch["group"], w)
+      terms = OuterTerms(mse=mse, mae=mae, group=batch["group"], weights=w, pred=pred, y=y_q,
+                         x=meta.take_rows(batch["x"], query))
+      loss = weighted_mean(mse, w) + objective.penalty(terms)
       return loss, (p, w, mse, group_loss, present)
 
     (loss, (p, w, mse, group_loss, present)), grads = jax.value_and_grad(
@@ -214,9 +269,9 @@ class Evaluator:
     self.max_len, self.chunk = max_len, chunk
 
     @jax.jit
-    def score(params, alpha, x, y, length):
+    def score(params, alpha, x, y, length, group):
       support, query_idx = meta.last_query_split(length, max_len)
-      pred = learner.predict(params, alpha, x, y, support, query_idx)
+      pred = learner.predict(params, alpha, x, y, support, query_idx, group)
       return metrics.user_metrics(pred, meta.take_rows(y, query_idx))
     self._score = score
 
@@ -227,7 +282,8 @@ class Evaluator:
     outs = []
     for start in range(0, n, chunk):
       idx = np.minimum(np.arange(start, start + chunk), n - 1)  # pad the last chunk
-      part = self._score(params, alpha, data["x"][idx], data["y"][idx], data["length"][idx])
+      part = self._score(params, alpha, data["x"][idx], data["y"][idx], data["length"][idx],
+                         data["group"][idx])
       outs.append({k: np.asarray(v)[: min(chunk, n - start)] for k, v in part.items()})
     return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
 
@@ -239,17 +295,14 @@ class Trainer:
   data: Any  # fast_jax.dataset.TaskData
 
   def __post_init__(self):
+    self.cfg = resolve(self.cfg, self.data.meta.get("dataset"))
     cfg, data = self.cfg, self.data
     self.num_groups = len(data.meta["sensitive"]["groups"])
     self.max_len = int(data.train.x.shape[1])
     train_group = np.asarray(data.train.group)
     self.group_shares = np.bincount(train_group, minlength=self.num_groups) / len(train_group)
-    out_bias = float(np.sum(data.train.y) / np.sum(data.train.length)) if (
-        cfg.out_bias == "mean") else None
-    self.backbone = make_backbone(data.meta, local_output=cfg.local_output,
-                                  drop_sensitive=cfg.drop_sensitive,
-                                  torch_init=cfg.init == "torch", out_bias=out_bias)
-    self.objective = make_objective(cfg, self.num_groups, self.group_shares)
+    self.backbone = self.build_backbone()
+    self.objective = self.build_objective()
     self.tx = optax.adam(cfg.lr)
     self.alpha_tx = optax.adam(cfg.lr) if cfg.backbone == "metacs" else None
     self.train_data = device_split(data.train)
@@ -264,11 +317,27 @@ class Trainer:
                                         num_groups=self.num_groups,
                                         batch_size=cfg.batch_size)
     self.evaluator = Evaluator(self.learner, max_len=self.max_len, chunk=cfg.eval_chunk)
+    self.attacker = attack.RepresentationAttack(self.learner, max_len=self.max_len,
+                                                chunk=cfg.eval_chunk)
     self._update_p = jax.jit(fairness.update_p)
 
   # Extension points: a method that needs more than an Objective (e.g. CLOVER's
   # adversaries) subclasses Trainer and overrides these, keeping the epoch loop,
   # evaluation, logging and selection.
+  def build_backbone(self) -> Backbone:
+    cfg, data = self.cfg, self.data
+    out_bias = float(np.sum(data.train.y) / np.sum(data.train.length)) if (
+        cfg.out_bias == "mean") else None
+    return make_backbone(data.meta, local_output=cfg.local_output,
+                         drop_sensitive=cfg.drop_sensitive, torch_init=cfg.init == "torch",
+                         out_bias=out_bias)
+
+  def build_objective(self) -> Objective:
+    item_columns = tuple(c for f in self.data.meta["fields"] if f["side"] == "item"
+                         for c in range(f["start"], f["stop"]))
+    return make_objective(self.cfg, self.num_groups, self.group_shares,
+                          item_columns=item_columns)
+
   def build_learner(self) -> MetaLearner:
     return MetaLearner(self.backbone, self.labels, inner_steps=self.cfg.inner_steps,
                        first_order=self.cfg.first_order)
@@ -277,9 +346,17 @@ class Trainer:
     return make_train_step(self.learner, self.objective, self.tx, self.alpha_tx, cfg=self.cfg,
                            num_groups=self.num_groups, max_len=self.max_len)
 
+  def learner_params(self, state: TrainState) -> Params:
+    """The ``params`` argument of the learner's predict (CLOVER adds its adversaries)."""
+    return state.params
+
   def test_report(self, state: TrainState) -> dict:
-    """What a finished seed reports: the test metrics (``results.json`` per seed)."""
-    return self.evaluate(state, "test")
+    """What a finished seed reports (``results.json`` per seed): the test metrics and
+    the attacker AUC on the adapted user representations (clover.md §4.4)."""
+    report = self.evaluate(state, "test")
+    report.update(self.attacker.report(self.learner_params(state), state.alpha,
+                                       self.train_data, self.test_data))
+    return report
 
   def init_state(self, key: jax.Array) -> TrainState:
     params = self.backbone.init(key, self.train_data["x"][0])
@@ -296,13 +373,13 @@ class Trainer:
 
   def evaluate(self, state: TrainState, split: str) -> dict:
     data = {"train": self.train_data, "valid": self.valid_data, "test": self.test_data}[split]
-    per_user = self.evaluator.per_user(state.params, state.alpha, data)
+    per_user = self.evaluator.per_user(self.learner_params(state), state.alpha, data)
     return metrics.group_report(per_user, np.asarray(data["group"]), self.num_groups)
 
   def epoch_gap_update(self, state: TrainState) -> tuple[TrainState, np.ndarray]:
     """The FAST code's per-epoch p update: the group gap on all training users (fixed
     last-10 query, ``cfg.gap_loss`` per user, MAE by default)."""
-    per_user = self.evaluator.per_user(state.params, state.alpha, self.train_data)
+    per_user = self.evaluator.per_user(self.learner_params(state), state.alpha, self.train_data)
     values = jnp.asarray(per_user[self.cfg.gap_loss])
     group_loss, present = fairness.group_means(values, self.train_data["group"],
                                                self.num_groups)
@@ -310,41 +387,70 @@ class Trainer:
     return state.replace(p=p), np.asarray(group_loss)
 
   def run_seed(self, seed: int, *, log: Callable[[dict], None] = lambda r: None,
-               progress: bool = True) -> tuple[TrainState, dict]:
-    """Train one seed for ``cfg.epochs`` epochs; return the selected state and test report."""
+               progress: bool = True, checkpoint: SeedCheckpoint | None = None,
+               checkpoint_every: int = 5) -> tuple[TrainState, dict]:
+    """Train one seed for ``cfg.epochs`` epochs; return the selected state and test report.
+
+    With ``checkpoint``, the seed continues from its last checkpoint if there is one, and
+    a checkpoint is written every ``checkpoint_every`` epochs and after the last epoch.
+    Epoch e always uses the key ``fold_in(key(seed), e)``, so a resumed seed ends exactly
+    where an uninterrupted one would.
+
+    Raises:
+      Diverged: a non-finite training loss; names the epoch and step. The last good
+        checkpoint is kept.
+    """
     key = jax.random.key(seed)
     k_init, k_train = jax.random.split(key)
     state = self.init_state(k_init)
-    best = (np.inf, state)
-    bar = tqdm(range(1, self.cfg.epochs + 1), desc=f"seed {seed}", disable=not progress,
+    best_score, best_state, start = np.inf, state, 1
+    if checkpoint is not None and checkpoint.exists():
+      saved = checkpoint.restore(state)
+      state, best_state, best_score = saved["state"], saved["best_state"], saved["best_score"]
+      start = saved["epoch"] + 1
+      for record in saved["records"]:
+        log(record)
+      records = saved["records"]
+    else:
+      records = []
+    bar = tqdm(range(start, self.cfg.epochs + 1), desc=f"seed {seed}", disable=not progress,
                leave=False)
     for epoch in bar:
       t0 = time.perf_counter()
       state, step_metrics = self.train_epoch(state, self.train_data,
                                              jax.random.fold_in(k_train, epoch))
       step_metrics = jax.device_get(step_metrics)
+      bad = np.flatnonzero(~np.isfinite(step_metrics["loss"]))
+      if bad.size:
+        raise Diverged(f"seed {seed}: the training loss became "
+                       f"{step_metrics['loss'][bad[0]]} at epoch {epoch}, step {bad[0] + 1}; "
+                       f"lower --lr or --inner-lr")
       group_loss = _present_mean(step_metrics["group_loss"], step_metrics["group_present"])
       if self.objective.p_rule == "epoch":
         state, group_loss = self.epoch_gap_update(state)
       valid = self.evaluate(state, "valid")
-      train_loss = float(np.mean(step_metrics["loss"]))
-      if not np.isfinite(train_loss):
-        raise FloatingPointError(
-            f"seed {seed}: training loss is {train_loss} in epoch {epoch}; lower --lr or "
-            f"--inner-lr")
-      if valid["mae"] < best[0]:
-        best = (valid["mae"], state)
-      record = {"seed": seed, "epoch": epoch, "train_loss": train_loss,
+      if valid["mae"] < best_score:
+        best_score, best_state = valid["mae"], state
+      record = {"seed": seed, "epoch": epoch,
+                "train_loss": float(np.mean(step_metrics["loss"])),
                 "p": np.asarray(state.p).tolist(), "group_loss": np.asarray(group_loss).tolist(),
                 "alpha": _alpha_summary(state.alpha),
                 "valid": valid, "seconds": time.perf_counter() - t0}
+      records.append(record)
       log(record)
+      if checkpoint is not None and (epoch % checkpoint_every == 0 or epoch == self.cfg.epochs):
+        checkpoint.save(state=state, best_state=best_state, best_score=best_score, epoch=epoch,
+                        records=records)
       bar.set_postfix(p=np.round(np.asarray(state.p), 3).tolist(),
                       L=np.round(np.asarray(group_loss), 3).tolist(),
                       val_mae=round(valid["mae"], 4))
     if self.cfg.select == "best-valid":
-      state = best[1]
+      state = best_state
     return state, self.test_report(state)
+
+
+class Diverged(FloatingPointError):
+  """A seed's training loss became NaN or infinite."""
 
 
 def _present_mean(values: np.ndarray, present: np.ndarray) -> np.ndarray:

@@ -1,0 +1,106 @@
+"""Checkpoints, --resume and divergence handling."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from fast_jax import train as train_lib
+from fast_jax.checkpoint import SeedCheckpoint
+from fast_jax.config import Config
+from fast_jax.experiment import UsageError, train_and_evaluate
+from fast_jax.train import Diverged, Trainer
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+QUIET = dict(progress=False, echo=lambda s: None)
+
+
+def _cfg(**kw):
+  base = dict(dataset="synthetic", method="fast", epochs=4, seeds=2, lr=1e-3,
+              checkpoint_every=1)
+  return Config(**{**base, **kw})
+
+
+def _records(path):
+  out = []
+  for line in (path / "metrics.jsonl").read_text().splitlines():
+    r = json.loads(line)
+    r.pop("seconds")
+    out.append(r)
+  return out
+
+
+def test_resumed_run_gives_the_same_results_as_an_uninterrupted_one(prepared, tmp_path,
+                                                                    monkeypatch):
+  data = prepared("synthetic")
+  full = train_and_evaluate(_cfg(), tmp_path / "full", data=data, **QUIET)
+
+  # Interrupt the second seed after its epoch 2 (checkpointed), as a crash would.
+  calls = {"n": 0}
+  real_run_seed = Trainer.run_seed
+
+  def crashing_run_seed(self, seed, **kw):
+    log = kw["log"]
+
+    def log_and_crash(record):
+      log(record)
+      if seed == 3145 and record["epoch"] == 3:
+        raise KeyboardInterrupt
+    return real_run_seed(self, seed, **{**kw, "log": log_and_crash})
+  monkeypatch.setattr(Trainer, "run_seed", crashing_run_seed)
+  with pytest.raises(KeyboardInterrupt):
+    train_and_evaluate(_cfg(), tmp_path / "cut", data=data, **QUIET)
+  monkeypatch.setattr(Trainer, "run_seed", real_run_seed)
+  assert not (tmp_path / "cut" / "results.json").exists()
+  ckpt = SeedCheckpoint(tmp_path / "cut", 3145)
+  assert ckpt.exists()
+
+  resumed = train_and_evaluate(_cfg(), tmp_path / "cut", data=data, resume=True, **QUIET)
+  assert (tmp_path / "cut" / "results.json").read_bytes() == \
+      (tmp_path / "full" / "results.json").read_bytes()
+  assert resumed == full
+  assert _records(tmp_path / "cut") == _records(tmp_path / "full")
+
+
+def test_resume_refuses_a_run_with_other_settings(prepared, tmp_path):
+  data = prepared("synthetic")
+  train_and_evaluate(_cfg(epochs=1, seeds=1), tmp_path, data=data, **QUIET)
+  with pytest.raises(UsageError, match="--resume: the run in .* used lr"):
+    train_and_evaluate(_cfg(epochs=1, seeds=1, lr=5e-4), tmp_path, data=data, resume=True,
+                       **QUIET)
+
+
+def test_divergence_stops_the_seed_naming_epoch_and_step_and_keeps_the_last_checkpoint(
+    prepared, tmp_path, monkeypatch):
+  data = prepared("synthetic")
+  trainer = Trainer(_cfg(), data)
+  real_epoch = trainer.train_epoch
+  calls = {"n": 0}
+
+  def epoch_that_breaks(state, data_, key):
+    calls["n"] += 1
+    state, metrics = real_epoch(state, data_, key)
+    if calls["n"] == 3:
+      loss = np.asarray(metrics["loss"]).copy()
+      loss[4] = np.nan
+      metrics = {**metrics, "loss": loss}
+    return state, metrics
+  trainer.train_epoch = epoch_that_breaks
+  ckpt = SeedCheckpoint(tmp_path, 1024)
+  with pytest.raises(Diverged, match="epoch 3, step 5"):
+    trainer.run_seed(1024, progress=False, checkpoint=ckpt, checkpoint_every=1)
+  saved = ckpt.restore(trainer.init_state(__import__("jax").random.key(0)))
+  assert saved["epoch"] == 2 and len(saved["records"]) == 2
+
+
+def test_an_absurd_learning_rate_is_reported_as_divergence(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, str(ROOT / "experiments" / "run.py"), "--dataset", "synthetic",
+       "--epochs", "2", "--seeds", "1", "--inner-lr", "1e12", "--lr", "1e6", "--quiet",
+       "--out", str(tmp_path)], capture_output=True, text=True, timeout=300,
+      env={**__import__("os").environ, "FAST_JAX_CACHE": str(tmp_path / "cache")})
+  assert proc.returncode == 1, proc.stderr
+  assert "diverged" in proc.stderr and "epoch 1, step" in proc.stderr
+  assert "Traceback" not in proc.stderr
