@@ -1,0 +1,147 @@
+"""Speed and memory of the meta-training loop.
+
+    python experiments/bench.py --dataset bookcrossing --data-dir ../shared/data
+
+Prints, for MeLU+FAST (or --backbone/--method) on the dataset's training users:
+compile time, seconds per training epoch (jitted epoch scan, and the epoch plus its
+validation pass), users per second, peak resident memory, and the same epoch run as a
+per-user Python loop over the same JAX functions (the structure of the authors'
+PyTorch code), extrapolated from ``--loop-steps`` steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import resource
+import sys
+import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+from fast_jax import fairness, meta  # noqa: E402
+from fast_jax.config import Config, resolve  # noqa: E402
+from fast_jax.experiment import load_dataset  # noqa: E402
+from fast_jax.train import Trainer  # noqa: E402
+
+
+def peak_rss_mb() -> float:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def timed(fn, *args):
+  t0 = time.perf_counter()
+  out = jax.block_until_ready(fn(*args))
+  return out, time.perf_counter() - t0
+
+
+def bench_scan(trainer: Trainer, epochs: int) -> dict:
+  key = jax.random.key(0)
+  state = trainer.init_state(key)
+  (state, _), compile_s = timed(trainer.train_epoch, state, trainer.train_data, key)
+  times, with_valid = [], []
+  for e in range(epochs):
+    (state, _), dt = timed(trainer.train_epoch, state, trainer.train_data,
+                           jax.random.fold_in(key, e))
+    t0 = time.perf_counter()
+    trainer.evaluate(state, "valid")
+    times.append(dt)
+    with_valid.append(dt + time.perf_counter() - t0)
+  n = trainer.train_data["x"].shape[0]
+  return {"compile_s": compile_s, "epoch_s": float(np.median(times)),
+          "epoch_with_valid_s": float(np.median(with_valid)),
+          "users_per_s": n / float(np.median(times))}
+
+
+def bench_python_loop(trainer: Trainer, steps: int) -> dict:
+  """The same model and inner loop, one user at a time from Python (per-user jit calls)."""
+  cfg = trainer.cfg
+  learner, data = trainer.learner, trainer.train_data
+  state = trainer.init_state(jax.random.key(0))
+
+  @jax.jit
+  def user_grad(params, alpha, x, y, length, key):
+    support, q = meta.query_split(key, length[None], trainer.max_len, cfg.train_query)
+    batch = {"x": x[None], "y": y[None]}
+
+    def loss(p):
+      mse, mae = learner.query_losses(p, alpha, batch, support, q)
+      return mse[0], (mse[0], mae[0])
+    return jax.grad(loss, has_aux=True)(params)
+
+  tx = optax.adam(cfg.lr)
+  apply = jax.jit(lambda g, s, p: optax.apply_updates(p, tx.update(g, s, p)[0]))
+  opt_state = tx.init(state.params)
+  n = data["x"].shape[0]
+  order = np.random.default_rng(0).permutation(n)
+  user_grad(state.params, state.alpha, data["x"][0], data["y"][0], data["length"][0],
+            jax.random.key(0))  # compile outside the timing
+  t0 = time.perf_counter()
+  params = state.params
+  for s in range(steps):
+    idx = order[s * cfg.batch_size:(s + 1) * cfg.batch_size]
+    grads, losses = [], []
+    for u in idx:
+      g, (mse, mae) = user_grad(params, state.alpha, data["x"][u], data["y"][u],
+                                data["length"][u], jax.random.key(int(u)))
+      grads.append(g)
+      losses.append((float(mse), float(mae)))
+    # The group gap and p update on the host, as the reference does.
+    groups = np.asarray(data["group"])[idx]
+    fairness.update_p(state.p, *fairness.group_means(jnp.array([l[0] for l in losses]),
+                                                     jnp.asarray(groups), 2), 1.0, 0.1)
+    mean_grad = jax.tree.map(lambda *g: sum(g) / len(g), *grads)
+    params = apply(mean_grad, opt_state, params)
+  jax.block_until_ready(params)
+  per_step = (time.perf_counter() - t0) / steps
+  steps_per_epoch = n // cfg.batch_size
+  return {"epoch_s": per_step * steps_per_epoch, "users_per_s": cfg.batch_size / per_step}
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--dataset", default="bookcrossing")
+  p.add_argument("--data-dir", default=None)
+  p.add_argument("--backbone", default="melu")
+  p.add_argument("--method", default="fast")
+  p.add_argument("--p-update", default="step")
+  p.add_argument("--batch-size", type=int, default=32)
+  p.add_argument("--epochs", type=int, default=3, help="timed epochs after the compiling one")
+  p.add_argument("--loop-steps", type=int, default=5,
+                 help="steps of the per-user Python loop to time (extrapolated to an epoch)")
+  p.add_argument("--first-order", action="store_true")
+  args = p.parse_args(argv)
+
+  cfg = Config(dataset=args.dataset, data_dir=args.data_dir, backbone=args.backbone,
+               method=args.method, p_update=args.p_update, batch_size=args.batch_size,
+               first_order=args.first_order)
+  data = load_dataset(cfg, progress=False)
+  cfg = resolve(cfg, data.meta["dataset"])
+  trainer = Trainer(cfg, data)
+  n = data.train.x.shape[0]
+  print(f"{cfg.backbone}+{cfg.method} ({cfg.p_update} mode, "
+        f"{'first' if cfg.first_order else 'second'} order) on {data.meta['dataset']}: "
+        f"{n} training users, L={trainer.max_len}, batch {cfg.batch_size}, "
+        f"{n // cfg.batch_size} steps/epoch; backend {jax.default_backend()}, "
+        f"{jax.device_count()} device(s)")
+  scan = bench_scan(trainer, args.epochs)
+  print(f"jitted epoch scan: compile+first epoch {scan['compile_s']:.2f} s, "
+        f"{scan['epoch_s']:.3f} s/epoch, {scan['epoch_with_valid_s']:.3f} s/epoch with "
+        f"validation, {scan['users_per_s']:.0f} users/s")
+  print(f"peak RSS so far: {peak_rss_mb():.0f} MB")
+  loop = bench_python_loop(trainer, args.loop_steps)
+  print(f"per-user Python loop ({args.loop_steps} steps, extrapolated): "
+        f"{loop['epoch_s']:.1f} s/epoch, {loop['users_per_s']:.0f} users/s "
+        f"-> scan speed-up x{loop['epoch_s'] / scan['epoch_s']:.0f}")
+  print(f"peak RSS: {peak_rss_mb():.0f} MB")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
