@@ -119,6 +119,40 @@ def gap_penalty(values: jax.Array, group: jax.Array, num_groups: int,
   return jnp.where(present.sum() >= 2, hi - lo, 0.0)
 
 
+def value_unfairness(pred: jax.Array, y: jax.Array, item_key: jax.Array, group: jax.Array,
+                     num_groups: int) -> jax.Array:
+  """Yao & Huang's (2017) value unfairness over the items rated by both groups.
+
+  ``U_val = mean_j | (E_0[y_hat]_j - E_0[r]_j) - (E_1[y_hat]_j - E_1[r]_j) |`` where
+  ``E_g[.]_j`` averages over group g's rows of item j, and j runs over the items that
+  both groups rated among the given rows (each such item counts once). With more than two
+  groups the inner |.| is max - min over the groups that rated the item. 0 when no item
+  was rated by two groups.
+
+  The schema has no item-id column, so an item is identified by its item-field
+  columns: items with identical features count as one item.
+
+  Args:
+    pred, y: float[B, Q] predictions and ratings; item_key: int[B, Q, K] item columns;
+    group: int[B] group of each user.
+  """
+  b, q = pred.shape
+  dev = (pred - y).reshape(b * q)
+  key = item_key.reshape(b * q, -1)
+  same = jnp.all(key[:, None, :] == key[None, :, :], axis=-1).astype(dev.dtype)  # [N, N]
+  onehot = jax.nn.one_hot(jnp.repeat(group, q), num_groups, dtype=dev.dtype)     # [N, G]
+  count = same @ onehot                                  # rows of row i's item per group
+  mean_dev = (same @ (onehot * dev[:, None])) / jnp.maximum(count, 1.0)
+  rated = count > 0
+  hi = jnp.max(jnp.where(rated, mean_dev, -jnp.inf), axis=-1)
+  lo = jnp.min(jnp.where(rated, mean_dev, jnp.inf), axis=-1)
+  both = rated.sum(-1) >= 2
+  # Row i stands for 1/n_i of its item, so every shared item has total weight 1.
+  w = jnp.where(both, 1.0 / same.sum(-1), 0.0)
+  spread = jnp.where(both, hi - lo, 0.0)
+  return jnp.sum(w * spread) / jnp.maximum(jnp.sum(w), 1e-12)
+
+
 def uniform_batches(key: jax.Array, num_users: int, batch_size: int) -> jax.Array:
   """An epoch of the Origin sampler: shuffle the users, ``num_users // B`` batches.
 

@@ -1,0 +1,120 @@
+"""Reg and IPW as outer objectives: the gap penalty, value unfairness, IPW weights."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from fast_jax import fairness, meta
+from fast_jax.config import Config, resolve
+from fast_jax.models import make_backbone
+from fast_jax.train import MetaLearner, TrainState, make_objective, make_train_step
+
+TOY_META = {
+    "fields": [
+        {"name": "item", "side": "item", "kind": "categorical", "start": 0, "stop": 1,
+         "vocab_size": 12},
+        {"name": "user", "side": "user", "kind": "categorical", "start": 1, "stop": 2,
+         "vocab_size": 8},
+    ],
+    "sensitive": {"column": None, "groups": ["a", "b"]},
+}
+
+
+def _toy_batch(b=8, rows=20):
+  """Six users of group 0 rated 1 below the initial output bias of 3, two users of group 1
+  rated 1.5 above it: a step on the mean loss mostly serves group 0 and widens the gap."""
+  rng = np.random.default_rng(0)
+  group = np.array([0, 0, 0, 0, 0, 0, 1, 1])
+  x = np.stack([rng.integers(0, 12, (b, rows)), np.repeat(np.arange(b)[:, None], rows, 1)], -1)
+  y = np.where(group[:, None] == 1, 4.5, 2.0) + rng.normal(0, 0.1, (b, rows))
+  return {"x": jnp.asarray(x, jnp.int32), "y": jnp.asarray(y, jnp.float32),
+          "length": jnp.full((b,), rows, jnp.int32), "group": jnp.asarray(group, jnp.int32)}
+
+
+def _toy_step(method, reg_weight=0.0, reg_kind="loss", lr=0.005):
+  cfg = resolve(Config(method=method, reg_weight=reg_weight, reg_kind=reg_kind,
+                       train_query="last", inner_lr=0.01), "toy")
+  backbone = make_backbone(TOY_META, out_bias=3.0)
+  batch = _toy_batch()
+  params = backbone.init(jax.random.key(0), batch["x"][0])
+  learner = MetaLearner(backbone, backbone.labels(params), inner_steps=1, first_order=False)
+  objective = make_objective(cfg, 2, np.array([0.5, 0.5]), item_columns=(0,))
+  tx = optax.sgd(lr)
+  step = make_train_step(learner, objective, tx, None, cfg=cfg, num_groups=2, max_len=20)
+  state = TrainState(params=params, opt_state=tx.init(params), alpha=jnp.float32(0.01),
+                     alpha_opt_state=(), p=jnp.full((2,), 0.5), step=jnp.zeros((), jnp.int32))
+  return learner, jax.jit(step), state, batch
+
+
+def _group_gap(learner, params, batch):
+  support, query = meta.last_query_split(batch["length"], 20)
+  mse, _ = learner.query_losses(params, jnp.float32(0.01), batch, support, query)
+  return float(fairness.gap_penalty(mse, batch["group"], 2))
+
+
+def test_a_reg_gradient_step_shrinks_the_group_loss_gap():
+  learner, reg_step, state, batch = _toy_step("reg", reg_weight=5.0)
+  _, origin_step, _, _ = _toy_step("origin")
+  before = _group_gap(learner, state.params, batch)
+  after_reg = _group_gap(learner, reg_step(state, batch, jax.random.key(0))[0].params, batch)
+  after_origin = _group_gap(learner, origin_step(state, batch, jax.random.key(0))[0].params,
+                            batch)
+  assert after_origin > before  # the mean serves the majority
+  assert after_reg < before
+
+
+def test_value_penalty_is_the_reg_weight_times_value_unfairness():
+  _, step, state, batch = _toy_step("reg", reg_weight=2.0, reg_kind="value")
+  _, out = step(state, batch, jax.random.key(0))
+  support, query = meta.last_query_split(batch["length"], 20)
+  learner, *_ = _toy_step("origin")
+  pred = learner.predict(state.params, jnp.float32(0.01), batch["x"], batch["y"], support, query)
+  mse = jnp.mean(jnp.square(pred - meta.take_rows(batch["y"], query)), -1)
+  u = fairness.value_unfairness(pred, meta.take_rows(batch["y"], query),
+                                meta.take_rows(batch["x"], query)[..., :1], batch["group"], 2)
+  assert float(u) > 0
+  np.testing.assert_allclose(out["outer_loss"], jnp.mean(mse) + 2.0 * u, rtol=1e-4)
+
+
+class ValueUnfairnessTest(chex.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_value_unfairness_matches_a_hand_computation_over_shared_items(self):
+    # Two users per group, two query rows each. Item 7 is rated by both groups, item 8 by
+    # group 0 only (ignored), item 9 by both.
+    pred = jnp.array([[4.0, 3.0], [5.0, 2.0], [2.0, 1.0], [3.0, 4.0]])
+    y = jnp.array([[3.0, 3.0], [4.0, 2.0], [2.0, 2.0], [3.0, 3.0]])
+    items = jnp.array([[7, 8], [7, 9], [7, 9], [9, 9]])[..., None]
+    group = jnp.array([0, 0, 1, 1])
+    u = self.variant(lambda *a: fairness.value_unfairness(*a, num_groups=2))(
+        pred, y, items, group)
+    # item 7: G0 errors (+1, +1) -> 1, G1 errors (0) -> 0: |1 - 0| = 1
+    # item 9: G0 errors (0) -> 0, G1 errors (-1, 0, +1) -> 0: 0
+    np.testing.assert_allclose(u, 0.5, rtol=1e-6)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_value_unfairness_is_zero_without_an_item_both_groups_rated(self):
+    pred = jnp.array([[4.0], [1.0]])
+    items = jnp.array([[1], [2]])[..., None]
+    u = self.variant(lambda *a: fairness.value_unfairness(*a, num_groups=2))(
+        pred, jnp.zeros_like(pred), items, jnp.array([0, 1]))
+    assert float(u) == 0.0
+
+
+class IpwTest(chex.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_ipw_weights_equal_normalised_inverse_group_shares(self):
+    shares = np.array([0.7, 0.3])
+    objective = make_objective(Config(method="ipw"), 2, shares)
+    group = jnp.array([0, 0, 0, 1, 0, 1])
+    w = self.variant(lambda g: objective.weights(jax.random.key(0), g, jnp.full(2, 0.5)))(group)
+    inverse = 1.0 / shares[np.asarray(group)]
+    # Self-normalised: proportional to 1 / pi_g, mean 1 in the batch.
+    np.testing.assert_allclose(w, inverse / inverse.mean(), rtol=1e-6)
+    # So the outer loss is sum_u w_u l_u / sum_u w_u with w_u = 1 / pi_g(u).
+    losses = np.arange(6.0)
+    np.testing.assert_allclose(np.sum(np.asarray(w) * losses) / np.sum(w),
+                               np.sum(inverse * losses) / inverse.sum(), rtol=1e-6)
