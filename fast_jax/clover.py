@@ -1,0 +1,469 @@
+"""CLOVER (Wei & He, KDD 2022): adversarial fair meta-learning, on any backbone.
+
+Spec: research/clover.md (§3 method, §4.4 attacker, §4.5 presets, §6 known bugs). Two
+players share each meta-batch. The *recommender* (the backbone, parameters theta_R, local
+part theta_L) and the *adversary* (A1 and optionally A2, parameters theta_A, all local)::
+
+    L_adv = CE_A1 + (lambda_2 / lambda_1) * CE_A2                     (clover.md §3.1)
+    inner loop, K steps on the support, from one forward pass per step:
+        phi_L <- phi_L - alpha * grad_phi_L [L_rec - [inner max] * lambda_1 * L_adv]
+        phi_A <- phi_A - alpha * grad_phi_A L_adv             (unless --disable-inner-adv)
+    outer step on the query (second order through both inner loops):
+        G_R = grad_theta_R mean_u [L_rec - lambda_1 * L_adv]     recommender: min-max
+        G_A = grad_theta_A mean_u L_adv                          adversary: min
+        clamp G_R, G_A to [-10, 10]; Adam step on both            (clover.md §3.3)
+
+Each adversary is Linear(in -> 32) -> ReLU [+ ReLU(Linear(h_item))] -> Linear(32 -> G),
+run on every row of the user; the logits are averaged over the rows (support rows in
+the inner loop, query rows in the outer step) and scored with CE against the user's
+group. Inputs per row (``--out1`` for A1 = CLOVER's ``--out``; ``--out2`` for A2):
+
+    0  h_u                        the user representation relu(user_fc(e_user))
+    1  y_hat                      rating logits (softmax with --normalize) or the rating
+    2  [y_hat, onehot(y)]         ([y_hat, y] with --loss mse): label-conditioned
+    4  y - y_hat                  residual (--loss mse only)
+    5  [h_u, y]                   "with external information" (the README's A1)
+    7  [h_u, h_i, y]              (A1 only)
+
+``--item-adv`` adds the item branch to the adversaries of type 1, 2 and 4.
+The rating loss is MSE or (``--loss ce``) cross-entropy over the C rating classes, whose
+prediction is argmax + the lowest rating (clover.md §2.3); :class:`CloverLearner` turns
+logits into ratings so that evaluation, GF and the attacker are the framework's.
+
+Where the authors' code has a bug, this module implements the evident intent:
+
+* ``--item_adv`` adds the item branch in place onto a ReLU output, which makes autograd
+  fail (the README's full command crashes, clover.md §6.1): the addition here is out of
+  place.
+* The item branch is wired differently per dataset folder (ML-100K: A2 only; ML-1M/BX:
+  also A1 of type 1/2/4, sharing one layer) and crashes in some combinations: here every
+  adversary of type 1/2/4 gets the branch when ``--item-adv`` is on, each its own layer.
+* The BX adversaries size their output by ``--num_age``, the ML ones by ``--num_gender``:
+  here the output size is the number of sensitive groups on every dataset.
+
+Choices beyond the code: the two players use separate Adam states with the same learning
+rate, which is the same as the authors' single Adam over both (Adam is elementwise). The
+adversary's inner learning rate is ``--inner-lr`` (fixed, even when MetaCS learns the
+recommender's). MetaCS learns its inner rate from the query rating loss after the
+outer step, as its FAST version does. Test-time adaptation runs the training inner loop
+(fooling term and adversary step as the disable flags say, clover.md §4.1); the attacker
+representations use the fooling term but not the adversary step (§4.4).
+Not implemented (the code calls them "just tested"): the counterfactual adversaries
+(--out 6/8/9), --out 3, --adv_loss_power, --schedule, --outer, --inner_fc, --all_adv,
+--dual, --train_adv, --re_w, --con; nor the CF metric.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from fast_jax import config as config_lib
+from fast_jax import fairness, meta, metrics
+from fast_jax.config import Config
+from fast_jax.models import Backbone, merge_params, split_params
+from fast_jax.train import MetaLearner, TrainState, Trainer
+
+Params = Any
+ADV_HIDDEN = 32
+GRAD_CLAMP = 10.0
+A1_TYPES = (0, 1, 2, 4, 5, 7)
+A2_TYPES = (0, 1, 2, 4)
+USER_TYPES = (0, 5, 7)         # need the user representation h_u
+PRED_TYPES = (1, 2)            # see the predicted-rating distribution (--normalize)
+ITEM_BRANCH_TYPES = (1, 2, 4)  # get the item branch with --item-adv
+MSE_ONLY_TYPES = (4,)
+_NOT_IMPLEMENTED = {3: "declared but broken in the authors' code (shape error / no forward)",
+                    6: "a counterfactual |difference| adversary, not a classifier ('tested only')",
+                    8: "a counterfactual |difference| adversary, not a classifier ('tested only')",
+                    9: "a counterfactual |difference| adversary, not a classifier ('tested only')"}
+
+
+@dataclasses.dataclass(frozen=True)
+class CloverSpec:
+  """The CLOVER settings of a run (from a resolved Config and the data)."""
+  lam1: float
+  lam2: float
+  out1: int
+  out2: int
+  item_adv: bool
+  normalize: bool
+  inner_max: bool
+  inner_adv: bool
+  loss: str
+  num_classes: int      # rating classes C (ce), 1 (mse)
+  rating_min: float
+  num_groups: int
+
+  @property
+  def use_a2(self) -> bool:
+    return self.lam2 != 0 and self.out2 >= 0
+
+
+def spec_from_config(cfg: Config, data) -> CloverSpec:
+  rmin, rmax = (float(data.meta["rating"][k]) for k in ("min", "max"))
+  return CloverSpec(lam1=float(cfg.adv), lam2=float(cfg.adv2), out1=int(cfg.out1),
+                    out2=int(cfg.out2), item_adv=bool(cfg.item_adv),
+                    normalize=bool(cfg.normalize), inner_max=not cfg.disable_inner_max,
+                    inner_adv=not cfg.disable_inner_adv, loss=cfg.loss,
+                    num_classes=int(round(rmax - rmin)) + 1 if cfg.loss == "ce" else 1,
+                    rating_min=rmin, num_groups=len(data.meta["sensitive"]["groups"]))
+
+
+def check_config(cfg: Config, data) -> None:
+  """Reject CLOVER settings that cannot work, naming the flag (UsageError)."""
+  from fast_jax.experiment import UsageError
+  if cfg.clover_preset not in config_lib.CLOVER_PRESETS:
+    raise UsageError(f"--clover-preset {cfg.clover_preset!r}: expected one of "
+                     f"{', '.join(config_lib.CLOVER_PRESETS)}")
+  if cfg.loss not in ("mse", "ce"):
+    raise UsageError(f"--loss {cfg.loss!r}: expected mse or ce")
+  if not cfg.adv > 0:
+    raise UsageError(f"--adv must be > 0 for --method clover (it weights the adversarial "
+                     f"loss; use --method origin for the plain backbone), got {cfg.adv}")
+  if cfg.adv2 < 0:
+    raise UsageError(f"--adv2 must be >= 0, got {cfg.adv2}")
+  for flag, value, allowed in (("--out1", cfg.out1, A1_TYPES), ("--out2", cfg.out2, A2_TYPES)):
+    if flag == "--out2" and value == -1:
+      continue
+    if value in _NOT_IMPLEMENTED:
+      raise UsageError(f"{flag} {value} is not implemented: {_NOT_IMPLEMENTED[value]}; use "
+                       f"one of {allowed}")
+    if value not in allowed:
+      raise UsageError(f"{flag} {value}: expected one of {allowed}"
+                       + (" or -1 (no A2)" if flag == "--out2" else ""))
+  if cfg.adv2 > 0 and cfg.out2 < 0:
+    raise UsageError("--adv2 weights the second adversary: give its input type with --out2")
+  if cfg.adv2 == 0 and cfg.out2 >= 0:
+    raise UsageError(f"--out2 {cfg.out2} has no effect without --adv2 > 0")
+  types = [cfg.out1] + ([cfg.out2] if cfg.adv2 > 0 else [])
+  for t in types:
+    if t in MSE_ONLY_TYPES and cfg.loss != "mse":
+      raise UsageError(f"adversary input type {t} (residual) needs --loss mse")
+  if cfg.normalize and cfg.loss != "ce":
+    raise UsageError("--normalize softmaxes rating logits and needs --loss ce"
+                     + _preset_hint(cfg, "normalize"))
+  if cfg.normalize and not any(t in PRED_TYPES for t in types):
+    raise UsageError("--normalize has no effect: no adversary sees the predicted ratings "
+                     "(--out1/--out2 1 or 2)" + _preset_hint(cfg, "normalize"))
+  if cfg.item_adv and not any(t in ITEM_BRANCH_TYPES for t in types):
+    raise UsageError("--item-adv has no effect: it adds the item branch to adversaries of "
+                     "type 1, 2 or 4 (--out1/--out2)" + _preset_hint(cfg, "item_adv"))
+  if cfg.loss == "ce" and cfg.out_bias == "mean":
+    raise UsageError("--out-bias mean sets a rating-valued output bias; it needs --loss mse")
+  if data is None:
+    return
+  fields = data.meta["fields"]
+  sens_col = data.meta["sensitive"].get("column")
+  user_fields = [f for f in fields if f["side"] == "user" and not (
+      cfg.drop_sensitive and sens_col is not None and f["start"] <= sens_col < f["stop"])]
+  if not user_fields and any(t in USER_TYPES for t in types):
+    raise UsageError(f"adversary input types {USER_TYPES} use the user representation, but "
+                     f"{cfg.dataset} has no user fields the network sees; pick --out1 1 or 2")
+  if cfg.loss == "ce":
+    ys = np.concatenate([s.y[s.mask] for s in (data.train, data.valid, data.test)])
+    if not np.allclose(ys, np.round(ys)):
+      raise UsageError(f"--loss ce classifies integer ratings, but {cfg.dataset} has "
+                       f"non-integer ratings; use --loss mse")
+
+
+def _preset_hint(cfg: Config, field: str) -> str:
+  if not config_lib.CLOVER_PRESETS[cfg.clover_preset].get(field):
+    return ""
+  flag = field.replace("_", "-")
+  return (f" (--clover-preset {cfg.clover_preset} turns --{flag} on unless you pass "
+          f"--no-{flag})")
+
+
+class Adversary(nn.Module):
+  """Linear(in -> hidden) -> ReLU [+ ReLU(Linear(hidden)(h_item))] -> Linear(-> classes).
+
+  The item branch is added out of place (the authors' in-place add breaks autograd).
+  """
+  classes: int
+  hidden: int = ADV_HIDDEN
+  item_branch: bool = False
+
+  @nn.compact
+  def __call__(self, inputs: jax.Array, h_item: jax.Array) -> jax.Array:
+    init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")  # torch's U(+-1/sqrt(fan_in))
+    h = nn.relu(nn.Dense(self.hidden, kernel_init=init, name="fc")(inputs))
+    if self.item_branch:
+      h = h + nn.relu(nn.Dense(self.hidden, kernel_init=init, name="fc_item")(h_item))
+    return nn.Dense(self.classes, kernel_init=init, name="out")(h)
+
+
+def _forward(backbone: Backbone, params: Params, e: jax.Array):
+  """(output, h_item, h_user) of the recommender on embedded rows e: [R, D]."""
+  def fn(m, e):
+    h_item, h_user = m.represent(e)
+    return m.head(e), h_item, h_user
+  return backbone.module.apply({"params": params}, e, method=fn)
+
+
+class CloverLearner(MetaLearner):
+  """The backbone as a CLOVER recommender plus its adversaries.
+
+  ``params`` of :meth:`predict` / :meth:`user_representations` are
+  ``{"rec": recommender params, "adv": {"a1": .., ["a2": ..]}}``.
+  """
+
+  def __init__(self, backbone: Backbone, labels: Params, spec: CloverSpec, *,
+               inner_steps: int, first_order: bool, adv_inner_lr: float):
+    super().__init__(backbone, labels, inner_steps=inner_steps, first_order=first_order)
+    self.spec, self.adv_inner_lr = spec, adv_inner_lr
+    self.adversaries = {"a1": Adversary(spec.num_groups, item_branch=self._branch(spec.out1))}
+    if spec.use_a2:
+      self.adversaries["a2"] = Adversary(spec.num_groups, item_branch=self._branch(spec.out2))
+
+  def _branch(self, kind: int) -> bool:
+    return self.spec.item_adv and kind in ITEM_BRANCH_TYPES
+
+  # --- pieces -------------------------------------------------------------------------
+
+  def init_adversaries(self, key: jax.Array, rec_params: Params, e_rows: jax.Array) -> Params:
+    """Adversary parameters; e_rows: [R, D] embedded rows (for the input shapes)."""
+    out, h_item, h_user = _forward(self.backbone, rec_params, e_rows)
+    y = jnp.full(e_rows.shape[:-1], self.spec.rating_min)
+    keys = dict(zip(self.adversaries, jax.random.split(key, len(self.adversaries))))
+    kinds = {"a1": self.spec.out1, "a2": self.spec.out2}
+    return {name: adv.init(keys[name], self._inputs(kinds[name], out, h_item, h_user, y),
+                           h_item)["params"]
+            for name, adv in self.adversaries.items()}
+
+  def _inputs(self, kind: int, out, h_item, h_user, y) -> jax.Array:
+    """Per-row adversary input of type ``kind`` (module docstring). y: float[R]."""
+    spec = self.spec
+    y_col = y[..., None]
+    if spec.loss == "ce":
+      y_hat = jax.nn.softmax(out, -1) if spec.normalize else out
+      label = jax.nn.one_hot(jnp.round(y - spec.rating_min).astype(jnp.int32),
+                             spec.num_classes, dtype=out.dtype)
+    else:
+      y_hat, label = out[..., None], y_col
+    if kind == 0:
+      return h_user
+    if kind == 1:
+      return y_hat
+    if kind == 2:
+      return jnp.concatenate([y_hat, label], -1)
+    if kind == 4:
+      return y_col - y_hat
+    if kind == 5:
+      return jnp.concatenate([h_user, y_col], -1)
+    if kind == 7:
+      return jnp.concatenate([h_user, h_item, y_col], -1)
+    raise ValueError(f"adversary input type {kind} is not implemented")
+
+  def rating_loss(self, out: jax.Array, y: jax.Array) -> jax.Array:
+    """Per-row rating loss: squared error or CE against class y - min. -> float[R]."""
+    if self.spec.loss == "mse":
+      return jnp.square(out - y)
+    label = jnp.clip(jnp.round(y - self.spec.rating_min), 0, self.spec.num_classes - 1)
+    return optax.softmax_cross_entropy_with_integer_labels(out, label.astype(jnp.int32))
+
+  def to_rating(self, out: jax.Array) -> jax.Array:
+    """Predicted rating: the output (mse) or argmax + min (ce)."""
+    if self.spec.loss == "mse":
+      return out
+    return jnp.argmax(out, -1).astype(jnp.float32) + self.spec.rating_min
+
+  def losses(self, rec: Params, adv: Params, e: jax.Array, y: jax.Array, mask: jax.Array,
+             group: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """One user's (L_rec, L_adv) on the masked rows. e: [R, D]; y: float[R]; mask: bool[R];
+    group: int scalar."""
+    spec = self.spec
+    out, h_item, h_user = _forward(self.backbone, rec, e)
+    l_rec = metrics.masked_mean(self.rating_loss(out, y), mask)
+    kinds = {"a1": spec.out1, "a2": spec.out2}
+    weights = {"a1": 1.0, "a2": spec.lam2 / spec.lam1}
+    l_adv = jnp.zeros(())
+    for name, module in self.adversaries.items():
+      logits = module.apply({"params": adv[name]},
+                            self._inputs(kinds[name], out, h_item, h_user, y), h_item)
+      pooled = metrics.masked_mean(logits, mask[:, None], axis=0)  # mean logits over rows
+      l_adv += weights[name] * optax.softmax_cross_entropy_with_integer_labels(pooled, group)
+    return l_rec, l_adv
+
+  def adapt(self, rec: Params, adv: Params, alpha, e: jax.Array, y: jax.Array,
+            support: jax.Array, group: jax.Array, *, inner_max: bool, inner_adv: bool):
+    """One user's inner loop (clover.md §3.3): both players from one forward pass per
+    step. Returns the adapted (recommender, adversary) parameters."""
+    local, glob = split_params(rec, self.labels)
+    rates = alpha if isinstance(alpha, dict) else jax.tree.map(lambda _: alpha, local)
+    fool = self.spec.lam1 if inner_max else 0.0
+
+    def step(carry, _):
+      loc, adv_u = carry
+      (l_rec, l_adv), vjp = jax.vjp(
+          lambda l, a: self.losses(merge_params(l, glob), a, e, y, support, group), loc, adv_u)
+      one, zero = jnp.ones_like(l_rec), jnp.zeros_like(l_rec)
+      g_loc, _ = vjp((one, -fool * one))
+      if self.first_order:
+        g_loc = jax.lax.stop_gradient(g_loc)
+      loc = jax.tree.map(lambda p, g, a: p - a * g, loc, g_loc, rates)
+      if inner_adv:
+        _, g_adv = vjp((zero, one))
+        if self.first_order:
+          g_adv = jax.lax.stop_gradient(g_adv)
+        adv_u = jax.tree.map(lambda p, g: p - self.adv_inner_lr * g, adv_u, g_adv)
+      return (loc, adv_u), None
+
+    if not (inner_max or inner_adv):  # the players are independent: plain MAML step
+      theta = meta.inner_adapt(lambda p, e: self.rating_out(p, e), rec, self.labels, alpha, e,
+                               y, support, steps=self.inner_steps, first_order=self.first_order,
+                               loss_fn=lambda out, y, m: metrics.masked_mean(
+                                   self.rating_loss(out, y), m))
+      return theta, adv
+    (local, adv), _ = jax.lax.scan(step, (local, adv), None, length=self.inner_steps)
+    return merge_params(local, glob), adv
+
+  def rating_out(self, rec: Params, e: jax.Array) -> jax.Array:
+    return self.backbone.head(rec, e)
+
+  def batch_losses(self, rec: Params, adv: Params, alpha, batch: dict, support: jax.Array,
+                   query_idx: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per-user query (L_rec, L_adv) after the training inner loop: (float[B], float[B])."""
+    e = self.backbone.embed(rec, batch["x"])
+    e_q, y_q = meta.take_rows(e, query_idx), meta.take_rows(batch["y"], query_idx)
+    q_mask = jnp.ones(y_q.shape[-1], bool)
+
+    def one_user(e_u, y_u, s_u, g_u, eq_u, yq_u):
+      rec_u, adv_u = self.adapt(rec, adv, alpha, e_u, y_u, s_u, g_u,
+                                inner_max=self.spec.inner_max, inner_adv=self.spec.inner_adv)
+      return self.losses(rec_u, adv_u, eq_u, yq_u, q_mask, g_u)
+    return jax.vmap(one_user)(e, batch["y"], support, batch["group"], e_q, y_q)
+
+  # --- the MetaLearner interface (evaluation and the attacker) ------------------------
+
+  def _adapted(self, params, alpha, x, y, support, group, *, inner_adv: bool):
+    """Embedded rows and a function adapting one user's recommender."""
+    rec, adv = params["rec"], params["adv"]
+    e = self.backbone.embed(rec, x)
+    inner_max = self.spec.inner_max
+    if inner_max and group is None:
+      raise ValueError("CLOVER's inner max needs the users' groups")
+    if group is None:
+      group = jnp.zeros(x.shape[0], jnp.int32)  # unused: the adversary plays no part
+
+    def adapt(e_u, y_u, s_u, g_u):
+      rec_u, _ = self.adapt(rec, adv, alpha, e_u, y_u, s_u, g_u, inner_max=inner_max,
+                            inner_adv=inner_adv and inner_max)
+      return rec_u
+    return e, group, adapt
+
+  def predict(self, params, alpha, x, y, support, query_idx, group=None):
+    """Adapted query ratings (argmax + min for ce). params: {"rec", "adv"} -> float[B, Q]."""
+    e, group, adapt = self._adapted(params, alpha, x, y, support, group,
+                                    inner_adv=self.spec.inner_adv)
+
+    def one_user(e_u, y_u, s_u, g_u, q_u):
+      return self.to_rating(self.rating_out(adapt(e_u, y_u, s_u, g_u), e_u[q_u]))
+    return jax.vmap(one_user)(e, y, support, group, query_idx)
+
+  def user_representations(self, params, alpha, x, y, support, valid, group=None):
+    """Adapted user representations (clover.md §4.4: the fooling term if enabled, no
+    adversary step). -> float[B, D] or None."""
+    e, group, adapt = self._adapted(params, alpha, x, y, support, group, inner_adv=False)
+
+    def one_user(e_u, y_u, s_u, g_u, v_u):
+      h = self.backbone.user_repr(adapt(e_u, y_u, s_u, g_u), e_u)
+      return None if h is None else metrics.masked_mean(h, v_u[:, None], axis=0)
+    return jax.vmap(one_user)(e, y, support, group, valid)
+
+
+def make_clover_step(learner: CloverLearner, tx, adv_tx, alpha_tx, *, cfg: Config,
+                     num_groups: int, max_len: int):
+  """``train_step(state, batch, key) -> (state, metrics)``: one CLOVER outer iteration.
+
+  ``state.extra`` = ``{"adv": adversary params, "adv_opt": their Adam state}``.
+  """
+  lam1 = learner.spec.lam1
+
+  def train_step(state: TrainState, batch: dict, key: jax.Array):
+    key = jax.random.fold_in(key, state.step)
+    k_split, k_split2 = jax.random.split(key)
+    support, query = meta.query_split(k_split, batch["length"], max_len, cfg.train_query)
+
+    def objectives(rec, adv):
+      l_rec, l_adv = learner.batch_losses(rec, adv, state.alpha, batch, support, query)
+      return (jnp.mean(l_rec), jnp.mean(l_adv)), l_rec
+
+    (m_rec, m_adv), vjp, l_rec = jax.vjp(objectives, state.params, state.extra["adv"],
+                                         has_aux=True)
+    one, zero = jnp.ones_like(m_rec), jnp.zeros_like(m_rec)
+    g_rec, _ = vjp((one, -lam1 * one))   # recommender: min L_rec - lambda_1 L_adv
+    _, g_adv = vjp((zero, one))          # adversary: min L_adv
+    clamp = lambda g: jax.tree.map(lambda v: jnp.clip(v, -GRAD_CLAMP, GRAD_CLAMP), g)
+    updates, opt_state = tx.update(clamp(g_rec), state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    adv_updates, adv_opt = adv_tx.update(clamp(g_adv), state.extra["adv_opt"],
+                                         state.extra["adv"])
+    adv = optax.apply_updates(state.extra["adv"], adv_updates)
+
+    alpha, alpha_opt_state = state.alpha, state.alpha_opt_state
+    if alpha_tx is not None:  # MetaCS: the inner rate from the query rating loss
+      support2, query2 = meta.query_split(k_split2, batch["length"], max_len, cfg.train_query)
+
+      def alpha_loss(a):
+        l_rec2, _ = learner.batch_losses(params, adv, a, batch, support2, query2)
+        return jnp.mean(l_rec2)
+      alpha_grads = jax.grad(alpha_loss)(alpha)
+      alpha_updates, alpha_opt_state = alpha_tx.update(alpha_grads, alpha_opt_state, alpha)
+      alpha = optax.apply_updates(alpha, alpha_updates)
+
+    group_loss, present = fairness.group_means(l_rec, batch["group"], num_groups)
+    new_state = state.replace(params=params, opt_state=opt_state, alpha=alpha,
+                              alpha_opt_state=alpha_opt_state, step=state.step + 1,
+                              extra={"adv": adv, "adv_opt": adv_opt})
+    out = {"loss": m_rec, "adv_loss": m_adv, "outer_loss": m_rec - lam1 * m_adv, "p": state.p,
+           "group_loss": group_loss, "group_present": present}
+    return new_state, out
+
+  return train_step
+
+
+class CloverTrainer(Trainer):
+  """The framework's Trainer with CLOVER's recommender, adversaries and min-max step."""
+
+  def __post_init__(self):
+    self.cfg = config_lib.resolve(self.cfg, self.data.meta.get("dataset"))
+    self.spec = spec_from_config(self.cfg, self.data)
+    self.adv_tx = optax.adam(self.cfg.lr)
+    super().__post_init__()
+
+  def build_backbone(self) -> Backbone:
+    backbone = super().build_backbone()  # C outputs (logits) for --loss ce
+    return dataclasses.replace(backbone,
+                               module=backbone.module.clone(out_dim=self.spec.num_classes))
+
+  def build_learner(self) -> CloverLearner:
+    return CloverLearner(self.backbone, self.labels, self.spec,
+                         inner_steps=self.cfg.inner_steps, first_order=self.cfg.first_order,
+                         adv_inner_lr=self.cfg.inner_lr)
+
+  def build_step(self):
+    return make_clover_step(self.learner, self.tx, self.adv_tx, self.alpha_tx, cfg=self.cfg,
+                            num_groups=self.num_groups, max_len=self.max_len)
+
+  def init_state(self, key: jax.Array) -> TrainState:
+    k_rec, k_adv = jax.random.split(key)
+    state = super().init_state(k_rec)
+    e_rows = self.backbone.embed(state.params, self.train_data["x"][0])
+    adv = self.learner.init_adversaries(k_adv, state.params, e_rows)
+    return state.replace(extra={"adv": adv, "adv_opt": self.adv_tx.init(adv)})
+
+  def learner_params(self, state: TrainState) -> Params:
+    return {"rec": state.params, "adv": state.extra["adv"]}
+
+
+def make_runner(cfg: Config, data) -> CloverTrainer:
+  """The runner of ``--method clover`` (``cfg`` resolved by config.resolve)."""
+  check_config(cfg, data)
+  return CloverTrainer(cfg, data)

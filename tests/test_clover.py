@@ -1,0 +1,145 @@
+"""CLOVER: presets, the min-max game, the inner-loop switches, rating classes, flag errors."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fast_jax import clover, meta
+from fast_jax.config import CLOVER_PRESETS, Config, resolve
+from fast_jax.experiment import UsageError, check_config
+
+PRESETS = tuple(CLOVER_PRESETS)
+
+
+def _cfg(**kw):
+  return resolve(Config(dataset="ml100k", method="clover", **kw), "ml100k")
+
+
+@pytest.fixture(scope="module")
+def preset_runs(prepared):
+  """preset -> (trainer, jitted step, initial state, 16-user batch); built once each."""
+  data = prepared("ml100k")
+  memo = {}
+
+  def get(preset):
+    if preset not in memo:
+      trainer = clover.make_runner(_cfg(clover_preset=preset), data)
+      batch = jax.tree.map(lambda a: a[:16], trainer.train_data)
+      memo[preset] = (trainer, jax.jit(trainer.train_step),
+                      trainer.init_state(jax.random.key(0)), batch)
+    return memo[preset]
+  return get
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_each_preset_runs_a_step_on_real_data_with_finite_losses(preset_runs, preset):
+  trainer, step, state, batch = preset_runs(preset)
+  new_state, out = step(state, batch, jax.random.key(1))
+  for key in ("loss", "adv_loss", "outer_loss"):
+    assert np.isfinite(out[key]), key
+  np.testing.assert_allclose(out["outer_loss"], out["loss"] - trainer.spec.lam1 * out["adv_loss"],
+                             rtol=1e-5)
+  # CE over the 5 rating classes; the adversaries the README configuration names.
+  chex.assert_shape(new_state.params["out"]["kernel"], (64, 5))
+  assert set(new_state.extra["adv"]) == ({"a1", "a2"} if preset == "full" else {"a1"})
+  if preset == "full":  # A2's item branch (out of place, clover.md §6.1)
+    assert "fc_item" in new_state.extra["adv"]["a2"]
+  assert not jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.all(a == b)), state.params,
+                                       new_state.params))
+
+
+def test_recommender_update_raises_and_adversary_update_lowers_the_adversary_loss(preset_runs):
+  _, step, state, batch = preset_runs("full")
+  key = jax.random.key(1)
+  after, out = step(state, batch, key)
+  # Same step counter and key, so the same support/query split: only the players differ.
+  _, rec_moved = step(state.replace(params=after.params), batch, key)
+  _, adv_moved = step(state.replace(extra=after.extra), batch, key)
+  assert rec_moved["adv_loss"] > out["adv_loss"]
+  assert adv_moved["adv_loss"] < out["adv_loss"]
+  assert rec_moved["loss"] < out["loss"]  # and it still learns to rate
+
+
+@pytest.fixture(scope="module")
+def one_user(prepared):
+  """A CLOVER trainer with the inner max on, its initial state and one ML-100K user."""
+  trainer = clover.CloverTrainer(_cfg(disable_inner_max=False, inner_lr=0.05),
+                                 prepared("ml100k"))
+  state = trainer.init_state(jax.random.key(0))
+  data = trainer.train_data
+  support, _ = meta.last_query_split(data["length"][0], trainer.max_len)
+  e = trainer.backbone.embed(state.params, data["x"][0])
+  return trainer, state, (e, data["y"][0], support, data["group"][0])
+
+
+class OneUserTest(chex.TestCase):
+
+  @pytest.fixture(autouse=True)
+  def _user(self, one_user):
+    self.trainer, self.state, self.user = one_user
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_jit_and_no_jit_agree_on_both_players_losses(self):
+    learner = self.trainer.learner
+    e, y, support, g = self.user
+    losses = self.variant(lambda r, a: learner.losses(r, a, e, y, support, g))(
+        self.state.params, self.state.extra["adv"])
+    ref = jax.jit(lambda r, a: learner.losses(r, a, e, y, support, g))(
+        self.state.params, self.state.extra["adv"])
+    chex.assert_trees_all_close(losses, ref, rtol=1e-5)
+    assert all(np.isfinite(v) for v in losses)
+
+  def test_disable_flags_switch_off_players(self):
+    learner, rec, adv = self.trainer.learner, self.state.params, self.state.extra["adv"]
+    e, y, support, g = self.user
+
+    @jax.jit
+    def variants(rec, adv):
+      adapt = lambda **kw: learner.adapt(rec, adv, 0.05, e, y, support, g, **kw)
+      return (adapt(inner_max=False, inner_adv=False), adapt(inner_max=False, inner_adv=True),
+              adapt(inner_max=True, inner_adv=False))
+    (plain, _), (no_max, moved_adv), (fooled, kept_adv) = variants(rec, adv)
+    # Without the inner max the recommender's adaptation ignores the adversary.
+    chex.assert_trees_all_close(plain, no_max, rtol=1e-5, atol=1e-7)
+    # The fooling term changes it; without inner adv the adversary keeps its weights.
+    assert not np.allclose(plain["fc1"]["kernel"], fooled["fc1"]["kernel"])
+    chex.assert_trees_all_close(kept_adv, adv)
+    assert not np.allclose(moved_adv["a1"]["fc"]["kernel"], adv["a1"]["fc"]["kernel"])
+
+  def test_classification_predicts_argmax_plus_the_lowest_rating(self):
+    learner = self.trainer.learner
+    assert learner.spec.num_classes == 5  # ratings 1..5
+    logits = jnp.eye(5)[jnp.array([0, 2, 4])] * 3.0
+    np.testing.assert_array_equal(learner.to_rating(logits), [1.0, 3.0, 5.0])
+    np.testing.assert_allclose(learner.rating_loss(logits, jnp.array([1.0, 3.0, 5.0])),
+                               jax.nn.logsumexp(logits, -1) - 3.0, rtol=1e-6)
+
+
+def test_explicit_flags_win_over_the_preset():
+  cfg = _cfg(clover_preset="full", adv=0.5, item_adv=False)
+  assert (cfg.adv, cfg.adv2, cfg.out1, cfg.out2, cfg.item_adv, cfg.loss) == (0.5, 1.0, 5, 2,
+                                                                            False, "ce")
+  assert _cfg().clover_preset == "full"
+
+
+@pytest.mark.parametrize("overrides, flag", [
+    (dict(out1=3), "--out1 3"),
+    (dict(out1=6), "--out1 6"),
+    (dict(adv=0.0), "--adv"),
+    (dict(clover_preset="a1", adv2=1.0), "--out2"),
+    (dict(clover_preset="a1", out2=2), "--adv2"),
+    (dict(loss="mse"), "--normalize"),
+    (dict(clover_preset="a1", normalize=True), "--normalize"),
+    (dict(clover_preset="a1", item_adv=True), "--item-adv"),
+    (dict(clover_preset="a1", out1=4), "--loss mse"),
+])
+def test_bad_flag_combinations_are_rejected_naming_the_flag(overrides, flag):
+  with pytest.raises(UsageError, match=flag):
+    clover.check_config(_cfg(**overrides), None)
+
+
+def test_clover_flags_need_method_clover():
+  with pytest.raises(UsageError, match="--out1"):
+    check_config(Config(method="reg", out1=5))
