@@ -28,7 +28,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from fast_jax import attack, fairness, meta, metrics
+from fast_jax import attack, fairness, meta, metrics, sharding
 from fast_jax.checkpoint import SeedCheckpoint
 from fast_jax.config import Config, resolve
 from fast_jax.models import Backbone, make_backbone, split_params
@@ -243,8 +243,12 @@ def device_split(split) -> dict:
 
 
 def make_train_epoch(train_step: Callable, objective: Objective, *, num_users: int,
-                     num_groups: int, batch_size: int) -> Callable:
-  """``train_epoch(state, data, key) -> (state, per-step metrics)``, one jitted scan."""
+                     num_groups: int, batch_size: int, mesh=None) -> Callable:
+  """``train_epoch(state, data, key) -> (state, per-step metrics)``, one jitted scan.
+
+  With a ``mesh`` (:mod:`fast_jax.sharding`) each batch's users are split across its
+  devices.
+  """
 
   def train_epoch(state: TrainState, data: dict, key: jax.Array):
     k_batches, k_steps = jax.random.split(key)
@@ -255,7 +259,7 @@ def make_train_epoch(train_step: Callable, objective: Objective, *, num_users: i
       batches = fairness.uniform_batches(k_batches, num_users, batch_size)
 
     def body(state, idx):
-      batch = jax.tree.map(lambda a: a[idx], data)
+      batch = sharding.split_users(jax.tree.map(lambda a: a[idx], data), mesh)
       return train_step(state, batch, k_steps)
     return jax.lax.scan(body, state, batches)
 
@@ -305,9 +309,10 @@ class Trainer:
     self.objective = self.build_objective()
     self.tx = optax.adam(cfg.lr)
     self.alpha_tx = optax.adam(cfg.lr) if cfg.backbone == "metacs" else None
-    self.train_data = device_split(data.train)
-    self.valid_data = device_split(data.valid)
-    self.test_data = device_split(data.test)
+    self.mesh = sharding.data_mesh(cfg.batch_size) if cfg.data_parallel else None
+    self.train_data = sharding.replicate(device_split(data.train), self.mesh)
+    self.valid_data = sharding.replicate(device_split(data.valid), self.mesh)
+    self.test_data = sharding.replicate(device_split(data.test), self.mesh)
     params = self.backbone.init(jax.random.key(0), self.train_data["x"][0])
     self.labels = self.backbone.labels(params)
     self.learner = self.build_learner()
@@ -315,7 +320,7 @@ class Trainer:
     self.train_epoch = make_train_epoch(self.train_step, self.objective,
                                         num_users=data.train.x.shape[0],
                                         num_groups=self.num_groups,
-                                        batch_size=cfg.batch_size)
+                                        batch_size=cfg.batch_size, mesh=self.mesh)
     self.evaluator = Evaluator(self.learner, max_len=self.max_len, chunk=cfg.eval_chunk)
     self.attacker = attack.RepresentationAttack(self.learner, max_len=self.max_len,
                                                 chunk=cfg.eval_chunk)
@@ -402,7 +407,7 @@ class Trainer:
     """
     key = jax.random.key(seed)
     k_init, k_train = jax.random.split(key)
-    state = self.init_state(k_init)
+    state = sharding.replicate(self.init_state(k_init), self.mesh)
     best_score, best_state, start = np.inf, state, 1
     if checkpoint is not None and checkpoint.exists():
       saved = checkpoint.restore(state)
