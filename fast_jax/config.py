@@ -92,7 +92,7 @@ class Config:
   finetune_lr: float = 1e-3             # widedeep: rate of those steps
   mf_dim: int = 32                      # dropoutnet: rank of the pretrained biased MF
   mf_steps: int = 100                   # dropoutnet: full-batch Adam steps of the MF
-  mf_l2: float = 0.05                   # dropoutnet: MF weight decay
+  mf_l2: float = 0.5                    # dropoutnet: MF weight decay (valid MAE: 0.5 < 0.05)
   dropout: float = 0.5                  # dropoutnet: input dropout of the preference vectors
   nlba_threshold: float | None = None   # nlba: rating >= it is class 1 (None: 4 on 1-5, 8 on 1-10)
 
