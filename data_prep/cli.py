@@ -22,9 +22,16 @@ _SYNTHETIC_TYPES = {k: (type(v) if not isinstance(v, bool) else None)
                     for k, v in synthetic.DEFAULTS.items()}
 
 
+class _Parser(argparse.ArgumentParser):
+  """A bad flag is one line on stderr and exit code 2, like every other error here."""
+
+  def error(self, message):
+    self.exit(2, f"error: {message} (see --help)\n")
+
+
 def parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="python -m data_prep", description=__doc__.split("\n\n")[0],
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = _Parser(prog="python -m data_prep", description=__doc__.split("\n\n")[0],
+              formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--dataset", required=True, choices=api.DATASETS)
   p.add_argument("--protocol", choices=("clover", "raw"),
                  help="clover (default): the MeLU/CLOVER splits; raw: GroupLens files, "

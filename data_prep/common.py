@@ -81,8 +81,8 @@ def check_interaction_bounds(min_interactions: int, max_interactions: int) -> No
   if not (isinstance(min_interactions, int) and isinstance(max_interactions, int)):
     raise DataError("--min-interactions and --max-interactions must be integers")
   if min_interactions < 1 or max_interactions < min_interactions:
-    raise DataError(f"interaction bounds {min_interactions}..{max_interactions} are invalid; "
-                    "expected 1 <= min <= max")
+    raise DataError(f"--min-interactions {min_interactions} / --max-interactions "
+                    f"{max_interactions} are invalid; expected 1 <= min <= max")
 
 
 def stratified_split(groups: np.ndarray, seed: int,

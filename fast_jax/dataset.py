@@ -32,6 +32,7 @@ import pathlib
 import shutil
 import tempfile
 import zipfile
+import zlib
 
 import numpy as np
 
@@ -220,8 +221,11 @@ def save_prepared(out, splits: dict[str, TaskSplit], meta: dict) -> pathlib.Path
   if out.is_dir() and any(out.iterdir()) and not (out / "meta.json").is_file():
     raise DataError(f"refusing to replace {out}: it is not empty and not a prepared data "
                     "folder (no meta.json); choose another --out")
-  out.parent.mkdir(parents=True, exist_ok=True)
-  tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+  try:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+  except OSError as e:
+    raise DataError(f"cannot write the output folder {out} ({e.strerror or e})") from None
   try:
     for s in SPLITS:
       with open(tmp / f"{s}.npz", "wb") as f:
@@ -273,7 +277,7 @@ def _read_split(file: pathlib.Path) -> TaskSplit:
   try:
     with np.load(file, allow_pickle=False) as npz:
       arrays = {k: npz[k] for k in npz.files}
-  except (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError) as e:
+  except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, KeyError) as e:
     raise DataError(f"{file} is truncated or unreadable ({type(e).__name__}: {e}); "
                     "prepare the dataset again") from None
   for name, dtype in ARRAYS.items():
