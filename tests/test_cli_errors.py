@@ -1,0 +1,196 @@
+"""Bad input at the command line: one line `error: ...` on stderr, exit code 2, no traceback.
+
+Every case runs the real CLI (`experiments/run.py`, `python -m data_prep`) in a
+subprocess on a small synthetic prepared folder or a broken copy of it. Flag errors
+must come before any data is read, so they are also checked against a broken folder and
+an empty offline cache. Last, the same run.py command twice gives identical result files.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from data_prep import prepare
+
+PROJECT_ROOT = pathlib.Path(__file__).resolve().parents[1]
+RUN = PROJECT_ROOT / "experiments" / "run.py"
+SMALL = dict(num_minority=20, num_majority=60)  # 56 training users
+
+
+def _env(cache: pathlib.Path) -> dict:
+  env = dict(os.environ, FAST_JAX_OFFLINE="1", FAST_JAX_CACHE=str(cache),
+             JAX_PLATFORMS="cpu")
+  env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))
+  env.pop("FAST_JAX_DATA_URL", None)
+  return env
+
+
+def _run(args, env, cwd, timeout=300) -> subprocess.CompletedProcess:
+  return subprocess.run([sys.executable, *map(str, args)], cwd=cwd, env=env,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+def _assert_usage_error(result: subprocess.CompletedProcess, *names: str) -> None:
+  """Exit code 2 and exactly one stderr line `error: ...` that names each of ``names``."""
+  lines = result.stderr.splitlines()
+  assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
+  assert "Traceback" not in result.stderr, result.stderr[-2000:]
+  assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-2000:]
+  for name in names:
+    assert name in lines[0], (name, lines[0])
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+  """A small prepared synthetic folder and broken copies of it, by case name."""
+  root = tmp_path_factory.mktemp("cli_errors")
+  good = prepare("synthetic", root / "good", progress=False, **SMALL)
+
+  def copy(name):
+    return pathlib.Path(shutil.copytree(good, root / name))
+
+  broken = {}
+  d = broken["missing-split"] = copy("missing-split")
+  (d / "valid.npz").unlink()
+  d = broken["truncated-npz"] = copy("truncated-npz")
+  data = (d / "train.npz").read_bytes()
+  (d / "train.npz").write_bytes(data[:len(data) // 2])
+  d = broken["corrupt-npz"] = copy("corrupt-npz")  # intact zip directory, garbled deflate data
+  data = bytearray((d / "train.npz").read_bytes())
+  data[200:400] = bytes(b ^ 0x55 for b in data[200:400])
+  (d / "train.npz").write_bytes(bytes(data))
+  d = broken["meta-counts"] = copy("meta-counts")
+  meta = json.loads((d / "meta.json").read_text())
+  meta["counts"]["train"]["users"] += 1
+  (d / "meta.json").write_text(json.dumps(meta))
+  d = broken["meta-max-len"] = copy("meta-max-len")
+  meta = json.loads((d / "meta.json").read_text())
+  meta["max_len"] += 5
+  (d / "meta.json").write_text(json.dumps(meta))
+  d = broken["one-group"] = copy("one-group")  # every training user in group 0
+  with np.load(d / "train.npz") as npz:
+    arrays = {k: npz[k] for k in npz.files}
+  arrays["group"] = np.zeros_like(arrays["group"])
+  np.savez_compressed(d / "train.npz", **arrays)
+  meta = json.loads((d / "meta.json").read_text())
+  meta["counts"]["train"]["groups"] = [int(arrays["group"].size), 0]
+  (d / "meta.json").write_text(json.dumps(meta))
+  (root / "a-file").write_text("not a folder")
+  return {"root": root, "good": good, **broken}
+
+
+# (case id, run.py arguments with {good}/{root}/... placeholders, names the message must hold)
+RUN_CASES = [
+    ("unknown-backbone", ["--backbone", "transformer"], ["--backbone", "transformer"]),
+    ("unknown-method", ["--method", "magic"], ["--method", "magic"]),
+    ("unknown-dataset", ["--dataset", "nosuchdata"], ["--dataset", "nosuchdata"]),
+    ("negative-gamma", ["--gamma", "-1"], ["--gamma"]),
+    ("negative-tau", ["--tau", "-0.1"], ["--tau"]),
+    ("tau-above-1", ["--tau", "1.5"], ["--tau"]),
+    ("zero-epochs", ["--epochs", "0"], ["--epochs"]),
+    ("zero-seeds", ["--seeds", "0"], ["--seeds"]),
+    ("not-an-int", ["--epochs", "two"], ["--epochs"]),
+    ("batch-larger-than-train", ["--batch-size", "500"], ["--batch-size", "56"]),
+    ("missing-split", ["--dataset", "{missing-split}"], ["valid.npz", "missing"]),
+    ("truncated-npz", ["--dataset", "{truncated-npz}"], ["train.npz", "truncated"]),
+    ("corrupt-npz", ["--dataset", "{corrupt-npz}"], ["train.npz"]),
+    ("meta-counts", ["--dataset", "{meta-counts}"], ["meta.json", "counts"]),
+    ("meta-max-len", ["--dataset", "{meta-max-len}"], ["meta.json", "max_len"]),
+    ("unwritable-out", ["--out", "{root}/a-file/run"], ["--out", "a-file"]),
+    ("one-group", ["--dataset", "{one-group}"], ["one-group", "2 groups"]),
+]
+
+
+def _fill(args, folders) -> list[str]:
+  return [a.format(**{k: str(v) for k, v in folders.items()}) for a in args]
+
+
+@pytest.mark.parametrize("case,args,names", RUN_CASES, ids=[c[0] for c in RUN_CASES])
+def test_run_py_reports_bad_input_in_one_line(folders, tmp_path, case, args, names):
+  base = ["--dataset", folders["good"], "--out", tmp_path / "out", "--epochs", "1",
+          "--seeds", "1", "--quiet"]
+  result = _run([RUN, *base, *_fill(args, folders)], _env(tmp_path / "cache"), tmp_path)
+  _assert_usage_error(result, *names)
+  assert not (tmp_path / "out" / "results.json").exists()
+
+
+@pytest.mark.parametrize("flag,value,dataset", [
+    ("--backbone", "transformer", "{missing-split}"), ("--tau", "2", "ml100k"),
+    ("--seeds", "0", "{one-group}")])
+def test_flag_errors_come_before_any_data_is_read(folders, tmp_path, flag, value, dataset):
+  # A broken folder, or a named dataset that is not cached and cannot be downloaded: the
+  # flag must be reported, not the data.
+  result = _run([RUN, flag, value, "--dataset", *_fill([dataset], folders), "--quiet"],
+                _env(tmp_path / "empty-cache"), tmp_path)
+  _assert_usage_error(result, flag)
+  assert not (tmp_path / "empty-cache").exists()
+
+
+def _write_csvs(folder: pathlib.Path, *, groups=("F", "M")) -> dict:
+  rng = np.random.default_rng(0)
+  folder.mkdir(parents=True, exist_ok=True)
+  users = [f"user,age,gender"] + [f"{u},{rng.integers(1, 5)},{groups[u % len(groups)]}"
+                                  for u in range(40)]
+  ratings = ["user,item,rating"] + [f"{u},{i},{rng.integers(1, 6)}" for u in range(40)
+                                    for i in rng.choice(30, 15, replace=False)]
+  (folder / "users.csv").write_text("\n".join(users) + "\n")
+  (folder / "ratings.csv").write_text("\n".join(ratings) + "\n")
+  return {"ratings": folder / "ratings.csv", "users": folder / "users.csv"}
+
+
+DATA_PREP_CASES = [
+    ("unknown-dataset", ["--dataset", "movielens"], ["--dataset", "movielens"]),
+    ("unknown-protocol", ["--dataset", "ml100k", "--protocol", "imdb"], ["--protocol"]),
+    ("not-an-int", ["--dataset", "synthetic", "--seed", "x"], ["--seed"]),
+    ("bad-bounds", ["--dataset", "synthetic", "--min-interactions", "0"], ["--min-interactions"]),
+    ("unwritable-out", ["--dataset", "synthetic", "--num-minority", "20", "--num-majority", "60",
+                        "--out", "{root}/a-file/out"], ["cannot write", "a-file/out"]),
+    ("not-a-data-folder", ["--dataset", "synthetic", "--num-minority", "20", "--num-majority",
+                           "60", "--out", "{root}"], ["--out"]),
+    ("one-group", ["--dataset", "custom", "--ratings", "{one}/ratings.csv", "--users",
+                   "{one}/users.csv", "--sensitive", "gender"], ["users.csv", "gender"]),
+    ("unknown-sensitive", ["--dataset", "custom", "--ratings", "{two}/ratings.csv", "--users",
+                           "{two}/users.csv", "--sensitive", "sex"], ["users.csv", "sex"]),
+]
+
+
+@pytest.mark.parametrize("case,args,names", DATA_PREP_CASES,
+                         ids=[c[0] for c in DATA_PREP_CASES])
+def test_data_prep_reports_bad_input_in_one_line(folders, tmp_path, case, args, names):
+  _write_csvs(tmp_path / "one", groups=("F",))
+  _write_csvs(tmp_path / "two")
+  places = {**folders, "one": tmp_path / "one", "two": tmp_path / "two"}
+  args = [a.format(**{k: str(v) for k, v in places.items()}) for a in args]
+  if "--out" not in args:
+    args += ["--out", str(tmp_path / "out")]
+  result = _run(["-m", "data_prep", *args, "--no-progress"], _env(tmp_path / "cache"),
+                PROJECT_ROOT)
+  _assert_usage_error(result, *names)
+  assert not (tmp_path / "out").exists()
+
+
+def test_the_same_command_twice_gives_identical_results(folders, tmp_path):
+  outs = [tmp_path / "a", tmp_path / "b"]
+  args = ["--dataset", folders["good"], "--epochs", "2", "--seeds", "2", "--batch-size", "16",
+          "--quiet"]
+  with concurrent.futures.ThreadPoolExecutor(2) as pool:
+    results = list(pool.map(lambda out: _run([RUN, *args, "--out", out],
+                                             _env(tmp_path / "cache"), tmp_path), outs))
+  for r in results:
+    assert r.returncode == 0, r.stderr[-3000:]
+  a, b = ((out / "results.json").read_bytes() for out in outs)
+  assert a == b
+  assert len(json.loads(a)["per_seed"]) == 2
+  # Per-epoch logs agree too, apart from the wall-clock seconds.
+  logs = [[{k: v for k, v in json.loads(line).items() if k != "seconds"}
+           for line in (out / "metrics.jsonl").read_text().splitlines()] for out in outs]
+  assert logs[0] == logs[1] and len(logs[0]) == 4
