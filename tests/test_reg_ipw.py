@@ -9,7 +9,8 @@ import optax
 from fast_jax import fairness, meta
 from fast_jax.config import Config, resolve
 from fast_jax.models import make_backbone
-from fast_jax.train import MetaLearner, TrainState, make_objective, make_train_step
+from fast_jax.train import (MetaLearner, OuterTerms, TrainState, make_objective,
+                            make_train_step)
 
 TOY_META = {
     "fields": [
@@ -65,17 +66,20 @@ def test_a_reg_gradient_step_shrinks_the_group_loss_gap():
   assert after_reg < before
 
 
-def test_value_penalty_is_the_reg_weight_times_value_unfairness():
-  _, step, state, batch = _toy_step("reg", reg_weight=2.0, reg_kind="value")
-  _, out = step(state, batch, jax.random.key(0))
-  support, query = meta.last_query_split(batch["length"], 20)
-  learner, *_ = _toy_step("origin")
-  pred = learner.predict(state.params, jnp.float32(0.01), batch["x"], batch["y"], support, query)
-  mse = jnp.mean(jnp.square(pred - meta.take_rows(batch["y"], query)), -1)
-  u = fairness.value_unfairness(pred, meta.take_rows(batch["y"], query),
-                                meta.take_rows(batch["x"], query)[..., :1], batch["group"], 2)
-  assert float(u) > 0
-  np.testing.assert_allclose(out["outer_loss"], jnp.mean(mse) + 2.0 * u, rtol=1e-4)
+def test_value_penalty_is_the_reg_weight_times_value_unfairness_on_the_item_columns():
+  rng = np.random.default_rng(1)
+  group = jnp.array([0, 0, 1, 1])
+  pred, y = (jnp.asarray(rng.normal(3, 1, (4, 5)), jnp.float32) for _ in range(2))
+  # Column 0 is the item, column 1 a user field that must not split items.
+  x = jnp.stack([jnp.asarray(rng.integers(0, 3, (4, 5))), jnp.arange(4)[:, None] + 0 * pred],
+                -1).astype(jnp.int32)
+  objective = make_objective(Config(method="reg", reg_weight=2.0, reg_kind="value"), 2,
+                             np.array([0.5, 0.5]), item_columns=(0,))
+  terms = OuterTerms(mse=jnp.zeros(4), mae=jnp.zeros(4), group=group, weights=jnp.ones(4),
+                     pred=pred, y=y, x=x)
+  expected = fairness.value_unfairness(pred, y, x[..., :1], group, 2)
+  assert float(expected) > 0
+  np.testing.assert_allclose(objective.penalty(terms), 2.0 * expected, rtol=1e-6)
 
 
 class ValueUnfairnessTest(chex.TestCase):
