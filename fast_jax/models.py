@@ -180,7 +180,8 @@ class Backbone:
   local_modules: tuple[str, ...]
 
   def init(self, key: jax.Array, x: jax.Array) -> Params:
-    return self.module.init(key, x)["params"]
+    # Jitted: an eager Flax init compiles every initialiser op separately.
+    return jax.jit(lambda k, x: self.module.init(k, x)["params"])(key, x)
 
   def apply(self, params: Params, x: jax.Array) -> jax.Array:
     """Predictions from raw inputs. x: int32[..., F]."""

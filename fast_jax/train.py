@@ -313,7 +313,7 @@ class Trainer:
     self.train_data = sharding.replicate(device_split(data.train), self.mesh)
     self.valid_data = sharding.replicate(device_split(data.valid), self.mesh)
     self.test_data = sharding.replicate(device_split(data.test), self.mesh)
-    params = self.backbone.init(jax.random.key(0), self.train_data["x"][0])
+    params = jax.eval_shape(self.backbone.init, jax.random.key(0), self.train_data["x"][0])
     self.labels = self.backbone.labels(params)
     self.learner = self.build_learner()
     self.train_step = self.build_step()

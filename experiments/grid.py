@@ -1,0 +1,134 @@
+"""Shared machinery of the table and figure drivers: run a grid of configurations
+(resumably) and collect their results next to the paper's numbers.
+
+Each configuration runs through ``fast_jax.experiment.train_and_evaluate`` into
+``<root>/<name>/``. A finished run (``results.json`` present) is not run again, and an
+interrupted one resumes from its checkpoints, so a driver can be stopped and restarted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import sys
+import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+
+import numpy as np  # noqa: E402
+
+from fast_jax.config import Config  # noqa: E402
+
+METRICS = ("mae", "mse", "gf_mae", "gf_mse")
+
+# The FAST paper's Table 2 (research/fast.md §6.2): (mean, std) per metric.
+_T2 = """
+widedeep|0.937 0.019|1.245 0.026|0.120 0.087|0.239 0.169|1.558 0.039|3.585 0.356|0.083 0.023|0.178 0.188|1.071 0.073|1.658 0.203|0.164 0.086|0.465 0.274
+dropoutnet|0.940 0.028|1.347 0.065|0.121 0.065|0.271 0.170|1.531 0.034|3.523 0.072|0.093 0.051|0.184 0.164|1.092 0.063|1.694 0.184|0.125 0.061|0.358 0.189
+nlba|1.060 0.095|1.811 0.309|0.051 0.040|0.245 0.188|1.659 0.029|3.956 0.071|0.103 0.014|0.367 0.029|0.999 0.014|1.396 0.036|0.109 0.035|0.294 0.100
+melu-origin|0.796 0.006|1.005 0.018|0.057 0.015|0.132 0.045|1.464 0.013|3.458 0.108|0.056 0.009|0.337 0.114|0.850 0.002|1.126 0.003|0.089 0.006|0.131 0.014
+melu-reg|0.790 0.005|0.986 0.022|0.060 0.012|0.147 0.025|1.522 0.048|3.715 0.177|0.088 0.030|0.481 0.118|0.875 0.003|1.193 0.009|0.070 0.009|0.150 0.018
+melu-ipw|0.810 0.009|1.035 0.022|0.061 0.012|0.156 0.031|1.624 0.127|4.051 0.519|0.118 0.114|0.543 0.468|0.878 0.008|1.171 0.014|0.063 0.008|0.084 0.017
+melu-clover|0.752 0.004|0.906 0.004|0.039 0.003|0.115 0.008|1.652 0.056|4.353 0.233|0.110 0.015|0.514 0.074|0.875 0.006|1.118 0.014|0.055 0.016|0.066 0.041
+melu-fast|0.763 0.003|0.933 0.007|0.033 0.004|0.108 0.009|1.473 0.009|3.369 0.018|0.017 0.009|0.168 0.053|0.898 0.004|1.217 0.015|0.044 0.006|0.056 0.022
+metacs-origin|0.774 0.007|0.959 0.012|0.050 0.005|0.148 0.014|1.445 0.013|3.420 0.033|0.088 0.011|0.436 0.059|0.905 0.005|1.318 0.004|0.092 0.003|0.187 0.006
+metacs-reg|0.797 0.003|0.995 0.005|0.026 0.009|0.080 0.006|1.327 0.007|2.894 0.031|0.065 0.015|0.298 0.045|0.912 0.003|1.314 0.007|0.078 0.002|0.174 0.010
+metacs-ipw|0.760 0.002|0.916 0.006|0.046 0.006|0.124 0.007|1.399 0.011|3.216 0.057|0.063 0.013|0.190 0.033|0.920 0.008|1.329 0.010|0.065 0.009|0.208 0.011
+metacs-clover|0.804 0.036|1.027 0.095|0.049 0.011|0.133 0.017|1.973 0.332|5.851 1.239|0.029 0.019|0.168 0.133|0.918 0.022|1.304 0.081|0.043 0.020|0.083 0.021
+metacs-fast|0.770 0.003|0.938 0.007|0.026 0.006|0.072 0.007|1.385 0.014|3.204 0.055|0.025 0.011|0.117 0.083|0.879 0.003|1.184 0.011|0.054 0.002|0.118 0.010
+"""
+PAPER_DATASETS = ("ml1m", "bookcrossing", "ml100k")
+
+
+def _parse_table2() -> dict:
+  table = {}
+  for line in _T2.strip().splitlines():
+    row, *cells = line.split("|")
+    for i, cell in enumerate(cells):
+      mean, std = map(float, cell.split())
+      table[(row, PAPER_DATASETS[i // 4], METRICS[i % 4])] = (mean, std)
+  return table
+
+
+PAPER_TABLE2 = _parse_table2()
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """One configuration of a grid: ``name`` is its folder and its row label."""
+  name: str
+  cfg: Config
+  row: str = ""        # Table 2 row key, e.g. "melu-fast"
+  label: str = ""      # free label for plots
+
+
+def run_grid(runs: list[Run], root: pathlib.Path, *, progress: bool = False,
+             log=print) -> dict[str, dict]:
+  """Run every configuration that has no results yet; return name -> results."""
+  from fast_jax.experiment import train_and_evaluate
+  root.mkdir(parents=True, exist_ok=True)
+  out = {}
+  for run in runs:
+    folder = root / run.name
+    if (folder / "results.json").exists():
+      out[run.name] = json.loads((folder / "results.json").read_text())
+      continue
+    t0 = time.perf_counter()
+    resume = (folder / "config.json").exists()
+    out[run.name] = train_and_evaluate(run.cfg, folder, progress=progress, resume=resume,
+                                       echo=lambda s: None)
+    _record_wall_time(folder, time.perf_counter() - t0, resumed=resume)
+    m = out[run.name]["mean"]
+    log(f"{run.name}: MAE {m['mae']:.3f} MSE {m['mse']:.3f} GF(MAE) {m['gf_mae']:.3f} "
+        f"GF(MSE) {m['gf_mse']:.3f} ({time.perf_counter() - t0:.0f} s)")
+  return out
+
+
+def _record_wall_time(folder: pathlib.Path, seconds: float, *, resumed: bool) -> None:
+  with open(folder / "wall_time.txt", "a") as f:
+    f.write(f"{seconds:.1f} s{' (resumed)' if resumed else ''}\n")
+
+
+def load_results(root: pathlib.Path, runs: list[Run]) -> dict[str, dict]:
+  return {r.name: json.loads((root / r.name / "results.json").read_text())
+          for r in runs if (root / r.name / "results.json").exists()}
+
+
+def summary_rows(runs: list[Run], results: dict[str, dict]) -> list[dict]:
+  """One flat row per finished run: config keys, mean/std of each metric, paper value."""
+  rows = []
+  for run in runs:
+    if run.name not in results:
+      continue
+    res = results[run.name]
+    dataset = res["config"]["dataset"]
+    row = {"name": run.name, "row": run.row, "label": run.label, "dataset": dataset,
+           "backbone": res["config"]["backbone"], "method": res["config"]["method"],
+           "seeds": len(res["per_seed"]), "epochs": res["config"]["epochs"]}
+    for k in METRICS + ("ndcg3",):
+      row[k], row[f"{k}_std"] = res["mean"][k], res["std"][k]
+      paper = PAPER_TABLE2.get((run.row, dataset, k))
+      row[f"{k}_paper"] = paper[0] if paper else np.nan
+    for g, vals in res["mean"]["group"].items():
+      row[f"g{g}_mae"], row[f"g{g}_n"] = vals.get("mae", np.nan), vals.get("n", np.nan)
+    row["auc_attack"] = res["mean"].get("auc_attack", np.nan)
+    rows.append(row)
+  return rows
+
+
+def write_csv(rows: list[dict], path: pathlib.Path) -> None:
+  import pandas as pd
+  path.parent.mkdir(parents=True, exist_ok=True)
+  pd.DataFrame(rows).to_csv(path, index=False, float_format="%.4f")
+
+
+def provenance(argv: list[str]) -> str:
+  """The command and git commit that produced a results file."""
+  import subprocess
+  try:
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True, cwd=pathlib.Path(__file__).parent).stdout.strip()
+  except OSError:
+    commit = "unknown"
+  return f"command: `python {' '.join(argv)}`; commit {commit or 'unknown'}"
