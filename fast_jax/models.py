@@ -25,30 +25,14 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
+from fast_jax.dataset import Field
+
 Params = Any
 LOCAL, GLOBAL = "local", "global"
 
 
-@dataclasses.dataclass(frozen=True)
-class Field:
-  """One input field: columns ``[start, stop)`` of x (see meta.json)."""
-  name: str
-  side: str  # "item" or "user"
-  kind: str  # "categorical" or "multi"
-  start: int
-  stop: int
-  vocab_size: int
-  pad_index: int | None = None
-
-  @property
-  def table_size(self) -> int:
-    return self.vocab_size + (1 if self.kind == "multi" else 0)
-
-
 def fields_from_meta(meta: dict) -> tuple[Field, ...]:
-  return tuple(Field(name=f["name"], side=f["side"], kind=f["kind"], start=int(f["start"]),
-                     stop=int(f["stop"]), vocab_size=int(f["vocab_size"]),
-                     pad_index=f.get("pad_index")) for f in meta["fields"])
+  return tuple(Field.from_dict(f) for f in meta["fields"])
 
 
 def _torch_uniform(fan_in: int) -> Callable:
