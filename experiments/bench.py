@@ -58,6 +58,22 @@ def bench_scan(trainer: Trainer, epochs: int) -> dict:
           "users_per_s": n / float(np.median(times))}
 
 
+def bench_vmapped_seeds(trainer: Trainer, seeds: int) -> dict:
+  """One epoch of ``seeds`` seeds as one vmapped program vs the seeds one after another."""
+  keys = jax.random.split(jax.random.key(0), seeds)
+  states = jax.tree.map(lambda *a: jnp.stack(a), *[trainer.init_state(k) for k in keys])
+  vepoch = jax.jit(jax.vmap(trainer.train_epoch, in_axes=(0, None, 0)))
+  _, compile_s = timed(vepoch, states, trainer.train_data, keys)
+  _, vmapped = timed(vepoch, states, trainer.train_data, keys)
+  state = trainer.init_state(keys[0])
+  timed(trainer.train_epoch, state, trainer.train_data, keys[0])  # compiled already; warm
+  t0 = time.perf_counter()
+  for k in keys:
+    jax.block_until_ready(trainer.train_epoch(state, trainer.train_data, k))
+  sequential = time.perf_counter() - t0
+  return {"compile_s": compile_s, "vmapped_s": vmapped, "sequential_s": sequential}
+
+
 def bench_python_loop(trainer: Trainer, steps: int) -> dict:
   """The same model and inner loop, one user at a time from Python (per-user jit calls)."""
   cfg = trainer.cfg
@@ -116,6 +132,8 @@ def main(argv=None) -> int:
   p.add_argument("--loop-steps", type=int, default=5,
                  help="steps of the per-user Python loop to time (extrapolated to an epoch)")
   p.add_argument("--first-order", action="store_true")
+  p.add_argument("--seeds", type=int, default=0,
+                 help="also time an epoch of this many seeds vmapped vs sequential")
   args = p.parse_args(argv)
 
   cfg = Config(dataset=args.dataset, data_dir=args.data_dir, backbone=args.backbone,
@@ -135,6 +153,11 @@ def main(argv=None) -> int:
         f"{scan['epoch_s']:.3f} s/epoch, {scan['epoch_with_valid_s']:.3f} s/epoch with "
         f"validation, {scan['users_per_s']:.0f} users/s")
   print(f"peak RSS so far: {peak_rss_mb():.0f} MB")
+  if args.seeds > 1:
+    v = bench_vmapped_seeds(trainer, args.seeds)
+    print(f"{args.seeds} seeds, one epoch: vmapped {v['vmapped_s']:.2f} s (compile "
+          f"{v['compile_s']:.1f} s), sequential {v['sequential_s']:.2f} s -> speed-up "
+          f"x{v['sequential_s'] / v['vmapped_s']:.2f}")
   loop = bench_python_loop(trainer, args.loop_steps)
   print(f"per-user Python loop ({args.loop_steps} steps, extrapolated): "
         f"{loop['epoch_s']:.1f} s/epoch, {loop['users_per_s']:.0f} users/s "

@@ -70,6 +70,7 @@ class Config:
   eval_chunk: int = 512
   checkpoint_every: int = 5     # epochs between checkpoints (with an output folder)
   data_parallel: bool = True    # split each batch's users across all devices (if > 1)
+  vmap_seeds: bool = False      # train all seeds as one vmapped program (no mid-run checkpoints)
   # CLOVER. None = from the preset (fast_jax.clover, research/clover.md §3-4).
   clover_preset: str | None = None      # "a1" | "a1-ext" | "full" (README runs); None -> full
   adv: float | None = None              # lambda_1: weight of -L_adv in the recommender objective

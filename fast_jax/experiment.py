@@ -145,6 +145,13 @@ def train_and_evaluate(cfg: Config, out_dir: str | os.PathLike | None = None, *,
 
   runner = make_runner(cfg, data)
   per_seed, diverged = [], []
+  if cfg.vmap_seeds and isinstance(runner, Trainer):
+    todo = [s for s in config_lib.seed_list(cfg.seeds)
+            if out is None or not (out / "seeds" / f"seed-{s}.json").exists()]
+    reports = runner.run_seeds_vmapped(todo, log=log, progress=progress) if todo else []
+    vmapped = dict(zip(todo, reports))
+  else:
+    vmapped = {}
   for seed in config_lib.seed_list(cfg.seeds):
     done = out / "seeds" / f"seed-{seed}.json" if out is not None else None
     kwargs = {}
@@ -162,7 +169,12 @@ def train_and_evaluate(cfg: Config, out_dir: str | os.PathLike | None = None, *,
       records.append(r)
       log(r)
     try:
-      _, report = runner.run_seed(seed, log=log_seed, progress=progress, **kwargs)
+      if seed in vmapped:
+        report = vmapped[seed]
+        records = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()
+                   if json.loads(l)["seed"] == seed] if out is not None else []
+      else:
+        _, report = runner.run_seed(seed, log=log_seed, progress=progress, **kwargs)
     except Diverged as e:
       print(f"warning: {e}", file=sys.stderr)
       diverged.append({"seed": seed, "message": str(e)})

@@ -424,34 +424,82 @@ class Trainer:
       t0 = time.perf_counter()
       state, step_metrics = self.train_epoch(state, self.train_data,
                                              jax.random.fold_in(k_train, epoch))
-      step_metrics = jax.device_get(step_metrics)
-      bad = np.flatnonzero(~np.isfinite(step_metrics["loss"]))
-      if bad.size:
-        raise Diverged(f"seed {seed}: the training loss became "
-                       f"{step_metrics['loss'][bad[0]]} at epoch {epoch}, step {bad[0] + 1}; "
-                       f"lower --lr or --inner-lr")
-      group_loss = _present_mean(step_metrics["group_loss"], step_metrics["group_present"])
-      if self.objective.p_rule == "epoch":
-        state, group_loss = self.epoch_gap_update(state)
-      valid = self.evaluate(state, "valid")
-      if valid["mae"] < best_score:
-        best_score, best_state = valid["mae"], state
-      record = {"seed": seed, "epoch": epoch,
-                "train_loss": float(np.mean(step_metrics["loss"])),
-                "p": np.asarray(state.p).tolist(), "group_loss": np.asarray(group_loss).tolist(),
-                "alpha": _alpha_summary(state.alpha),
-                "valid": valid, "seconds": time.perf_counter() - t0}
+      state, record = self.end_of_epoch(seed, epoch, state, jax.device_get(step_metrics), t0)
+      if record["valid"]["mae"] < best_score:
+        best_score, best_state = record["valid"]["mae"], state
       records.append(record)
       log(record)
       if checkpoint is not None and (epoch % checkpoint_every == 0 or epoch == self.cfg.epochs):
         checkpoint.save(state=state, best_state=best_state, best_score=best_score, epoch=epoch,
                         records=records)
-      bar.set_postfix(p=np.round(np.asarray(state.p), 3).tolist(),
-                      L=np.round(np.asarray(group_loss), 3).tolist(),
-                      val_mae=round(valid["mae"], 4))
+      bar.set_postfix(p=np.round(record["p"], 3).tolist(),
+                      L=np.round(record["group_loss"], 3).tolist(),
+                      val_mae=round(record["valid"]["mae"], 4))
     if self.cfg.select == "best-valid":
       state = best_state
     return state, self.test_report(state)
+
+  def end_of_epoch(self, seed: int, epoch: int, state: TrainState, step_metrics: dict,
+                   t0: float) -> tuple[TrainState, dict]:
+    """After an epoch's steps: check for divergence, the per-epoch p update (epoch mode),
+    validation, and the epoch's ``metrics.jsonl`` record."""
+    bad = np.flatnonzero(~np.isfinite(step_metrics["loss"]))
+    if bad.size:
+      raise Diverged(f"seed {seed}: the training loss became "
+                     f"{step_metrics['loss'][bad[0]]} at epoch {epoch}, step {bad[0] + 1}; "
+                     f"lower --lr or --inner-lr")
+    group_loss = _present_mean(step_metrics["group_loss"], step_metrics["group_present"])
+    if self.objective.p_rule == "epoch":
+      state, group_loss = self.epoch_gap_update(state)
+    valid = self.evaluate(state, "valid")
+    record = {"seed": seed, "epoch": epoch, "train_loss": float(np.mean(step_metrics["loss"])),
+              "p": np.asarray(state.p).tolist(), "group_loss": np.asarray(group_loss).tolist(),
+              "alpha": _alpha_summary(state.alpha), "valid": valid,
+              "seconds": time.perf_counter() - t0}
+    return state, record
+
+  def run_seeds_vmapped(self, seeds: list[int], *, log: Callable[[dict], None] = lambda r: None,
+                        progress: bool = True) -> list[dict]:
+    """Train several seeds as one vectorised program: the epoch scan ``vmap``-ped over a
+    stack of train states (one per seed) and their keys.
+
+    Keys, initial states and selection are those of :meth:`run_seed`, so each seed's
+    result matches a sequential run up to floating-point reassociation. Validation, the
+    epoch-mode p update and logging run per seed on the host. No mid-run checkpoints.
+
+    Returns:
+      the per-seed test reports, in the order of ``seeds``.
+    """
+    k_init, k_train = zip(*(jax.random.split(jax.random.key(s)) for s in seeds))
+    states = _stack([self.init_state(k) for k in k_init])
+    epoch_fn = jax.jit(jax.vmap(self.train_epoch, in_axes=(0, None, 0)))
+    best = [(np.inf, None)] * len(seeds)
+    for epoch in tqdm(range(1, self.cfg.epochs + 1), desc=f"{len(seeds)} seeds",
+                      disable=not progress, leave=False):
+      t0 = time.perf_counter()
+      keys = jnp.stack([jax.random.fold_in(k, epoch) for k in k_train])
+      states, step_metrics = epoch_fn(states, self.train_data, keys)
+      step_metrics = jax.device_get(step_metrics)
+      finished = []
+      for i, seed in enumerate(seeds):
+        state, record = self.end_of_epoch(seed, epoch, _index(states, i),
+                                          _index(step_metrics, i), t0)
+        if record["valid"]["mae"] < best[i][0]:
+          best[i] = (record["valid"]["mae"], state)
+        finished.append(state)
+        log(record)
+      states = _stack(finished)
+    select = self.cfg.select == "best-valid"
+    return [self.test_report(best[i][1] if select else _index(states, i))
+            for i in range(len(seeds))]
+
+
+def _stack(trees: list) -> Any:
+  return jax.tree.map(lambda *leaves: jnp.stack(leaves), *trees)
+
+
+def _index(tree: Any, i: int) -> Any:
+  return jax.tree.map(lambda a: a[i], tree)
 
 
 class Diverged(FloatingPointError):

@@ -104,3 +104,14 @@ def test_an_absurd_learning_rate_is_reported_as_divergence(tmp_path):
   assert proc.returncode == 1, proc.stderr
   assert "diverged" in proc.stderr and "epoch 1, step" in proc.stderr
   assert "Traceback" not in proc.stderr
+
+
+def test_vmapped_seeds_match_sequential_seeds(prepared):
+  data = prepared("synthetic")
+  cfg = dict(dataset="synthetic", method="fast", epochs=2, seeds=2, lr=1e-3)
+  seq = train_and_evaluate(Config(**cfg), None, data=data, **QUIET)
+  vec = train_and_evaluate(Config(**cfg, vmap_seeds=True), None, data=data, **QUIET)
+  for a, b in zip(seq["per_seed"], vec["per_seed"]):
+    assert a["seed"] == b["seed"]
+    for k in ("mae", "mse", "gf_mae"):
+      np.testing.assert_allclose(a[k], b[k], rtol=1e-4)
