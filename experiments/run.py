@@ -74,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
   n.add_argument("--drop-sensitive", action="store_true", help="remove the sensitive attribute from the inputs")
   n.add_argument("--init", choices=("torch", "flax"), default=d.init)
   n.add_argument("--out-bias", choices=("init", "mean"), default=d.out_bias,
-                 help="output bias from the initialiser or at the training mean rating")
+                 help="output bias from the initialiser or at the training mean rating "
+                      "(default: init for MeLU, mean for MetaCS)")
   r = p.add_argument_group("Reg")
   r.add_argument("--reg-weight", type=float, default=d.reg_weight)
   r.add_argument("--reg-kind", choices=("loss", "value"), default=d.reg_kind)
