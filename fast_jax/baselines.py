@@ -51,13 +51,10 @@ from tqdm.auto import tqdm
 from fast_jax import fairness, meta, metrics
 from fast_jax.config import Config
 from fast_jax.dataset import SPLITS
-from fast_jax.models import (MeLU, Field, _torch_uniform, fields_from_meta, make_backbone,
-                             param_labels)
+from fast_jax.models import Field, MeLU, _torch_uniform, make_backbone, param_labels
 from fast_jax.train import Evaluator, device_split
 
 Params = Any
-REFERENCE = ("global-mean", "support-mean")
-TRAINED = ("widedeep", "dropoutnet", "nlba")
 MF_LR = 0.02  # Adam rate of DropoutNet's full-batch biased-MF pretraining
 # DropoutNet trains on item vectors fitted without the user's own ratings (MF_FOLDS
 # fits, each leaving one fold of the training users out), as a test user's are.
