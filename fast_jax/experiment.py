@@ -235,7 +235,9 @@ def format_table(results: dict, meta: dict) -> str:
   """The finished run's numbers as a small text table."""
   cfg = results["config"]
   names = (meta.get("sensitive") or {}).get("groups") or []
-  lines = [f"{cfg['backbone']}+{cfg['method']} on {meta.get('dataset', cfg['dataset'])}, "
+  name = cfg["method"] if cfg["method"] in config_lib.BASELINES else \
+      f"{cfg['backbone']}+{cfg['method']}"
+  lines = [f"{name} on {meta.get('dataset', cfg['dataset'])}, "
            f"{len(results['per_seed'])} seed(s): mean ± std (ddof=0)"]
   lines.append("  ".join(f"{k:>15s}" for k in SUMMARY_KEYS))
   lines.append("  ".join(f"{results['mean'][k]:7.3f} ± {results['std'][k]:5.3f}"
