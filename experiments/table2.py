@@ -45,7 +45,9 @@ def make_runs(datasets, rows, *, seeds: int, epochs: int | None, data_dir: str |
       else:
         backbone, method = row.split("-", 1)
         cfg = Config(backbone=backbone, method=method, p_update=p_update, **kw)
-      runs.append(Run(name=f"{dataset}/{row}", cfg=cfg, row=row))
+      # FAST runs carry their mode in the folder name (shared with figure3.py).
+      name = f"{dataset}/{row}" + (f"-{p_update}" if row.endswith("-fast") else "")
+      runs.append(Run(name=name, cfg=cfg, row=row))
   return runs
 
 
