@@ -40,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
   a("--data-dir", default=None, help="where raw data lives (default: a user cache dir, downloading when missing)")
   a("--out", default=None, help="folder for config.json, metrics.jsonl, results.json")
   a("--resume", action="store_true", help="continue the interrupted run in --out")
+  a("--attack", action=argparse.BooleanOptionalAction, default=d.attack,
+    help="train CLOVER's attacker on the adapted user representations after each seed")
   a("--vmap-seeds", action="store_true",
     help="train the seeds as one vectorised program (faster on GPU/TPU; no mid-run checkpoints)")
   a("--data-parallel", action=argparse.BooleanOptionalAction, default=d.data_parallel,

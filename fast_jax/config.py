@@ -72,6 +72,7 @@ class Config:
   checkpoint_every: int = 5     # epochs between checkpoints (with an output folder)
   data_parallel: bool = True    # split each batch's users across all devices (if > 1)
   vmap_seeds: bool = False      # train all seeds as one vmapped program (no mid-run checkpoints)
+  attack: bool = True           # attacker AUC on the adapted user representations after training
   # CLOVER. None = from the preset (fast_jax.clover, research/clover.md §3-4).
   clover_preset: str | None = None      # "a1" | "a1-ext" | "full" (README runs); None -> full
   adv: float | None = None              # lambda_1: weight of -L_adv in the recommender objective

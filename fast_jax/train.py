@@ -359,6 +359,8 @@ class Trainer:
     """What a finished seed reports (``results.json`` per seed): the test metrics and
     the attacker AUC on the adapted user representations (clover.md §4.4)."""
     report = self.evaluate(state, "test")
+    if not self.cfg.attack:
+      return {**report, "auc_attack": None, "auc_attack_note": "attacker disabled (--no-attack)"}
     report.update(self.attacker.report(self.learner_params(state), state.alpha,
                                        self.train_data, self.test_data))
     return report

@@ -19,7 +19,7 @@ QUIET = dict(progress=False, echo=lambda s: None)
 
 def _cfg(**kw):
   base = dict(dataset="synthetic", method="fast", epochs=4, seeds=2, lr=1e-3,
-              checkpoint_every=1)
+              checkpoint_every=1, attack=False)
   return Config(**{**base, **kw})
 
 
@@ -99,6 +99,7 @@ def test_an_absurd_learning_rate_is_reported_as_divergence(tmp_path):
   proc = subprocess.run(
       [sys.executable, str(ROOT / "experiments" / "run.py"), "--dataset", "synthetic",
        "--epochs", "2", "--seeds", "1", "--inner-lr", "1e12", "--lr", "1e6", "--quiet",
+       "--no-attack",
        "--out", str(tmp_path)], capture_output=True, text=True, timeout=300,
       env={**__import__("os").environ, "FAST_JAX_CACHE": str(tmp_path / "cache")})
   assert proc.returncode == 1, proc.stderr
@@ -108,7 +109,7 @@ def test_an_absurd_learning_rate_is_reported_as_divergence(tmp_path):
 
 def test_vmapped_seeds_match_sequential_seeds(prepared):
   data = prepared("synthetic")
-  cfg = dict(dataset="synthetic", method="fast", epochs=2, seeds=2, lr=1e-3)
+  cfg = dict(dataset="synthetic", method="fast", epochs=1, seeds=2, lr=1e-3, attack=False)
   seq = train_and_evaluate(Config(**cfg), None, data=data, **QUIET)
   vec = train_and_evaluate(Config(**cfg, vmap_seeds=True), None, data=data, **QUIET)
   for a, b in zip(seq["per_seed"], vec["per_seed"]):

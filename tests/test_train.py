@@ -103,7 +103,8 @@ def test_step_mode_fast_moves_p_and_origin_keeps_it(prepared):
 
 def test_two_epoch_run_on_ml100k_training_loss_falls(prepared, tmp_path):
   data = prepared("ml100k")
-  cfg = Config(dataset="ml100k", method="fast", p_update="epoch", epochs=2, seeds=1, lr=1e-3)
+  cfg = Config(dataset="ml100k", method="fast", p_update="epoch", epochs=2, seeds=1, lr=1e-3,
+               attack=False)
   results = train_and_evaluate(cfg, tmp_path, data=data, progress=False, echo=lambda s: None)
   records = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert [r["epoch"] for r in records] == [1, 2]
@@ -129,6 +130,7 @@ def test_fast_closes_at_least_half_of_origins_gap_on_theorem1_data(prepared):
   report = {}
   for method in ("origin", "fast"):
     cfg = Config(dataset="synthetic", method=method, epochs=10, seeds=1, lr=1e-3, gamma=1.0,
+                 attack=False,
                  tau=0.2, out_bias="mean")
     res = train_and_evaluate(cfg, None, data=data, progress=False, echo=lambda s: None)
     report[method] = res["mean"]["group"]
