@@ -17,12 +17,11 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
-from grid import METRICS, Run, load_results, run_grid, summary_rows, write_csv  # noqa: E402
+from grid import METRICS, Run, add_grid_args, run_and_collect  # noqa: E402
 import plots  # noqa: E402
 
 from fast_jax.config import Config  # noqa: E402
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
 STRATEGIES = ("origin", "static", "fast")
 
 
@@ -45,23 +44,16 @@ def main(argv=None) -> int:
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--datasets", nargs="+", default=["ml1m", "bookcrossing"])
   p.add_argument("--backbones", nargs="+", default=["melu", "metacs"])
-  p.add_argument("--seeds", type=int, default=5)
-  p.add_argument("--epochs", type=int, default=None)
-  p.add_argument("--p-update", default="step", choices=("step", "epoch"))
-  p.add_argument("--data-dir", default=None)
-  p.add_argument("--root", type=pathlib.Path, default=ROOT / "results" / "runs")
-  p.add_argument("--out", type=pathlib.Path, default=ROOT / "results" / "figure3")
-  p.add_argument("--collect-only", action="store_true")
+  add_grid_args(p, out_name="figure3")
   args = p.parse_args(argv)
   runs = make_runs(args.datasets, args.backbones, seeds=args.seeds, epochs=args.epochs,
                    data_dir=args.data_dir, p_update=args.p_update)
-  results = load_results(args.root, runs) if args.collect_only else run_grid(runs, args.root)
-  rows = summary_rows(runs, results)
-  write_csv(rows, args.out.with_suffix(".csv"))
+  rows = run_and_collect(runs, args)
   plots.grouped_bars(rows, METRICS, group_keys=("dataset", "backbone"), bar_key="label",
                      path=args.out.with_suffix(".png"),
                      title="Origin vs Static vs FAST (mean ± std over seeds)")
-  fast_runs = [args.root / r.name for r in runs if r.label == "fast" and r.name in results]
+  fast_runs = [args.root / r.name for r in runs
+               if r.label == "fast" and (args.root / r.name / "results.json").exists()]
   if fast_runs:
     plots.p_trajectories(fast_runs, args.out.parent / (args.out.name + "_p.png"))
   print(f"wrote {args.out.with_suffix('.png')} and {args.out.with_suffix('.csv')}")

@@ -16,12 +16,11 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
-from grid import Run, load_results, run_grid, summary_rows, write_csv  # noqa: E402
+from grid import Run, add_grid_args, run_and_collect, write_csv  # noqa: E402
 import plots  # noqa: E402
 
 from fast_jax.config import PAPER_GAMMA_TAU, Config  # noqa: E402
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
 GAMMAS = (0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 3.0)
 TAUS = (0.01, 0.03, 0.05, 0.1, 0.2, 0.5, 0.8, 1.0)
 
@@ -48,18 +47,11 @@ def main(argv=None) -> int:
   p.add_argument("--backbones", nargs="+", default=["melu", "metacs"])
   p.add_argument("--gammas", nargs="+", type=float, default=list(GAMMAS))
   p.add_argument("--taus", nargs="+", type=float, default=list(TAUS))
-  p.add_argument("--seeds", type=int, default=5)
-  p.add_argument("--epochs", type=int, default=None)
-  p.add_argument("--p-update", default="step", choices=("step", "epoch"))
-  p.add_argument("--data-dir", default=None)
-  p.add_argument("--root", type=pathlib.Path, default=ROOT / "results" / "runs")
-  p.add_argument("--out", type=pathlib.Path, default=ROOT / "results" / "figure4")
-  p.add_argument("--collect-only", action="store_true")
+  add_grid_args(p, out_name="figure4")
   args = p.parse_args(argv)
   runs = make_runs(args.dataset, args.backbones, args.gammas, args.taus, seeds=args.seeds,
                    epochs=args.epochs, data_dir=args.data_dir, p_update=args.p_update)
-  results = load_results(args.root, runs) if args.collect_only else run_grid(runs, args.root)
-  rows = summary_rows(runs, results)
+  rows = run_and_collect(runs, args)
   for r in rows:
     r["swept"], r["value"] = r["label"].split("=")[0], float(r["label"].split("=")[1])
   write_csv(rows, args.out.with_suffix(".csv"))

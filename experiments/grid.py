@@ -132,3 +132,26 @@ def provenance(argv: list[str]) -> str:
   except OSError:
     commit = "unknown"
   return f"command: `python {' '.join(argv)}`; commit {commit or 'unknown'}"
+
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def add_grid_args(parser, *, out_name: str) -> None:
+  """The flags every driver shares: seeds, epochs, FAST mode, data, run root, output."""
+  parser.add_argument("--seeds", type=int, default=5)
+  parser.add_argument("--epochs", type=int, default=None, help="default: each method's own")
+  parser.add_argument("--p-update", default="step", choices=("step", "epoch"),
+                      help="FAST mode of the FAST runs")
+  parser.add_argument("--data-dir", default=None)
+  parser.add_argument("--root", type=pathlib.Path, default=ROOT / "results" / "runs")
+  parser.add_argument("--out", type=pathlib.Path, default=ROOT / "results" / out_name)
+  parser.add_argument("--collect-only", action="store_true", help="only tabulate finished runs")
+
+
+def run_and_collect(runs: list[Run], args) -> list[dict]:
+  """Run (or, with --collect-only, just load) the grid; write ``<out>.csv``; return rows."""
+  results = load_results(args.root, runs) if args.collect_only else run_grid(runs, args.root)
+  rows = summary_rows(runs, results)
+  write_csv(rows, args.out.with_suffix(".csv"))
+  return rows

@@ -20,8 +20,8 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
-from grid import (METRICS, PAPER_DATASETS, Run, load_results, provenance, run_grid,  # noqa: E402
-                  summary_rows, write_csv)
+from grid import (METRICS, PAPER_DATASETS, Run, add_grid_args, provenance,  # noqa: E402
+                  run_and_collect)
 
 from fast_jax.config import Config  # noqa: E402
 
@@ -29,7 +29,6 @@ BASELINE_ROWS = ("widedeep", "dropoutnet", "nlba", "global-mean", "support-mean"
 META_ROWS = tuple(f"{b}-{m}" for b in ("melu", "metacs")
                   for m in ("origin", "reg", "ipw", "clover", "fast"))
 ROWS = BASELINE_ROWS + META_ROWS
-ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 def make_runs(datasets, rows, *, seeds: int, epochs: int | None, data_dir: str | None,
@@ -94,20 +93,11 @@ def main(argv=None) -> int:
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--datasets", nargs="+", default=list(PAPER_DATASETS))
   p.add_argument("--rows", nargs="+", default=list(ROWS), choices=ROWS)
-  p.add_argument("--seeds", type=int, default=5)
-  p.add_argument("--epochs", type=int, default=None, help="default: each method's own")
-  p.add_argument("--p-update", default="step", choices=("step", "epoch"),
-                 help="FAST mode used for the FAST rows")
-  p.add_argument("--data-dir", default=None)
-  p.add_argument("--root", type=pathlib.Path, default=ROOT / "results" / "runs")
-  p.add_argument("--out", type=pathlib.Path, default=ROOT / "results" / "table2")
-  p.add_argument("--collect-only", action="store_true", help="only tabulate finished runs")
+  add_grid_args(p, out_name="table2")
   args = p.parse_args(argv)
   runs = make_runs(args.datasets, args.rows, seeds=args.seeds, epochs=args.epochs,
                    data_dir=args.data_dir, p_update=args.p_update)
-  results = load_results(args.root, runs) if args.collect_only else run_grid(runs, args.root)
-  rows = summary_rows(runs, results)
-  write_csv(rows, args.out.with_suffix(".csv"))
+  rows = run_and_collect(runs, args)
   text = (f"# Table 2 reproduction\n\n{provenance(sys.argv)}\n\n"
           "Ours: mean ± population std over seeds; in brackets the paper's mean and our "
           "difference. **Bold** / _italic_: best / runner-up per backbone.\n"
