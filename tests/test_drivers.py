@@ -22,6 +22,7 @@ def test_table2_collects_runs_beside_the_paper_values(tmp_path):
   fast = rows["melu-fast"]
   assert float(fast["mae_paper"]) == 1.473 and int(fast["seeds"]) == 5
   assert "melu-fast" in out.with_suffix(".md").read_text()
+  assert (tmp_path / "table2_scatter.png").stat().st_size > 10_000
 
 
 def test_figure3_plots_finished_runs(tmp_path):
