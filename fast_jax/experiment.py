@@ -133,6 +133,16 @@ class RunFolder:
     path = self.out / "seeds" / f"seed-{seed}.json" if self.out is not None else None
     return json.loads(path.read_text()) if path is not None and path.exists() else None
 
+  def replay(self, seed: int) -> dict | None:
+    """A seed finished before a resume: log its records again and return its report.
+    None when the seed has not finished."""
+    saved = self.finished_seed(seed)
+    if saved is None:
+      return None
+    for r in saved["records"]:
+      self.log(r)
+    return saved["report"]
+
   def checkpoint(self, seed: int):
     from fast_jax.checkpoint import SeedCheckpoint
     return SeedCheckpoint(self.out, seed) if self.out is not None else None
@@ -185,14 +195,7 @@ def train_and_evaluate(cfg: Config, out_dir: str | os.PathLike | None = None, *,
   if cfg.vmap_seeds and isinstance(runner, Trainer):
     [(per_seed, diverged)] = _run_lanes(runner, [(cfg, folder)], progress=progress)
   else:
-    per_seed, diverged = [], []
-    for seed in config_lib.seed_list(cfg.seeds):
-      saved = folder.finished_seed(seed)
-      if saved is not None:
-        for r in saved["records"]:
-          folder.log(r)
-        per_seed.append(saved["report"])
-        continue
+    def train(seed: int):
       records: list[dict] = []
 
       def log_seed(r: dict) -> None:
@@ -203,14 +206,10 @@ def train_and_evaluate(cfg: Config, out_dir: str | os.PathLike | None = None, *,
         kwargs = {"checkpoint": folder.checkpoint(seed),
                   "checkpoint_every": cfg.checkpoint_every}
       try:
-        _, report = runner.run_seed(seed, log=log_seed, progress=progress, **kwargs)
+        return runner.run_seed(seed, log=log_seed, progress=progress, **kwargs)[1], records
       except Diverged as e:
-        print(f"warning: {e}", file=sys.stderr)
-        diverged.append({"seed": seed, "message": str(e)})
-        continue
-      entry = {"seed": seed, **report}
-      per_seed.append(entry)
-      folder.save_seed(entry, records)
+        return e, records
+    per_seed, diverged = _collect(folder, config_lib.seed_list(cfg.seeds), train)
   results = folder.finish(cfg, per_seed, diverged)
   echo(format_table(results, data.meta))
   return results
@@ -270,7 +269,6 @@ def _run_lanes(runner, runs: list[tuple[Config, RunFolder]], *,
                progress: bool) -> list[tuple[list[dict], list[dict]]]:
   """Every unfinished (run, seed) of ``runs`` as one lane of ``runner.run_vmapped``;
   per run, its per-seed reports and diverged seeds, with the folders' seed files written."""
-  from fast_jax.train import Diverged
   lanes = [(i, seed) for i, (cfg, folder) in enumerate(runs)
            for seed in config_lib.seed_list(cfg.seeds) if folder.finished_seed(seed) is None]
   records: dict[tuple[int, int], list[dict]] = {lane: [] for lane in lanes}
@@ -279,28 +277,36 @@ def _run_lanes(runner, runs: list[tuple[Config, RunFolder]], *,
       log=lambda k, record: records[lanes[k]].append(record),
       progress=progress) if lanes else []
   by_lane = dict(zip(lanes, reports))
-  outcomes = []
-  for i, (cfg, folder) in enumerate(runs):
-    per_seed, diverged = [], []
-    for seed in config_lib.seed_list(cfg.seeds):
-      saved = folder.finished_seed(seed)
-      if saved is not None:
-        for r in saved["records"]:
-          folder.log(r)
-        per_seed.append(saved["report"])
-        continue
+
+  def collected(i: int, cfg: Config, folder: RunFolder):
+    def train(seed: int):
       for r in records[(i, seed)]:
         folder.log(r)
-      report = by_lane[(i, seed)]
-      if isinstance(report, Diverged):
-        print(f"warning: {report}", file=sys.stderr)
-        diverged.append({"seed": seed, "message": str(report)})
-        continue
-      entry = {"seed": seed, **report}
-      per_seed.append(entry)
-      folder.save_seed(entry, records[(i, seed)])
-    outcomes.append((per_seed, diverged))
-  return outcomes
+      return by_lane[(i, seed)], records[(i, seed)]
+    return _collect(folder, config_lib.seed_list(cfg.seeds), train)
+  return [collected(i, cfg, folder) for i, (cfg, folder) in enumerate(runs)]
+
+
+def _collect(folder: RunFolder, seeds: list[int], train: Callable) -> tuple[list, list]:
+  """Per-seed reports and diverged seeds of a run: a seed finished before a resume is
+  replayed from its folder, any other comes from ``train(seed) -> (report or Diverged,
+  epoch records)`` and is filed (its report kept in ``seeds/``)."""
+  from fast_jax.train import Diverged
+  per_seed, diverged = [], []
+  for seed in seeds:
+    done = folder.replay(seed)
+    if done is not None:
+      per_seed.append(done)
+      continue
+    outcome, records = train(seed)
+    if isinstance(outcome, Diverged):
+      print(f"warning: {outcome}", file=sys.stderr)
+      diverged.append({"seed": seed, "message": str(outcome)})
+      continue
+    entry = {"seed": seed, **outcome}
+    per_seed.append(entry)
+    folder.save_seed(entry, records)
+  return per_seed, diverged
 
 
 def _check_same_settings(out: pathlib.Path, record: dict) -> None:
