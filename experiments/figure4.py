@@ -2,10 +2,16 @@
 
     python experiments/figure4.py --data-dir ../shared/data
     python experiments/figure4.py --backbones melu --seeds 2 --gammas 0.5 2 --taus 0.1
+    python experiments/figure4.py --vmap     # each backbone's whole sweep as one program
 
 gamma sweeps with tau at the paper's Table 3 value and tau sweeps with gamma at its
 Table 3 value, for each backbone. Writes ``results/figure4.png`` (MAE and GF(MAE) against
 the swept value) and ``results/figure4.csv``.
+
+With ``--vmap`` the points of a backbone's sweep (and their seeds) differ only in gamma
+and tau, which live in the train state, so they train as the lanes of one vmapped
+program (``fast_jax.experiment.sweep_and_evaluate``): one compilation, no mid-run
+checkpoints (a stopped sweep restarts its unfinished points).
 """
 
 from __future__ import annotations

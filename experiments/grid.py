@@ -64,30 +64,57 @@ class Run:
 
 
 def run_grid(runs: list[Run], root: pathlib.Path, *, progress: bool = False,
-             log=print) -> dict[str, dict]:
-  """Run every configuration that has no results yet; return name -> results."""
-  from fast_jax.experiment import train_and_evaluate
+             vmap: bool = False, log=print) -> dict[str, dict]:
+  """Run every configuration that has no results yet; return name -> results.
+
+  With ``vmap``, the unfinished meta-learning runs that differ only in gamma and tau
+  (and each run's seeds) train together as one vectorised program
+  (:func:`fast_jax.experiment.sweep_and_evaluate`); the others run one by one.
+  """
+  from fast_jax.config import BASELINES
+  from fast_jax.experiment import SWEEPABLE, sweep_and_evaluate, train_and_evaluate
   root.mkdir(parents=True, exist_ok=True)
-  out = {}
+  out, todo = {}, []
   for run in runs:
     folder = root / run.name
     if (folder / "results.json").exists():
       out[run.name] = json.loads((folder / "results.json").read_text())
-      continue
+    else:
+      todo.append(run)
+  groups: dict = {}
+  for run in todo:
+    shared = {k: v for k, v in run.cfg.to_dict().items() if k not in SWEEPABLE}
+    key = json.dumps(shared, sort_keys=True, default=str) if (
+        vmap and run.cfg.method not in BASELINES) else run.name
+    groups.setdefault(key, []).append(run)
+  for group in groups.values():
     t0 = time.perf_counter()
-    resume = (folder / "config.json").exists()
-    out[run.name] = train_and_evaluate(run.cfg, folder, progress=progress, resume=resume,
-                                       echo=lambda s: None)
-    _record_wall_time(folder, time.perf_counter() - t0, resumed=resume)
-    m = out[run.name]["mean"]
-    log(f"{run.name}: MAE {m['mae']:.3f} MSE {m['mse']:.3f} GF(MAE) {m['gf_mae']:.3f} "
-        f"GF(MSE) {m['gf_mse']:.3f} ({time.perf_counter() - t0:.0f} s)")
+    folders = [root / r.name for r in group]
+    resumed = any((f / "config.json").exists() for f in folders)
+    if vmap and group[0].cfg.method not in BASELINES:
+      done = sweep_and_evaluate([r.cfg for r in group], folders, progress=progress,
+                                echo=lambda s: None)
+    else:
+      done = [train_and_evaluate(group[0].cfg, folders[0], progress=progress, resume=resumed,
+                                 echo=lambda s: None)]
+    seconds = time.perf_counter() - t0
+    for run, folder, res in zip(group, folders, done):
+      out[run.name] = res
+      _record_wall_time(folder, seconds, resumed=resumed,
+                        note=f"one vectorised program with {len(group)} runs" if len(group) > 1
+                        else "")
+      m = res["mean"]
+      log(f"{run.name}: MAE {m['mae']:.3f} MSE {m['mse']:.3f} GF(MAE) {m['gf_mae']:.3f} "
+          f"GF(MSE) {m['gf_mse']:.3f} ({seconds:.0f} s)")
   return out
 
 
-def _record_wall_time(folder: pathlib.Path, seconds: float, *, resumed: bool) -> None:
+def _record_wall_time(folder: pathlib.Path, seconds: float, *, resumed: bool,
+                      note: str = "") -> None:
+  folder.mkdir(parents=True, exist_ok=True)
+  notes = ", ".join(n for n in ("resumed" if resumed else "", note) if n)
   with open(folder / "wall_time.txt", "a") as f:
-    f.write(f"{seconds:.1f} s{' (resumed)' if resumed else ''}\n")
+    f.write(f"{seconds:.1f} s{f' ({notes})' if notes else ''}\n")
 
 
 def load_results(root: pathlib.Path, runs: list[Run]) -> dict[str, dict]:
@@ -147,11 +174,15 @@ def add_grid_args(parser, *, out_name: str) -> None:
   parser.add_argument("--root", type=pathlib.Path, default=ROOT / "results" / "runs")
   parser.add_argument("--out", type=pathlib.Path, default=ROOT / "results" / out_name)
   parser.add_argument("--collect-only", action="store_true", help="only tabulate finished runs")
+  parser.add_argument("--vmap", action="store_true",
+                      help="train each run's seeds, and the gamma/tau points of a sweep, as one "
+                           "vectorised program (no mid-run checkpoints)")
 
 
 def run_and_collect(runs: list[Run], args) -> list[dict]:
   """Run (or, with --collect-only, just load) the grid; write ``<out>.csv``; return rows."""
-  results = load_results(args.root, runs) if args.collect_only else run_grid(runs, args.root)
+  results = (load_results(args.root, runs) if args.collect_only
+             else run_grid(runs, args.root, vmap=args.vmap))
   rows = summary_rows(runs, results)
   write_csv(rows, args.out.with_suffix(".csv"))
   return rows

@@ -9,7 +9,7 @@ FAST, and the reference predictors. Runs go to ``--root`` (default ``results/run
 one folder per (row, dataset), and are resumable. Writes ``results/table2.md`` and
 ``results/table2.csv``: our mean ± std beside the paper's value and the difference, with
 the best (**bold**) and runner-up (_italic_) of each column marked per backbone, as the
-paper does.
+paper does, and ``results/table2_scatter.png``: GF(MAE) against MAE for every row.
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 from grid import (METRICS, PAPER_DATASETS, Run, add_grid_args, provenance,  # noqa: E402
                   run_and_collect)
+
+import plots  # noqa: E402
 
 from fast_jax.config import Config  # noqa: E402
 
@@ -103,6 +105,8 @@ def main(argv=None) -> int:
           "difference. **Bold** / _italic_: best / runner-up per backbone.\n"
           + markdown(rows, args.datasets))
   args.out.with_suffix(".md").write_text(text)
+  if rows:  # the fairness-utility trade-off of every row, one panel per dataset
+    plots.scatter(rows, args.out.parent / f"{args.out.name}_scatter.png")
   print(text)
   return 0
 

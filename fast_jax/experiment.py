@@ -99,6 +99,73 @@ def make_runner(cfg: Config, data):
   return Trainer(cfg, data)
 
 
+class RunFolder:
+  """The result files of one run in ``out`` (DESIGN.md); does nothing when ``out`` is None.
+
+  Opening it writes ``config.json`` and starts ``metrics.jsonl``. With ``resume=True`` it
+  continues a run of the same settings (refusing other settings): finished seeds are kept
+  in ``seeds/seed-S.json`` and unfinished ones in ``checkpoints/``.
+  """
+
+  def __init__(self, out: str | os.PathLike | None, cfg: Config, data, *, resume: bool):
+    self.out = pathlib.Path(out) if out is not None else None
+    if resume and self.out is None:
+      raise UsageError("--resume needs --out: the folder of the run to continue")
+    if self.out is None:
+      return
+    _prepare_out(self.out)
+    record = run_record(cfg, data)
+    if resume:
+      _check_same_settings(self.out, record)
+    else:
+      for stale in ("checkpoints", "seeds"):
+        shutil.rmtree(self.out / stale, ignore_errors=True)
+    write_json_atomic(self.out / "config.json", record)
+    (self.out / "metrics.jsonl").write_text("")
+
+  def log(self, record: dict) -> None:
+    if self.out is not None:
+      with open(self.out / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(_jsonable(record)) + "\n")
+
+  def finished_seed(self, seed: int) -> dict | None:
+    """``{"report", "records"}`` of a seed finished before a resume, else None."""
+    path = self.out / "seeds" / f"seed-{seed}.json" if self.out is not None else None
+    return json.loads(path.read_text()) if path is not None and path.exists() else None
+
+  def replay(self, seed: int) -> dict | None:
+    """A seed finished before a resume: log its records again and return its report.
+    None when the seed has not finished."""
+    saved = self.finished_seed(seed)
+    if saved is None:
+      return None
+    for r in saved["records"]:
+      self.log(r)
+    return saved["report"]
+
+  def checkpoint(self, seed: int):
+    from fast_jax.checkpoint import SeedCheckpoint
+    return SeedCheckpoint(self.out, seed) if self.out is not None else None
+
+  def save_seed(self, entry: dict, records: list[dict]) -> None:
+    if self.out is not None:
+      (self.out / "seeds").mkdir(exist_ok=True)
+      write_json_atomic(self.out / "seeds" / f"seed-{entry['seed']}.json",
+                        {"report": entry, "records": records})
+
+  def finish(self, cfg: Config, per_seed: list[dict], diverged: list[dict]) -> dict:
+    """Aggregate the seeds and write ``results.json``; return its content."""
+    from fast_jax.train import Diverged
+    if not per_seed:
+      raise Diverged("every seed diverged: " + "; ".join(d["message"] for d in diverged))
+    results = {"config": cfg.to_dict(), "per_seed": per_seed, **aggregate(per_seed)}
+    if diverged:
+      results["diverged"] = diverged
+    if self.out is not None:
+      write_json_atomic(self.out / "results.json", results)
+    return results
+
+
 def train_and_evaluate(cfg: Config, out_dir: str | os.PathLike | None = None, *, data=None,
                        progress: bool = True, resume: bool = False,
                        echo: Callable[[str], None] = print) -> dict:
@@ -117,82 +184,129 @@ def train_and_evaluate(cfg: Config, out_dir: str | os.PathLike | None = None, *,
   Returns:
     the content of ``results.json``.
   """
-  from fast_jax.checkpoint import SeedCheckpoint
   from fast_jax.train import Diverged, Trainer
   check_config(cfg)
   if data is None:
     data = load_dataset(cfg, progress=progress)
   cfg = config_lib.resolve(cfg, data.meta.get("dataset"))
   check_data(cfg, data)
-  out = pathlib.Path(out_dir) if out_dir is not None else None
-  if resume and out is None:
-    raise UsageError("--resume needs --out: the folder of the run to continue")
-  if out is not None:
-    _prepare_out(out)
-    record = run_record(cfg, data)
-    if resume:
-      _check_same_settings(out, record)
-    else:
-      for stale in ("checkpoints", "seeds"):
-        shutil.rmtree(out / stale, ignore_errors=True)
-    write_json_atomic(out / "config.json", record)
-    (out / "metrics.jsonl").write_text("")
-
-  def log(record: dict) -> None:
-    if out is not None:
-      with open(out / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(_jsonable(record)) + "\n")
-
+  folder = RunFolder(out_dir, cfg, data, resume=resume)
   runner = make_runner(cfg, data)
-  per_seed, diverged = [], []
   if cfg.vmap_seeds and isinstance(runner, Trainer):
-    todo = [s for s in config_lib.seed_list(cfg.seeds)
-            if out is None or not (out / "seeds" / f"seed-{s}.json").exists()]
-    reports = runner.run_seeds_vmapped(todo, log=log, progress=progress) if todo else []
-    vmapped = dict(zip(todo, reports))
+    [(per_seed, diverged)] = _run_lanes(runner, [(cfg, folder)], progress=progress)
   else:
-    vmapped = {}
-  for seed in config_lib.seed_list(cfg.seeds):
-    done = out / "seeds" / f"seed-{seed}.json" if out is not None else None
-    kwargs = {}
-    if out is not None and isinstance(runner, Trainer):
-      kwargs = {"checkpoint": SeedCheckpoint(out, seed), "checkpoint_every": cfg.checkpoint_every}
-    if done is not None and done.exists():
-      saved = json.loads(done.read_text())
-      for r in saved["records"]:
-        log(r)
-      per_seed.append(saved["report"])
-      continue
-    records: list[dict] = []
+    def train(seed: int):
+      records: list[dict] = []
 
-    def log_seed(r: dict) -> None:
-      records.append(r)
-      log(r)
-    try:
-      if seed in vmapped:
-        report = vmapped[seed]
-        records = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()
-                   if json.loads(l)["seed"] == seed] if out is not None else []
-      else:
-        _, report = runner.run_seed(seed, log=log_seed, progress=progress, **kwargs)
-    except Diverged as e:
-      print(f"warning: {e}", file=sys.stderr)
-      diverged.append({"seed": seed, "message": str(e)})
-      continue
-    entry = {"seed": seed, **report}
-    per_seed.append(entry)
-    if done is not None:
-      done.parent.mkdir(exist_ok=True)
-      write_json_atomic(done, {"report": entry, "records": records})
-  if not per_seed:
-    raise Diverged("every seed diverged: " + "; ".join(d["message"] for d in diverged))
-  results = {"config": cfg.to_dict(), "per_seed": per_seed, **aggregate(per_seed)}
-  if diverged:
-    results["diverged"] = diverged
-  if out is not None:
-    write_json_atomic(out / "results.json", results)
+      def log_seed(r: dict) -> None:
+        records.append(r)
+        folder.log(r)
+      kwargs = {}
+      if folder.out is not None and isinstance(runner, Trainer):
+        kwargs = {"checkpoint": folder.checkpoint(seed),
+                  "checkpoint_every": cfg.checkpoint_every}
+      try:
+        return runner.run_seed(seed, log=log_seed, progress=progress, **kwargs)[1], records
+      except Diverged as e:
+        return e, records
+    per_seed, diverged = _collect(folder, config_lib.seed_list(cfg.seeds), train)
+  results = folder.finish(cfg, per_seed, diverged)
   echo(format_table(results, data.meta))
   return results
+
+
+# Config fields a vectorised sweep may vary: they live in the train state, not the program.
+SWEEPABLE = ("gamma", "tau")
+
+
+def sweep_and_evaluate(cfgs: list[Config], out_dirs: list | None = None, *, data=None,
+                       progress: bool = True, echo: Callable[[str], None] = print) -> list[dict]:
+  """Train configurations that differ only in FAST's ``gamma`` and ``tau`` as one
+  vectorised program: each (configuration, seed) is a lane of a ``vmap``-ped epoch.
+
+  Each configuration gets the files of :func:`train_and_evaluate` in its ``out_dirs``
+  entry (None: no files); results match running them one by one. A folder holding part
+  of a run of the same settings is resumed: its finished seeds are not retrained.
+
+  Returns:
+    each configuration's ``results.json`` content, in order.
+  """
+  from fast_jax.train import Trainer
+  if not cfgs:
+    return []
+  out_dirs = list(out_dirs) if out_dirs is not None else [None] * len(cfgs)
+  if len(out_dirs) != len(cfgs):
+    raise ValueError(f"{len(cfgs)} configurations but {len(out_dirs)} output folders")
+  for cfg in cfgs:
+    check_config(cfg)
+  if data is None:
+    data = load_dataset(cfgs[0], progress=progress)
+  cfgs = [config_lib.resolve(c, data.meta.get("dataset")) for c in cfgs]
+  base = cfgs[0].to_dict()
+  for cfg in cfgs:
+    check_data(cfg, data)
+    other = {k: v for k, v in cfg.to_dict().items() if k not in SWEEPABLE and v != base[k]}
+    if other:
+      k = next(iter(other))
+      raise UsageError(f"a vectorised sweep varies only {' and '.join(SWEEPABLE)}; "
+                       f"{k} is {base[k]!r} in one configuration and {other[k]!r} in another")
+  runner = make_runner(cfgs[0], data)
+  if not isinstance(runner, Trainer):
+    raise UsageError(f"--method {cfgs[0].method} is not meta-learned: it has no "
+                     f"vectorised seeds or sweeps")
+  folders = [RunFolder(o, c, data, resume=o is not None and
+                       (pathlib.Path(o) / "config.json").exists())
+             for c, o in zip(cfgs, out_dirs)]
+  outcomes = _run_lanes(runner, list(zip(cfgs, folders)), progress=progress)
+  results = []
+  for cfg, folder, (per_seed, diverged) in zip(cfgs, folders, outcomes):
+    results.append(folder.finish(cfg, per_seed, diverged))
+    echo(f"gamma={cfg.gamma:g} tau={cfg.tau:g}: " + format_table(results[-1], data.meta))
+  return results
+
+
+def _run_lanes(runner, runs: list[tuple[Config, RunFolder]], *,
+               progress: bool) -> list[tuple[list[dict], list[dict]]]:
+  """Every unfinished (run, seed) of ``runs`` as one lane of ``runner.run_vmapped``;
+  per run, its per-seed reports and diverged seeds, with the folders' seed files written."""
+  lanes = [(i, seed) for i, (cfg, folder) in enumerate(runs)
+           for seed in config_lib.seed_list(cfg.seeds) if folder.finished_seed(seed) is None]
+  records: dict[tuple[int, int], list[dict]] = {lane: [] for lane in lanes}
+  reports = runner.run_vmapped(
+      [seed for _, seed in lanes], hypers=[(runs[i][0].gamma, runs[i][0].tau) for i, _ in lanes],
+      log=lambda k, record: records[lanes[k]].append(record),
+      progress=progress) if lanes else []
+  by_lane = dict(zip(lanes, reports))
+
+  def collected(i: int, cfg: Config, folder: RunFolder):
+    def train(seed: int):
+      for r in records[(i, seed)]:
+        folder.log(r)
+      return by_lane[(i, seed)], records[(i, seed)]
+    return _collect(folder, config_lib.seed_list(cfg.seeds), train)
+  return [collected(i, cfg, folder) for i, (cfg, folder) in enumerate(runs)]
+
+
+def _collect(folder: RunFolder, seeds: list[int], train: Callable) -> tuple[list, list]:
+  """Per-seed reports and diverged seeds of a run: a seed finished before a resume is
+  replayed from its folder, any other comes from ``train(seed) -> (report or Diverged,
+  epoch records)`` and is filed (its report kept in ``seeds/``)."""
+  from fast_jax.train import Diverged
+  per_seed, diverged = [], []
+  for seed in seeds:
+    done = folder.replay(seed)
+    if done is not None:
+      per_seed.append(done)
+      continue
+    outcome, records = train(seed)
+    if isinstance(outcome, Diverged):
+      print(f"warning: {outcome}", file=sys.stderr)
+      diverged.append({"seed": seed, "message": str(outcome)})
+      continue
+    entry = {"seed": seed, **outcome}
+    per_seed.append(entry)
+    folder.save_seed(entry, records)
+  return per_seed, diverged
 
 
 def _check_same_settings(out: pathlib.Path, record: dict) -> None:

@@ -45,6 +45,8 @@ class TrainState:
   alpha_opt_state: Any    # () when alpha is not learned
   p: jax.Array            # float[G] FAST sampling probabilities
   step: jax.Array         # int32 outer step counter
+  gamma: jax.Array        # float32 FAST rate and cap of one p update (Eq. 9). In the state,
+  tau: jax.Array          # not the config, so that a sweep over them vmaps like seeds do.
   extra: Any = ()         # method-specific state (e.g. adversaries)
 
 
@@ -202,7 +204,7 @@ def make_train_step(learner: MetaLearner, objective: Objective, tx, alpha_tx, *,
       group_loss, present = fairness.group_means(gap_values, batch["group"], num_groups)
       p = state.p
       if objective.p_rule == "step":
-        p = fairness.update_p(p, group_loss, present, cfg.gamma, cfg.tau)
+        p = fairness.update_p(p, group_loss, present, state.gamma, state.tau)
       w = objective.weights(k_weights, batch["group"], p)
       terms = OuterTerms(mse=mse, mae=mae, group=batch["group"], weights=w, pred=pred, y=y_q,
                          x=meta.take_rows(batch["x"], query))
@@ -376,7 +378,8 @@ class Trainer:
     return TrainState(params=params, opt_state=self.tx.init(params), alpha=alpha,
                       alpha_opt_state=alpha_opt_state,
                       p=jnp.full((self.num_groups,), 1.0 / self.num_groups, jnp.float32),
-                      step=jnp.zeros((), jnp.int32))
+                      step=jnp.zeros((), jnp.int32), gamma=jnp.float32(self.cfg.gamma),
+                      tau=jnp.float32(self.cfg.tau))
 
   def evaluate(self, state: TrainState, split: str) -> dict:
     data = {"train": self.train_data, "valid": self.valid_data, "test": self.test_data}[split]
@@ -390,7 +393,7 @@ class Trainer:
     values = jnp.asarray(per_user[self.cfg.gap_loss])
     group_loss, present = fairness.group_means(values, self.train_data["group"],
                                                self.num_groups)
-    p = self._update_p(state.p, group_loss, present, self.cfg.gamma, self.cfg.tau)
+    p = self._update_p(state.p, group_loss, present, state.gamma, state.tau)
     return state.replace(p=p), np.asarray(group_loss)
 
   def run_seed(self, seed: int, *, log: Callable[[dict], None] = lambda r: None,
@@ -460,23 +463,33 @@ class Trainer:
               "seconds": time.perf_counter() - t0}
     return state, record
 
-  def run_seeds_vmapped(self, seeds: list[int], *, log: Callable[[dict], None] = lambda r: None,
-                        progress: bool = True) -> list[dict]:
-    """Train several seeds as one vectorised program: the epoch scan ``vmap``-ped over a
-    stack of train states (one per seed) and their keys.
+  def run_vmapped(self, seeds: list[int], *, hypers: list[tuple[float, float]] | None = None,
+                  log: Callable[[int, dict], None] = lambda lane, r: None,
+                  progress: bool = True) -> list[dict | Diverged]:
+    """Train several lanes as one vectorised program: the epoch scan ``vmap``-ped over a
+    stack of train states and their keys. Lane i is seed ``seeds[i]`` with FAST's
+    ``(gamma, tau) = hypers[i]`` (default: the config's), so the seeds of a configuration
+    and the points of a gamma/tau sweep train together.
 
-    Keys, initial states and selection are those of :meth:`run_seed`, so each seed's
+    Keys, initial states and selection are those of :meth:`run_seed`, so each lane's
     result matches a sequential run up to floating-point reassociation. Validation, the
-    epoch-mode p update and logging run per seed on the host. No mid-run checkpoints.
+    epoch-mode p update and logging (``log(lane, record)``) run per lane on the host. No
+    mid-run checkpoints.
 
     Returns:
-      the per-seed test reports, in the order of ``seeds``.
+      per lane, its test report, or the :class:`Diverged` error that stopped it (its
+      state keeps computing with the others but is no longer logged or selected).
     """
+    hypers = hypers or [(self.cfg.gamma, self.cfg.tau)] * len(seeds)
+    if len(hypers) != len(seeds):
+      raise ValueError(f"{len(seeds)} seeds but {len(hypers)} (gamma, tau) pairs")
     k_init, k_train = zip(*(jax.random.split(jax.random.key(s)) for s in seeds))
-    states = _stack([self.init_state(k) for k in k_init])
+    states = _stack([self.init_state(k).replace(gamma=jnp.float32(g), tau=jnp.float32(t))
+                     for k, (g, t) in zip(k_init, hypers)])
     epoch_fn = jax.jit(jax.vmap(self.train_epoch, in_axes=(0, None, 0)))
-    best = [(np.inf, None)] * len(seeds)
-    for epoch in tqdm(range(1, self.cfg.epochs + 1), desc=f"{len(seeds)} seeds",
+    best: list[tuple[float, Any]] = [(np.inf, _index(states, i)) for i in range(len(seeds))]
+    failed: dict[int, Diverged] = {}
+    for epoch in tqdm(range(1, self.cfg.epochs + 1), desc=f"{len(seeds)} lanes",
                       disable=not progress, leave=False):
       t0 = time.perf_counter()
       keys = jnp.stack([jax.random.fold_in(k, epoch) for k in k_train])
@@ -484,15 +497,21 @@ class Trainer:
       step_metrics = jax.device_get(step_metrics)
       finished = []
       for i, seed in enumerate(seeds):
-        state, record = self.end_of_epoch(seed, epoch, _index(states, i),
-                                          _index(step_metrics, i), t0)
-        if record["valid"]["mae"] < best[i][0]:
-          best[i] = (record["valid"]["mae"], state)
+        state = _index(states, i)
+        if i not in failed:
+          try:
+            state, record = self.end_of_epoch(seed, epoch, state, _index(step_metrics, i), t0)
+          except Diverged as e:
+            failed[i] = e
+          else:
+            if record["valid"]["mae"] < best[i][0]:
+              best[i] = (record["valid"]["mae"], state)
+            log(i, record)
         finished.append(state)
-        log(record)
       states = _stack(finished)
     select = self.cfg.select == "best-valid"
-    return [self.test_report(best[i][1] if select else _index(states, i))
+    return [failed[i] if i in failed else
+            self.test_report(best[i][1] if select else _index(states, i))
             for i in range(len(seeds))]
 
 

@@ -22,6 +22,7 @@ def test_table2_collects_runs_beside_the_paper_values(tmp_path):
   fast = rows["melu-fast"]
   assert float(fast["mae_paper"]) == 1.473 and int(fast["seeds"]) == 5
   assert "melu-fast" in out.with_suffix(".md").read_text()
+  assert (tmp_path / "table2_scatter.png").stat().st_size > 10_000
 
 
 def test_figure3_plots_finished_runs(tmp_path):
@@ -33,3 +34,31 @@ def test_figure3_plots_finished_runs(tmp_path):
   assert labels == {"origin", "static", "fast"}
   assert out.with_suffix(".png").stat().st_size > 10_000
   assert (tmp_path / "figure3_p.png").exists()
+
+
+def test_vmapped_grid_groups_the_runs_that_differ_in_gamma_and_tau_only(tmp_path, monkeypatch):
+  sys.path.insert(0, str(ROOT / "experiments"))
+  import grid
+  from fast_jax import experiment
+  from fast_jax.config import Config
+  calls = []
+  fake = {"mean": {k: 0.0 for k in grid.METRICS}}
+
+  def sweep(cfgs, folders, **kw):
+    calls.append(("sweep", [(c.backbone, c.gamma) for c in cfgs]))
+    return [fake] * len(cfgs)
+
+  def single(cfg, folder, **kw):
+    calls.append(("single", [(cfg.method, cfg.gamma)]))
+    return fake
+  monkeypatch.setattr(experiment, "sweep_and_evaluate", sweep)
+  monkeypatch.setattr(experiment, "train_and_evaluate", single)
+  runs = [grid.Run(f"r{i}", Config(backbone=b, method=m, gamma=g))
+          for i, (b, m, g) in enumerate([("melu", "fast", 1.0), ("metacs", "fast", 1.0),
+                                         ("melu", "fast", 2.0), ("melu", "global-mean", 1.0)])]
+  out = grid.run_grid(runs, tmp_path, vmap=True, log=lambda s: None)
+  assert sorted(out) == ["r0", "r1", "r2", "r3"]
+  assert sorted(calls) == [("single", [("global-mean", 1.0)]),
+                           ("sweep", [("melu", 1.0), ("melu", 2.0)]),
+                           ("sweep", [("metacs", 1.0)])]
+  assert "one vectorised program with 2 runs" in (tmp_path / "r2" / "wall_time.txt").read_text()

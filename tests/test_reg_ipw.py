@@ -50,7 +50,8 @@ def _toy_step(method, reg_weight=0.0, reg_kind="loss", lr=0.005):
   tx = optax.sgd(lr)
   step = make_train_step(learner, objective, tx, None, cfg=cfg, num_groups=2, max_len=20)
   state = TrainState(params=params, opt_state=tx.init(params), alpha=jnp.float32(0.01),
-                     alpha_opt_state=(), p=jnp.full((2,), 0.5), step=jnp.zeros((), jnp.int32))
+                     alpha_opt_state=(), p=jnp.full((2,), 0.5), step=jnp.zeros((), jnp.int32),
+                     gamma=jnp.float32(cfg.gamma), tau=jnp.float32(cfg.tau))
   return learner, quick_jit(step), state, batch
 
 

@@ -10,7 +10,7 @@ import pytest
 from fast_jax import train as train_lib
 from fast_jax.checkpoint import SeedCheckpoint
 from fast_jax.config import Config
-from fast_jax.experiment import UsageError, train_and_evaluate
+from fast_jax.experiment import UsageError, sweep_and_evaluate, train_and_evaluate
 from fast_jax.train import Diverged, Trainer
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
@@ -107,12 +107,25 @@ def test_an_absurd_learning_rate_is_reported_as_divergence(tmp_path):
   assert "Traceback" not in proc.stderr
 
 
-def test_vmapped_seeds_match_sequential_seeds(prepared):
+def test_vmapped_seeds_and_sweep_points_match_sequential_runs(prepared, tmp_path):
   data = prepared("synthetic")
-  cfg = dict(dataset="synthetic", method="fast", epochs=1, seeds=2, lr=1e-3, attack=False)
-  seq = train_and_evaluate(Config(**cfg), None, data=data, **QUIET)
-  vec = train_and_evaluate(Config(**cfg, vmap_seeds=True), None, data=data, **QUIET)
-  for a, b in zip(seq["per_seed"], vec["per_seed"]):
-    assert a["seed"] == b["seed"]
-    for k in ("mae", "mse", "gf_mae"):
-      np.testing.assert_allclose(a[k], b[k], rtol=1e-4)
+  # One seed each: the two lanes differ in gamma and tau only (tau small enough that p
+  # cannot saturate within the epoch, so the two trajectories must differ).
+  base = dict(dataset="synthetic", method="fast", epochs=1, seeds=1, lr=1e-3, attack=False)
+  cfgs = [Config(**base, gamma=0.5, tau=0.002), Config(**base, gamma=3.0, tau=0.01)]
+  vec = sweep_and_evaluate(cfgs, [tmp_path / "vec-a", tmp_path / "vec-b"], data=data, **QUIET)
+  seq = [train_and_evaluate(c, tmp_path / f"seq-{n}", data=data, **QUIET)
+         for c, n in zip(cfgs, "ab")]
+  for v, s in zip(vec, seq):
+    for a, b in zip(s["per_seed"], v["per_seed"]):
+      assert a["seed"] == b["seed"]
+      for k in ("mae", "mse", "gf_mae"):
+        np.testing.assert_allclose(a[k], b[k], rtol=1e-4)
+  p = {n: [r["p"] for r in _records(tmp_path / n)] for n in ("vec-a", "vec-b", "seq-a", "seq-b")}
+  np.testing.assert_allclose(p["vec-a"], p["seq-a"], atol=1e-5)
+  np.testing.assert_allclose(p["vec-b"], p["seq-b"], atol=1e-5)
+  assert not np.allclose(p["vec-a"], p["vec-b"])  # the lanes really had their own gamma/tau
+  assert (tmp_path / "vec-a" / "seeds" / "seed-1024.json").exists()
+
+  with pytest.raises(UsageError, match="varies only gamma and tau; lr"):
+    sweep_and_evaluate([cfgs[0], Config(**{**base, "lr": 1e-2})], data=data, **QUIET)
