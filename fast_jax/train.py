@@ -495,7 +495,7 @@ class Trainer:
       keys = jnp.stack([jax.random.fold_in(k, epoch) for k in k_train])
       states, step_metrics = epoch_fn(states, self.train_data, keys)
       step_metrics = jax.device_get(step_metrics)
-      finished = []
+      new_p = []
       for i, seed in enumerate(seeds):
         state = _index(states, i)
         if i not in failed:
@@ -507,8 +507,9 @@ class Trainer:
             if record["valid"]["mae"] < best[i][0]:
               best[i] = (record["valid"]["mae"], state)
             log(i, record)
-        finished.append(state)
-      states = _stack(finished)
+        new_p.append(state.p)
+      # end_of_epoch moves only p (epoch mode): restack p, not the whole train state.
+      states = states.replace(p=jnp.stack(new_p))
     select = self.cfg.select == "best-valid"
     return [failed[i] if i in failed else
             self.test_report(best[i][1] if select else _index(states, i))
