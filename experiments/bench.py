@@ -40,13 +40,14 @@ def timed(fn, *args):
   return out, time.perf_counter() - t0
 
 
-def bench_scan(trainer: Trainer, epochs: int) -> dict:
+def bench_scan(trainer: Trainer, epochs: int, train_epoch=None) -> dict:
+  train_epoch = train_epoch or trainer.train_epoch
   key = jax.random.key(0)
   state = trainer.init_state(key)
-  (state, _), compile_s = timed(trainer.train_epoch, state, trainer.train_data, key)
+  (state, _), compile_s = timed(train_epoch, state, trainer.train_data, key)
   times, with_valid = [], []
   for e in range(epochs):
-    (state, _), dt = timed(trainer.train_epoch, state, trainer.train_data,
+    (state, _), dt = timed(train_epoch, state, trainer.train_data,
                            jax.random.fold_in(key, e))
     t0 = time.perf_counter()
     trainer.evaluate(state, "valid")
@@ -59,17 +60,19 @@ def bench_scan(trainer: Trainer, epochs: int) -> dict:
 
 
 def bench_vmapped_seeds(trainer: Trainer, seeds: int) -> dict:
-  """One epoch of ``seeds`` seeds as one vmapped program vs the seeds one after another."""
+  """One epoch of ``seeds`` seeds as one vmapped program vs the seeds one after another,
+  both on whole batches (vmapped lanes do not run by length, see Trainer.run_vmapped)."""
   keys = jax.random.split(jax.random.key(0), seeds)
   states = jax.tree.map(lambda *a: jnp.stack(a), *[trainer.init_state(k) for k in keys])
-  vepoch = jax.jit(jax.vmap(trainer.train_epoch, in_axes=(0, None, 0)))
+  whole = trainer.build_epoch(trainer.build_step(budgets=()))
+  vepoch = jax.jit(jax.vmap(whole, in_axes=(0, None, 0)))
   _, compile_s = timed(vepoch, states, trainer.train_data, keys)
   _, vmapped = timed(vepoch, states, trainer.train_data, keys)
   state = trainer.init_state(keys[0])
-  timed(trainer.train_epoch, state, trainer.train_data, keys[0])  # compiled already; warm
+  timed(whole, state, trainer.train_data, keys[0])  # compile outside the timing
   t0 = time.perf_counter()
   for k in keys:
-    jax.block_until_ready(trainer.train_epoch(state, trainer.train_data, k))
+    jax.block_until_ready(whole(state, trainer.train_data, k))
   sequential = time.perf_counter() - t0
   return {"compile_s": compile_s, "vmapped_s": vmapped, "sequential_s": sequential}
 
@@ -132,13 +135,16 @@ def main(argv=None) -> int:
   p.add_argument("--loop-steps", type=int, default=5,
                  help="steps of the per-user Python loop to time (extrapolated to an epoch)")
   p.add_argument("--first-order", action="store_true")
+  p.add_argument("--length-parts", type=int, default=None,
+                 help="length-sorted parts per batch (default: as in a 50-epoch run); "
+                      "timed against whole batches")
   p.add_argument("--seeds", type=int, default=0,
                  help="also time an epoch of this many seeds vmapped vs sequential")
   args = p.parse_args(argv)
 
   cfg = Config(dataset=args.dataset, data_dir=args.data_dir, backbone=args.backbone,
                method=args.method, p_update=args.p_update, batch_size=args.batch_size,
-               first_order=args.first_order)
+               first_order=args.first_order, length_parts=args.length_parts)
   data = load_dataset(cfg, progress=False)
   cfg = resolve(cfg, data.meta["dataset"])
   trainer = Trainer(cfg, data)
@@ -153,6 +159,12 @@ def main(argv=None) -> int:
         f"{scan['epoch_s']:.3f} s/epoch, {scan['epoch_with_valid_s']:.3f} s/epoch with "
         f"validation, {scan['users_per_s']:.0f} users/s")
   print(f"peak RSS so far: {peak_rss_mb():.0f} MB")
+  if trainer.budgets:
+    whole = bench_scan(trainer, args.epochs, trainer.build_epoch(trainer.build_step(budgets=())))
+    print(f"by length ({len(trainer.budgets)} parts, row budgets {list(trainer.budgets)}) vs "
+          f"whole batches: {scan['epoch_s']:.3f} vs {whole['epoch_s']:.3f} s/epoch -> x"
+          f"{whole['epoch_s'] / scan['epoch_s']:.2f}; compile+first epoch "
+          f"{scan['compile_s']:.1f} vs {whole['compile_s']:.1f} s")
   if args.seeds > 1:
     v = bench_vmapped_seeds(trainer, args.seeds)
     print(f"{args.seeds} seeds, one epoch: vmapped {v['vmapped_s']:.2f} s (compile "

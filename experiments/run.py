@@ -65,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
   m.add_argument("--inner-steps", type=int, default=d.inner_steps)
   m.add_argument("--first-order", action="store_true", help="first-order meta-gradient (FOMAML)")
   m.add_argument("--batch-size", type=int, default=d.batch_size)
+  m.add_argument("--length-parts", type=int, default=d.length_parts,
+                 help="run each batch as this many length-sorted parts, each on only the "
+                      "rows its users need (speed only; 1: whole batches; default: 2 on "
+                      "runs of at least 500 steps, else 1)")
   m.add_argument("--train-query", choices=("random", "last"), default=d.train_query,
                  help="training query: fresh random 10 per use (FAST code) or the last 10")
   m.add_argument("--select", choices=("last", "best-valid"), default=d.select,

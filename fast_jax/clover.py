@@ -448,7 +448,7 @@ class CloverTrainer(Trainer):
                          inner_steps=self.cfg.inner_steps, first_order=self.cfg.first_order,
                          adv_inner_lr=self.cfg.inner_lr)
 
-  def build_step(self):
+  def build_step(self, budgets=None):  # CLOVER runs whole batches
     return make_clover_step(self.learner, self.tx, self.adv_tx, self.alpha_tx, cfg=self.cfg,
                             num_groups=self.num_groups, max_len=self.max_len)
 

@@ -53,6 +53,8 @@ class Config:
   inner_steps: int = 1
   first_order: bool = False
   batch_size: int = 32
+  length_parts: int | None = None  # run each batch as this many length-sorted parts (1:
+                                # whole batches); None: 2 on runs of >= 500 steps, else 1
   train_query: str = "random"   # "random" (FAST code) or "last" (paper text)
   select: str = "last"          # "last" (FAST code) or "best-valid" (lowest valid MAE)
   alpha_mode: str = "scalar"    # MetaCS learned inner lr: "scalar" (FAST code) or "per-param"

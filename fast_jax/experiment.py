@@ -64,8 +64,8 @@ def check_config(cfg: Config) -> None:
       raise UsageError(f"--{name} must be >= 0, got {value}")
   if cfg.tau is not None and cfg.tau > 1:
     raise UsageError(f"--tau caps a change of a probability and must be <= 1, got {cfg.tau}")
-  for name in ("epochs", "seeds", "batch_size", "inner_steps"):
-    if getattr(cfg, name) < 1:
+  for name in ("epochs", "seeds", "batch_size", "inner_steps", "length_parts"):
+    if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
       raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
   if cfg.method != "clover":
     given = [f for f in ("clover_preset",) + config_lib.CLOVER_FIELDS
@@ -315,7 +315,7 @@ def _check_same_settings(out: pathlib.Path, record: dict) -> None:
   if not path.exists():
     raise UsageError(f"--resume: {out} holds no run to continue (no config.json)")
   before = json.loads(path.read_text())
-  skip = {"versions", "git_commit", "checkpoint_every"}
+  skip = {"versions", "git_commit", "checkpoint_every", "length_parts", "eval_chunk"}
   changed = [k for k in record if k not in skip and _jsonable(record[k]) != before.get(k)]
   if changed:
     k = changed[0]

@@ -142,22 +142,26 @@ class MetaLearner:
     self.backbone, self.labels = backbone, labels
     self.inner_steps, self.first_order = inner_steps, first_order
 
-  def predict(self, params, alpha, x, y, support, query_idx, group=None):
+  def predict(self, params, alpha, x, y, support, query_idx, group=None, *, budgets=()):
     """Adapted query predictions. x: int32[B, L, F]; y, support: [B, L];
     query_idx: int32[B, Q]; group: int32[B] (unused here; a learner whose adaptation
     involves the sensitive attribute, such as CLOVER's, reads it) -> float32[B, Q].
 
-    Embeddings are global, so they are looked up once for the batch; only the head runs
-    inside each user's inner loop.
+    Embeddings are global, so they are looked up once per user row; only the head runs
+    inside each user's inner loop. ``budgets`` (:func:`meta.row_budgets`) runs the batch
+    by length (:func:`meta.by_rows`).
     """
-    e = self.backbone.embed(params, x)
-    return meta.adapted_query_predictions(self.backbone.head, params, self.labels, alpha, e,
-                                          y, support, query_idx, steps=self.inner_steps,
-                                          first_order=self.first_order)
+    def run(support, query_idx, x, y):
+      e = self.backbone.embed(params, x)
+      return meta.adapted_query_predictions(self.backbone.head, params, self.labels, alpha,
+                                            e, y, support, query_idx, steps=self.inner_steps,
+                                            first_order=self.first_order)
+    return meta.by_rows(run, budgets, support, query_idx, x, y)
 
-  def query_losses(self, params, alpha, batch, support, query_idx):
+  def query_losses(self, params, alpha, batch, support, query_idx, *, budgets=()):
     """Per-user query MSE and MAE after adaptation: (float[B], float[B])."""
-    pred = self.predict(params, alpha, batch["x"], batch["y"], support, query_idx)
+    pred = self.predict(params, alpha, batch["x"], batch["y"], support, query_idx,
+                        budgets=budgets)
     return query_errors(pred, meta.take_rows(batch["y"], query_idx))
 
   def user_representations(self, params, alpha, x, y, support, valid, group=None):
@@ -184,10 +188,12 @@ def query_errors(pred: jax.Array, y: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def make_train_step(learner: MetaLearner, objective: Objective, tx, alpha_tx, *,
-                    cfg: Config, num_groups: int, max_len: int) -> Callable:
+                    cfg: Config, num_groups: int, max_len: int,
+                    budgets: tuple[int, ...] = ()) -> Callable:
   """``train_step(state, batch, key) -> (state, metrics)``: one outer iteration.
 
   batch: {"x": int32[B, L, F], "y": float32[B, L], "length": int32[B], "group": int32[B]}.
+  budgets: row budgets of the batch's length-sorted parts (:func:`meta.row_budgets`).
   """
   gap_index = 1 if cfg.gap_loss == "mae" else 0
 
@@ -197,7 +203,8 @@ def make_train_step(learner: MetaLearner, objective: Objective, tx, alpha_tx, *,
     support, query = meta.query_split(k_split, batch["length"], max_len, cfg.train_query)
 
     def loss_fn(params):
-      pred = learner.predict(params, state.alpha, batch["x"], batch["y"], support, query)
+      pred = learner.predict(params, state.alpha, batch["x"], batch["y"], support, query,
+                             budgets=budgets)
       y_q = meta.take_rows(batch["y"], query)
       mse, mae = query_errors(pred, y_q)
       gap_values = jax.lax.stop_gradient((mse, mae)[gap_index])
@@ -223,7 +230,7 @@ def make_train_step(learner: MetaLearner, objective: Objective, tx, alpha_tx, *,
       support2, query2 = meta.query_split(k_split2, batch["length"], max_len, cfg.train_query)
 
       def alpha_loss(a):
-        mse2, _ = learner.query_losses(params, a, batch, support2, query2)
+        mse2, _ = learner.query_losses(params, a, batch, support2, query2, budgets=budgets)
         return weighted_mean(mse2, w)
       alpha_grads = jax.grad(alpha_loss)(alpha)
       alpha_updates, alpha_opt_state = alpha_tx.update(alpha_grads, alpha_opt_state, alpha)
@@ -317,12 +324,12 @@ class Trainer:
     self.test_data = sharding.replicate(device_split(data.test), self.mesh)
     params = jax.eval_shape(self.backbone.init, jax.random.key(0), self.train_data["x"][0])
     self.labels = self.backbone.labels(params)
+    # Run each batch by length (meta.by_rows) unless its users are split across devices.
+    self.budgets = () if self.mesh is not None else meta.row_budgets(
+        data.train.length, cfg.batch_size, self.max_len, parts=self.length_parts())
     self.learner = self.build_learner()
     self.train_step = self.build_step()
-    self.train_epoch = make_train_epoch(self.train_step, self.objective,
-                                        num_users=data.train.x.shape[0],
-                                        num_groups=self.num_groups,
-                                        batch_size=cfg.batch_size, mesh=self.mesh)
+    self.train_epoch = self.build_epoch(self.train_step)
     self.evaluator = Evaluator(self.learner, max_len=self.max_len, chunk=cfg.eval_chunk)
     self.attacker = attack.RepresentationAttack(self.learner, max_len=self.max_len,
                                                 chunk=cfg.eval_chunk)
@@ -349,9 +356,25 @@ class Trainer:
     return MetaLearner(self.backbone, self.labels, inner_steps=self.cfg.inner_steps,
                        first_order=self.cfg.first_order)
 
-  def build_step(self) -> Callable:
+  def length_parts(self) -> int:
+    """Parts of a batch run by length: ``cfg.length_parts``, or by default 2 on runs of
+    at least 500 training steps, where the time saved (x1.2-1.7 per epoch, EXPERIMENTS.md)
+    outweighs the longer compilation (about 10 s more on CPU), and 1 on shorter runs."""
+    if self.cfg.length_parts is not None:
+      return self.cfg.length_parts
+    steps = self.cfg.epochs * (self.data.train.x.shape[0] // self.cfg.batch_size)
+    return 2 if steps >= 500 else 1
+
+  def build_step(self, budgets: tuple[int, ...] | None = None) -> Callable:
+    """The train step; ``budgets`` overrides the row budgets (() runs whole batches)."""
     return make_train_step(self.learner, self.objective, self.tx, self.alpha_tx, cfg=self.cfg,
-                           num_groups=self.num_groups, max_len=self.max_len)
+                           num_groups=self.num_groups, max_len=self.max_len,
+                           budgets=self.budgets if budgets is None else budgets)
+
+  def build_epoch(self, train_step: Callable) -> Callable:
+    return make_train_epoch(train_step, self.objective, num_users=self.data.train.x.shape[0],
+                            num_groups=self.num_groups, batch_size=self.cfg.batch_size,
+                            mesh=self.mesh)
 
   def learner_params(self, state: TrainState) -> Params:
     """The ``params`` argument of the learner's predict (CLOVER adds its adversaries)."""
@@ -486,7 +509,10 @@ class Trainer:
     k_init, k_train = zip(*(jax.random.split(jax.random.key(s)) for s in seeds))
     states = _stack([self.init_state(k).replace(gamma=jnp.float32(g), tau=jnp.float32(t))
                      for k, (g, t) in zip(k_init, hypers)])
-    epoch_fn = jax.jit(jax.vmap(self.train_epoch, in_axes=(0, None, 0)))
+    # Whole batches: under vmap the by-length parts' lax.cond would run both branches.
+    train_epoch = self.build_epoch(self.build_step(budgets=())) if self.budgets else (
+        self.train_epoch)
+    epoch_fn = jax.jit(jax.vmap(train_epoch, in_axes=(0, None, 0)))
     best: list[tuple[float, Any]] = [(np.inf, _index(states, i)) for i in range(len(seeds))]
     failed: dict[int, Diverged] = {}
     for epoch in tqdm(range(1, self.cfg.epochs + 1), desc=f"{len(seeds)} lanes",

@@ -125,3 +125,71 @@ def test_random_query_split_is_uniform_over_rows():
     hits[np.asarray(q[0])] += 1
   # Each row is in the query with probability 1/2: 200 +- ~10.
   assert np.all(np.abs(hits - 200) < 50)
+
+
+def _numpy_adapted_predictions(params, x, y, support, query_idx, alpha):
+  """NumPy reference: tiny_net's query predictions after one SGD step per user."""
+  W, b = np.asarray(params["lin"]["kernel"]), np.asarray(params["lin"]["bias"])
+  w2, c = np.asarray(params["out"]["kernel"]), float(params["out"]["bias"])
+  out = []
+  for x_u, y_u, s_u, q_u in zip(np.asarray(x), np.asarray(y), np.asarray(support),
+                                np.asarray(query_idx)):
+    xs, ys = x_u[s_u], y_u[s_u]
+    h = np.tanh(xs @ W + b)
+    dpre = (2 / len(xs)) * (h @ w2 + c - ys)[:, None] * w2[None, :] * (1 - h ** 2)
+    W_u, b_u = W - alpha * xs.T @ dpre, b - alpha * dpre.sum(0)
+    out.append(np.tanh(x_u[q_u] @ W_u + b_u) @ w2 + c)
+  return np.stack(out)
+
+
+class ByRowsTest(chex.TestCase):
+  """A batch run by length (sorted parts, each on only the rows it needs) = the whole batch."""
+
+  def _batch(self):
+    rng = np.random.default_rng(3)
+    lengths = np.array([3, 12, 5, 4, 7, 9, 6, 11])  # sorted parts: (3,4) (5,6) (7,9) (11,12)
+    L = 12
+    valid = np.arange(L)[None, :] < lengths[:, None]
+    x = jnp.asarray(np.where(valid[..., None], rng.normal(size=(8, L, 3)), 0.0), jnp.float32)
+    y = jnp.asarray(np.where(valid, rng.normal(size=(8, L)), 0.0), jnp.float32)
+    support, query_idx = meta.last_query_split(jnp.asarray(lengths), L, q=2)
+    return x, y, support, query_idx
+
+  # Budgets 4 and 6 fit their parts; (7, 9) exceeds 8 and falls back to all 12 rows.
+  BUDGETS = (4, 6, 8, 12)
+
+  def _run(self, params, budgets):
+    _, labels, apply = tiny_net()
+    x, y, support, query_idx = self._batch()
+
+    def fn(s, q, x, y):
+      return meta.adapted_query_predictions(apply, params, labels, 0.3, x, y, s, q, steps=1)
+    return meta.by_rows(fn, budgets, support, query_idx, x, y)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_parts_that_fit_and_parts_that_fall_back_match_a_numpy_reference(self):
+    params, _, _ = tiny_net()
+    x, y, support, query_idx = self._batch()
+    chex.assert_trees_all_equal(meta.rows_used(support, query_idx),
+                                jnp.array([3, 12, 5, 4, 7, 9, 6, 11]))
+    by_length = self.variant(lambda p: self._run(p, self.BUDGETS))(params)
+    chex.assert_shape(by_length, (8, 2))
+    expected = _numpy_adapted_predictions(params, x, y, support, query_idx, 0.3)
+    np.testing.assert_allclose(by_length, expected, rtol=1e-5, atol=1e-6)
+
+  def test_the_meta_gradient_through_the_parts_is_the_whole_batchs(self):
+    params, _, _ = tiny_net()
+    grad = jax.jit(jax.grad(lambda p, b: jnp.sum(self._run(p, b) ** 2)), static_argnums=1)
+    chex.assert_trees_all_close(grad(params, self.BUDGETS), grad(params, ()), rtol=1e-5,
+                                atol=1e-6)
+
+
+def test_row_budgets_follow_the_length_distribution():
+  lengths = np.r_[np.full(90, 10), np.full(10, 100)]
+  assert meta.row_budgets(lengths, 32, 100, parts=2) == (16, 100)
+  assert meta.row_budgets(lengths, 32, 100, parts=1) == ()
+  assert meta.row_budgets(lengths, 30, 100, parts=4) == ()          # 30 users in 4 parts
+  assert meta.row_budgets(np.full(50, 90), 32, 100, parts=2) == ()  # nothing to save
+  four = meta.row_budgets(np.arange(11, 101), 32, 100, parts=4)
+  assert len(four) == 4 and four[-1] == 100 and list(four) == sorted(four)
+  assert all(b % 8 == 0 for b in four[:-1])

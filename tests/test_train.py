@@ -91,6 +91,28 @@ def test_train_epoch_compiles_once(prepared):
   assert int(state.step) == 3 * (data.train.x.shape[0] // 64)
 
 
+def test_batches_run_by_length_train_as_whole_batches_do(prepared):
+  """MetaCS+FAST (both predict passes, p moving): one epoch with each batch's users in two
+  length-sorted parts, the shorter part on 32 of the 40 rows when it fits, matches the
+  whole-batch epoch."""
+  data = prepared("synthetic")
+  cfg = resolve(Config(dataset="synthetic", backbone="metacs", method="fast", batch_size=16,
+                       lr=1e-3))
+  trainer = Trainer(cfg, data)
+  assert trainer.budgets == ()  # synthetic users are too even for the default to split them
+  state = trainer.init_state(jax.random.key(0))
+  by_length = trainer.build_epoch(trainer.build_step(budgets=(32, 40)))
+  whole = trainer.build_epoch(trainer.build_step(budgets=()))
+  a, metrics_a = by_length(state, trainer.train_data, jax.random.key(1))
+  b, metrics_b = whole(state, trainer.train_data, jax.random.key(1))
+  chex.assert_trees_all_close((a.params, a.alpha, a.p), (b.params, b.alpha, b.p), rtol=1e-4,
+                              atol=1e-6)
+  chex.assert_trees_all_close(metrics_a["loss"], metrics_b["loss"], rtol=1e-5)
+  assert not np.allclose(a.p, state.p)
+  lengths = np.sort(data.train.length)
+  assert lengths[len(lengths) // 4] <= 32 < lengths[-1]  # both branches are taken
+
+
 def test_step_mode_fast_moves_p_and_origin_keeps_it(prepared):
   data = prepared("synthetic")
   for method, moves in (("fast", True), ("origin", False)):
