@@ -128,8 +128,31 @@ def build_parser() -> argparse.ArgumentParser:
                  help="dropoutnet: probability of zeroing a row's user / item preference")
   b.add_argument("--nlba-threshold", type=float, default=d.nlba_threshold,
                  help="nlba: ratings >= this are class 1 (default 4 on 1-5, 8 on 1-10)")
+  h = p.add_argument_group("several processes or hosts", "start the same command on every "
+                           "process, each with its --process-id; process 0 writes the files")
+  h.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                 help="address of process 0, which coordinates the job")
+  h.add_argument("--num-processes", type=int, default=None)
+  h.add_argument("--process-id", type=int, default=None)
+  h.add_argument("--distributed", action="store_true",
+                 help="join a multi-process job described by the Slurm, Open MPI or TPU-pod "
+                      "environment (no --coordinator needed)")
   p.add_argument("--quiet", action="store_true", help="no progress bars")
   return p
+
+
+def init_processes(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+  """Join the multi-process job the flags describe (jax.distributed), if any."""
+  given = [args.coordinator, args.num_processes, args.process_id]
+  if not args.distributed and all(v is None for v in given):
+    return
+  if not args.distributed and any(v is None for v in given):
+    parser.error("--coordinator, --num-processes and --process-id go together (or use "
+                 "--distributed on a Slurm / Open MPI / TPU-pod job)")
+  if args.num_processes is not None and not 0 <= args.process_id < args.num_processes:
+    parser.error(f"--process-id must be in 0..{args.num_processes - 1}, got {args.process_id}")
+  from fast_jax import sharding
+  sharding.init_distributed(args.coordinator, args.num_processes, args.process_id)
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
@@ -138,7 +161,9 @@ def config_from_args(args: argparse.Namespace) -> Config:
 
 
 def main(argv=None) -> int:
-  args = build_parser().parse_args(argv)
+  parser = build_parser()
+  args = parser.parse_args(argv)
+  init_processes(args, parser)
   from fast_jax.experiment import UsageError, train_and_evaluate
   from fast_jax.dataset import DataError
   try:

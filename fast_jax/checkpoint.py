@@ -21,14 +21,17 @@ from flax import serialization
 class SeedCheckpoint:
   """The checkpoint file of one seed of a run: ``<run dir>/checkpoints/seed-<seed>.msgpack``."""
 
-  def __init__(self, run_dir: str | os.PathLike, seed: int):
+  def __init__(self, run_dir: str | os.PathLike, seed: int, *, read_only: bool = False):
     self.path = pathlib.Path(run_dir) / "checkpoints" / f"seed-{seed}.msgpack"
+    self.read_only = read_only  # another process of a multi-process job writes it
 
   def exists(self) -> bool:
     return self.path.exists()
 
   def save(self, *, state: Any, best_state: Any, best_score: float, epoch: int,
            records: list[dict]) -> None:
+    if self.read_only:
+      return
     payload = {"state": serialization.to_state_dict(state),
                "best_state": serialization.to_state_dict(best_state),
                "best_score": float(best_score), "epoch": int(epoch),

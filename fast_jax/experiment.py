@@ -105,13 +105,20 @@ class RunFolder:
   Opening it writes ``config.json`` and starts ``metrics.jsonl``. With ``resume=True`` it
   continues a run of the same settings (refusing other settings): finished seeds are kept
   in ``seeds/seed-S.json`` and unfinished ones in ``checkpoints/``.
+
+  ``write=False`` (the other processes of a multi-process job) writes nothing; it reads
+  the folder only to resume, which then needs the folder on a shared file system.
   """
 
-  def __init__(self, out: str | os.PathLike | None, cfg: Config, data, *, resume: bool):
+  def __init__(self, out: str | os.PathLike | None, cfg: Config, data, *, resume: bool,
+               write: bool = True):
     self.out = pathlib.Path(out) if out is not None else None
+    self.write = write
     if resume and self.out is None:
       raise UsageError("--resume needs --out: the folder of the run to continue")
-    if self.out is None:
+    if not write and not resume:
+      self.out = None  # nothing to read: the writer is starting this folder afresh
+    if self.out is None or not write:
       return
     _prepare_out(self.out)
     record = run_record(cfg, data)
@@ -124,7 +131,7 @@ class RunFolder:
     (self.out / "metrics.jsonl").write_text("")
 
   def log(self, record: dict) -> None:
-    if self.out is not None:
+    if self.out is not None and self.write:
       with open(self.out / "metrics.jsonl", "a") as f:
         f.write(json.dumps(_jsonable(record)) + "\n")
 
@@ -145,10 +152,11 @@ class RunFolder:
 
   def checkpoint(self, seed: int):
     from fast_jax.checkpoint import SeedCheckpoint
-    return SeedCheckpoint(self.out, seed) if self.out is not None else None
+    return SeedCheckpoint(self.out, seed, read_only=not self.write) if (
+        self.out is not None) else None
 
   def save_seed(self, entry: dict, records: list[dict]) -> None:
-    if self.out is not None:
+    if self.out is not None and self.write:
       (self.out / "seeds").mkdir(exist_ok=True)
       write_json_atomic(self.out / "seeds" / f"seed-{entry['seed']}.json",
                         {"report": entry, "records": records})
@@ -161,7 +169,7 @@ class RunFolder:
     results = {"config": cfg.to_dict(), "per_seed": per_seed, **aggregate(per_seed)}
     if diverged:
       results["diverged"] = diverged
-    if self.out is not None:
+    if self.out is not None and self.write:
       write_json_atomic(self.out / "results.json", results)
     return results
 
@@ -184,13 +192,16 @@ def train_and_evaluate(cfg: Config, out_dir: str | os.PathLike | None = None, *,
   Returns:
     the content of ``results.json``.
   """
+  from fast_jax import sharding
   from fast_jax.train import Diverged, Trainer
   check_config(cfg)
+  if not sharding.is_writer():  # other processes of a multi-process job: quiet
+    progress, echo = False, lambda text: None
   if data is None:
     data = load_dataset(cfg, progress=progress)
   cfg = config_lib.resolve(cfg, data.meta.get("dataset"))
   check_data(cfg, data)
-  folder = RunFolder(out_dir, cfg, data, resume=resume)
+  folder = RunFolder(out_dir, cfg, data, resume=resume, write=sharding.is_writer())
   runner = make_runner(cfg, data)
   if cfg.vmap_seeds and isinstance(runner, Trainer):
     [(per_seed, diverged)] = _run_lanes(runner, [(cfg, folder)], progress=progress)
@@ -254,8 +265,9 @@ def sweep_and_evaluate(cfgs: list[Config], out_dirs: list | None = None, *, data
   if not isinstance(runner, Trainer):
     raise UsageError(f"--method {cfgs[0].method} is not meta-learned: it has no "
                      f"vectorised seeds or sweeps")
+  from fast_jax import sharding
   folders = [RunFolder(o, c, data, resume=o is not None and
-                       (pathlib.Path(o) / "config.json").exists())
+                       (pathlib.Path(o) / "config.json").exists(), write=sharding.is_writer())
              for c, o in zip(cfgs, out_dirs)]
   outcomes = _run_lanes(runner, list(zip(cfgs, folders)), progress=progress)
   results = []
