@@ -17,6 +17,7 @@ checkpoints (a stopped sweep restarts its unfinished points).
 from __future__ import annotations
 
 import argparse
+import json
 import pathlib
 import sys
 
@@ -46,6 +47,18 @@ def make_runs(dataset, backbones, gammas, taus, *, seeds, epochs, data_dir,
   return runs
 
 
+def origin_means(args) -> dict:
+  """{backbone: Origin's mean MAE and GF(MAE)} from ``<root>/<dataset>/<backbone>-origin``
+  (Table 2's runs), where they exist."""
+  out = {}
+  for b in args.backbones:
+    f = args.root / args.dataset / f"{b}-origin" / "results.json"
+    if f.exists():
+      mean = json.loads(f.read_text())["mean"]
+      out[b] = {"mae": mean["mae"], "gf_mae": mean["gf_mae"]}
+  return out
+
+
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -61,7 +74,8 @@ def main(argv=None) -> int:
   for r in rows:
     r["swept"], r["value"] = r["label"].split("=")[0], float(r["label"].split("=")[1])
   write_csv(rows, args.out.with_suffix(".csv"))
-  plots.sweeps(rows, args.out.with_suffix(".png"))
+  plots.sweeps(rows, args.out.with_suffix(".png"), reference=origin_means(args),
+               dataset=args.dataset)
   print(f"wrote {args.out.with_suffix('.png')} and {args.out.with_suffix('.csv')}")
   return 0
 

@@ -46,23 +46,31 @@ def grouped_bars(rows, metrics, *, group_keys, bar_key, path, title=""):
   plt.close(fig)
 
 
-def sweeps(rows, path):
-  """MAE and GF(MAE) against gamma and tau, one line per backbone."""
+def sweeps(rows, path, reference=None, dataset="Book-Crossing"):
+  """MAE and GF(MAE) against gamma and tau, one line per backbone; ``reference``
+  ({backbone: {"mae", "gf_mae"}}, e.g. Origin's means) is drawn as a dashed line."""
   fig, axes = plt.subplots(2, 2, figsize=(9, 6.5), squeeze=False)
+  colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
   for col, swept in enumerate(("gamma", "tau")):
     for row, m in enumerate(("mae", "gf_mae")):
       ax = axes[row][col]
-      for backbone in sorted({r["backbone"] for r in rows}):
+      for i, backbone in enumerate(sorted({r["backbone"] for r in rows})):
         pts = sorted((r["value"], r[m], r[m + "_std"]) for r in rows
                      if r["swept"] == swept and r["backbone"] == backbone)
         if pts:
           x, y, e = map(np.array, zip(*pts))
-          ax.errorbar(x, y, yerr=e, marker="o", capsize=2, label=backbone)
+          ax.errorbar(x, y, yerr=e, marker="o", capsize=2, label=backbone,
+                      color=colors[i % len(colors)])
+        if reference and backbone in reference:
+          ax.axhline(reference[backbone][m], ls="--", lw=1, color=colors[i % len(colors)],
+                     label=f"{backbone} Origin (Table 2 mean)")
       ax.set_xscale("log")
       ax.set_xlabel(swept)
       ax.set_ylabel(LABELS[m])
       ax.legend(fontsize=8)
-  fig.suptitle("FAST sensitivity (Book-Crossing)")
+  seeds = sorted({int(r["seeds"]) for r in rows})
+  fig.suptitle(f"FAST sensitivity ({dataset}; {'/'.join(map(str, seeds))} "
+               f"seed{'s' if seeds != [1] else ''} per point)")
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
