@@ -152,7 +152,13 @@ def init_processes(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
   if args.num_processes is not None and not 0 <= args.process_id < args.num_processes:
     parser.error(f"--process-id must be in 0..{args.num_processes - 1}, got {args.process_id}")
   from fast_jax import sharding
-  sharding.init_distributed(args.coordinator, args.num_processes, args.process_id)
+  try:
+    sharding.init_distributed(args.coordinator, args.num_processes, args.process_id)
+  except (ValueError, RuntimeError) as e:
+    where = (f"--coordinator {args.coordinator}" if args.coordinator else
+             "--distributed (no Slurm, Open MPI or TPU-pod environment found?)")
+    reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+    parser.exit(2, f"error: {where}: could not join the multi-process job: {reason}\n")
 
 
 def config_from_args(args: argparse.Namespace) -> Config:

@@ -107,6 +107,11 @@ RUN_CASES = [
     ("meta-max-len", ["--dataset", "{meta-max-len}"], ["meta.json", "max_len"]),
     ("unwritable-out", ["--out", "{root}/a-file/run"], ["--out", "a-file"]),
     ("one-group", ["--dataset", "{one-group}"], ["one-group", "2 groups"]),
+    ("coordinator-alone", ["--coordinator", "127.0.0.1:1"], ["--coordinator", "--process-id"]),
+    ("process-id-out-of-range", ["--coordinator", "127.0.0.1:1", "--num-processes", "2",
+                                 "--process-id", "2"], ["--process-id", "0..1"]),
+    ("distributed-outside-a-cluster", ["--distributed"], ["--distributed"]),
+    ("zero-length-parts", ["--length-parts", "0"], ["--length-parts"]),
 ]
 
 
