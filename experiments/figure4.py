@@ -21,12 +21,14 @@ import json
 import pathlib
 import sys
 
+import numpy as np
+
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 from grid import Run, add_grid_args, run_and_collect, write_csv  # noqa: E402
 import plots  # noqa: E402
 
-from fast_jax.config import PAPER_GAMMA_TAU, Config  # noqa: E402
+from fast_jax.config import PAPER_GAMMA_TAU, Config, seed_list  # noqa: E402
 
 GAMMAS = (0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 3.0)
 TAUS = (0.01, 0.03, 0.05, 0.1, 0.2, 0.5, 0.8, 1.0)
@@ -48,14 +50,16 @@ def make_runs(dataset, backbones, gammas, taus, *, seeds, epochs, data_dir,
 
 
 def origin_means(args) -> dict:
-  """{backbone: Origin's mean MAE and GF(MAE)} from ``<root>/<dataset>/<backbone>-origin``
-  (Table 2's runs), where they exist."""
+  """{backbone: Origin's MAE and GF(MAE)} over the sweep's seeds, from Table 2's run in
+  ``<root>/<dataset>/<backbone>-origin``, where it exists and has those seeds."""
+  seeds = set(seed_list(args.seeds))
   out = {}
   for b in args.backbones:
     f = args.root / args.dataset / f"{b}-origin" / "results.json"
     if f.exists():
-      mean = json.loads(f.read_text())["mean"]
-      out[b] = {"mae": mean["mae"], "gf_mae": mean["gf_mae"]}
+      runs = [r for r in json.loads(f.read_text())["per_seed"] if r["seed"] in seeds]
+      if len(runs) == len(seeds):
+        out[b] = {m: float(np.mean([r[m] for r in runs])) for m in ("mae", "gf_mae")}
   return out
 
 

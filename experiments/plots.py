@@ -48,7 +48,7 @@ def grouped_bars(rows, metrics, *, group_keys, bar_key, path, title=""):
 
 def sweeps(rows, path, reference=None, dataset="Book-Crossing"):
   """MAE and GF(MAE) against gamma and tau, one line per backbone; ``reference``
-  ({backbone: {"mae", "gf_mae"}}, e.g. Origin's means) is drawn as a dashed line."""
+  ({backbone: {"mae", "gf_mae"}}, e.g. Origin over the same seeds) is a dashed line."""
   fig, axes = plt.subplots(2, 2, figsize=(9, 6.5), squeeze=False)
   colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
   for col, swept in enumerate(("gamma", "tau")):
@@ -63,7 +63,7 @@ def sweeps(rows, path, reference=None, dataset="Book-Crossing"):
                       color=colors[i % len(colors)])
         if reference and backbone in reference:
           ax.axhline(reference[backbone][m], ls="--", lw=1, color=colors[i % len(colors)],
-                     label=f"{backbone} Origin (Table 2 mean)")
+                     label=f"{backbone} Origin, same seeds")
       ax.set_xscale("log")
       ax.set_xlabel(swept)
       ax.set_ylabel(LABELS[m])
