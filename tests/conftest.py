@@ -26,6 +26,26 @@ def shared_data_path() -> pathlib.Path:
 
 
 @pytest.fixture(scope="session", autouse=True)
+def _compilation_cache(tmp_path_factory):
+  """One persistent XLA compilation cache for the session (this process and the tests'
+  subprocesses): the many tests that build the same small programs compile them once."""
+  import jax
+  folder = str(tmp_path_factory.mktemp("jax_compilation_cache"))
+  before = {k: getattr(jax.config, k) for k in (
+      "jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+      "jax_persistent_cache_min_entry_size_bytes")}
+  jax.config.update("jax_compilation_cache_dir", folder)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setenv("JAX_COMPILATION_CACHE_DIR", folder)
+    mp.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    yield
+  for k, v in before.items():
+    jax.config.update(k, v)
+
+
+@pytest.fixture(scope="session", autouse=True)
 def _no_downloads():
   with pytest.MonkeyPatch.context() as mp:
     mp.setenv("FAST_JAX_OFFLINE", "1")
