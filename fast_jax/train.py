@@ -147,8 +147,8 @@ class MetaLearner:
     query_idx: int32[B, Q]; group: int32[B] (unused here; a learner whose adaptation
     involves the sensitive attribute, such as CLOVER's, reads it) -> float32[B, Q].
 
-    Embeddings are global, so they are looked up once per user row; only the head runs
-    inside each user's inner loop. ``budgets`` (:func:`meta.row_budgets`) runs the batch
+    Embeddings are global, so they are looked up once, outside the inner loop; only the
+    head runs inside each user's adaptation. ``budgets`` (:func:`meta.row_budgets`) runs the batch
     by length (:func:`meta.by_rows`).
     """
     def run(support, query_idx, x, y):
@@ -358,8 +358,9 @@ class Trainer:
 
   def length_parts(self) -> int:
     """Parts of a batch run by length: ``cfg.length_parts``, or by default 2 on runs of
-    at least 500 training steps, where the time saved (x1.2-1.7 per epoch, EXPERIMENTS.md)
-    outweighs the longer compilation (about 10 s more on CPU), and 1 on shorter runs."""
+    at least 500 training steps, where the time saved (x1.02-1.38 per epoch idle, x1.2-1.3
+    with two jobs sharing a 2-core CPU; EXPERIMENTS.md) outweighs the longer compilation
+    (4-5 s more on that CPU, idle), and 1 on shorter runs."""
     if self.cfg.length_parts is not None:
       return self.cfg.length_parts
     steps = self.cfg.epochs * (self.data.train.x.shape[0] // self.cfg.batch_size)

@@ -109,8 +109,10 @@ def test_batches_run_by_length_train_as_whole_batches_do(prepared):
                               atol=1e-6)
   chex.assert_trees_all_close(metrics_a["loss"], metrics_b["loss"], rtol=1e-5)
   assert not np.allclose(a.p, state.p)
-  lengths = np.sort(data.train.length)
-  assert lengths[len(lengths) // 4] <= 32 < lengths[-1]  # both branches are taken
+  # Both branches run: the shorter half of a random 16-user batch needs at most 32 rows
+  # in some batches and more in others (rows used <= length, the query being random).
+  halves = np.sort(np.random.default_rng(0).choice(data.train.length, (1000, 16)), axis=1)
+  assert 0.05 < np.mean(halves[:, 7] <= 32) < 0.95
 
 
 def test_step_mode_fast_moves_p_and_origin_keeps_it(prepared):
