@@ -2,11 +2,12 @@
 
     python experiments/bench.py --dataset bookcrossing --data-dir ../shared/data
 
-Prints, for MeLU+FAST (or --backbone/--method) on the dataset's training users:
-compile time, seconds per training epoch (jitted epoch scan, and the epoch plus its
-validation pass), users per second, peak resident memory, and the same epoch run as a
-per-user Python loop over the same JAX functions (the structure of the authors'
-PyTorch code), extrapolated from ``--loop-steps`` steps.
+Prints, for MeLU+FAST (or --backbone/--method, any meta-learning method) on the
+dataset's training users: compile time, seconds per training epoch (jitted epoch scan,
+and the epoch plus its validation pass), users per second, peak resident memory, the
+epoch by length against whole batches, and the same epoch run as a per-user Python loop
+over the same JAX functions (the structure of the authors' PyTorch code), extrapolated
+from ``--loop-steps`` steps (not for CLOVER, whose step is its own).
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 from fast_jax import fairness, meta  # noqa: E402
+from fast_jax import config as config_lib  # noqa: E402
 from fast_jax.config import Config, resolve  # noqa: E402
-from fast_jax.experiment import load_dataset  # noqa: E402
+from fast_jax.experiment import load_dataset, make_runner  # noqa: E402
 from fast_jax.train import Trainer  # noqa: E402
 
 
@@ -45,6 +47,7 @@ def bench_scan(trainer: Trainer, epochs: int, train_epoch=None) -> dict:
   key = jax.random.key(0)
   state = trainer.init_state(key)
   (state, _), compile_s = timed(train_epoch, state, trainer.train_data, key)
+  trainer.evaluate(state, "valid")  # compile the validation pass outside the timing
   times, with_valid = [], []
   for e in range(epochs):
     (state, _), dt = timed(train_epoch, state, trainer.train_data,
@@ -142,13 +145,16 @@ def main(argv=None) -> int:
   p.add_argument("--seeds", type=int, default=0,
                  help="also time an epoch of this many seeds vmapped vs sequential")
   args = p.parse_args(argv)
+  if args.method not in config_lib.META_METHODS:
+    p.error(f"--method must be a meta-learning method ({', '.join(config_lib.META_METHODS)}), "
+            f"got {args.method!r}")
 
   cfg = Config(dataset=args.dataset, data_dir=args.data_dir, backbone=args.backbone,
                method=args.method, p_update=args.p_update, batch_size=args.batch_size,
                first_order=args.first_order, length_parts=args.length_parts)
   data = load_dataset(cfg, progress=False)
   cfg = resolve(cfg, data.meta["dataset"])
-  trainer = Trainer(cfg, data)
+  trainer = make_runner(cfg, data)
   n = data.train.x.shape[0]
   print(f"{cfg.backbone}+{cfg.method} ({cfg.p_update} mode, "
         f"{'first' if cfg.first_order else 'second'} order) on {data.meta['dataset']}: "
@@ -171,6 +177,9 @@ def main(argv=None) -> int:
     print(f"{args.seeds} seeds, one epoch: vmapped {v['vmapped_s']:.2f} s (compile "
           f"{v['compile_s']:.1f} s), sequential {v['sequential_s']:.2f} s -> speed-up "
           f"x{v['sequential_s'] / v['vmapped_s']:.2f}")
+  if cfg.method == "clover" or args.loop_steps <= 0:
+    print(f"peak RSS: {peak_rss_mb():.0f} MB")
+    return 0
   loop = bench_python_loop(trainer, args.loop_steps)
   print(f"per-user Python loop ({args.loop_steps} steps, extrapolated): "
         f"{loop['epoch_s']:.1f} s/epoch, {loop['users_per_s']:.0f} users/s "

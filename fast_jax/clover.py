@@ -56,7 +56,7 @@ Not implemented (the code calls them "just tested"): the counterfactual adversar
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -328,17 +328,22 @@ class CloverLearner(MetaLearner):
     return self.backbone.head(rec, e)
 
   def batch_losses(self, rec: Params, adv: Params, alpha, batch: dict, support: jax.Array,
-                   query_idx: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Per-user query (L_rec, L_adv) after the training inner loop: (float[B], float[B])."""
-    e = self.backbone.embed(rec, batch["x"])
-    e_q, y_q = meta.take_rows(e, query_idx), meta.take_rows(batch["y"], query_idx)
-    q_mask = jnp.ones(y_q.shape[-1], bool)
+                   query_idx: jax.Array, *, budgets=()) -> tuple[jax.Array, jax.Array]:
+    """Per-user query (L_rec, L_adv) after the training inner loop: (float[B], float[B]).
+    ``budgets`` (:func:`meta.row_budgets`) runs the batch by length (:func:`meta.by_rows`)."""
 
-    def one_user(e_u, y_u, s_u, g_u, eq_u, yq_u):
-      rec_u, adv_u = self.adapt(rec, adv, alpha, e_u, y_u, s_u, g_u,
-                                inner_max=self.spec.inner_max, inner_adv=self.spec.inner_adv)
-      return self.losses(rec_u, adv_u, eq_u, yq_u, q_mask, g_u)
-    return jax.vmap(one_user)(e, batch["y"], support, batch["group"], e_q, y_q)
+    def run(support, query_idx, x, y, group):
+      e = self.backbone.embed(rec, x)
+      e_q, y_q = meta.take_rows(e, query_idx), meta.take_rows(y, query_idx)
+      q_mask = jnp.ones(y_q.shape[-1], bool)
+
+      def one_user(e_u, y_u, s_u, g_u, eq_u, yq_u):
+        rec_u, adv_u = self.adapt(rec, adv, alpha, e_u, y_u, s_u, g_u,
+                                  inner_max=self.spec.inner_max, inner_adv=self.spec.inner_adv)
+        return self.losses(rec_u, adv_u, eq_u, yq_u, q_mask, g_u)
+      return jax.vmap(one_user)(e, y, support, group, e_q, y_q)
+    return meta.by_rows(run, budgets, support, query_idx, batch["x"], batch["y"],
+                        batch["group"])
 
   # --- the MetaLearner interface (evaluation and the attacker) ------------------------
 
@@ -379,8 +384,9 @@ class CloverLearner(MetaLearner):
 
 
 def make_clover_step(learner: CloverLearner, tx, adv_tx, alpha_tx, *, cfg: Config,
-                     num_groups: int, max_len: int):
+                     num_groups: int, max_len: int, budgets: tuple[int, ...] = ()):
   """``train_step(state, batch, key) -> (state, metrics)``: one CLOVER outer iteration.
+  ``budgets``: row budgets of the batch's length-sorted parts (:func:`meta.row_budgets`).
 
   ``state.extra`` = ``{"adv": adversary params, "adv_opt": their Adam state}``.
   """
@@ -392,7 +398,8 @@ def make_clover_step(learner: CloverLearner, tx, adv_tx, alpha_tx, *, cfg: Confi
     support, query = meta.query_split(k_split, batch["length"], max_len, cfg.train_query)
 
     def objectives(rec, adv):
-      l_rec, l_adv = learner.batch_losses(rec, adv, state.alpha, batch, support, query)
+      l_rec, l_adv = learner.batch_losses(rec, adv, state.alpha, batch, support, query,
+                                          budgets=budgets)
       return (jnp.mean(l_rec), jnp.mean(l_adv)), l_rec
 
     (m_rec, m_adv), vjp, l_rec = jax.vjp(objectives, state.params, state.extra["adv"],
@@ -412,7 +419,8 @@ def make_clover_step(learner: CloverLearner, tx, adv_tx, alpha_tx, *, cfg: Confi
       support2, query2 = meta.query_split(k_split2, batch["length"], max_len, cfg.train_query)
 
       def alpha_loss(a):
-        l_rec2, _ = learner.batch_losses(params, adv, a, batch, support2, query2)
+        l_rec2, _ = learner.batch_losses(params, adv, a, batch, support2, query2,
+                                         budgets=budgets)
         return jnp.mean(l_rec2)
       alpha_grads = jax.grad(alpha_loss)(alpha)
       alpha_updates, alpha_opt_state = alpha_tx.update(alpha_grads, alpha_opt_state, alpha)
@@ -448,9 +456,10 @@ class CloverTrainer(Trainer):
                          inner_steps=self.cfg.inner_steps, first_order=self.cfg.first_order,
                          adv_inner_lr=self.cfg.inner_lr)
 
-  def build_step(self, budgets=None):  # CLOVER runs whole batches
+  def build_step(self, budgets: tuple[int, ...] | None = None) -> Callable:
     return make_clover_step(self.learner, self.tx, self.adv_tx, self.alpha_tx, cfg=self.cfg,
-                            num_groups=self.num_groups, max_len=self.max_len)
+                            num_groups=self.num_groups, max_len=self.max_len,
+                            budgets=self.budgets if budgets is None else budgets)
 
   def init_state(self, key: jax.Array) -> TrainState:
     k_rec, k_adv = jax.random.split(key)

@@ -165,16 +165,18 @@ def rows_used(support: jax.Array, query_idx: jax.Array) -> jax.Array:
 
 
 def by_rows(fn: Callable, budgets: Sequence[int], support: jax.Array, query_idx: jax.Array,
-            *rows: jax.Array) -> jax.Array:
-  """``fn(support, query_idx, *rows) -> [B, ...]`` run on length-sorted parts of the
-  batch, each on only the rows it needs (see the module docstring).
+            *rows: jax.Array) -> Any:
+  """``fn(support, query_idx, *rows)`` run on length-sorted parts of the batch, each on
+  only the rows it needs (see the module docstring).
 
   Args:
     fn: per-user computation in which a user's rows at or beyond
-      :func:`rows_used` do not matter (masked padding).
+      :func:`rows_used` do not matter (masked padding); returns arrays (or a pytree of
+      arrays) with the users on axis 0.
     budgets: from :func:`row_budgets`; () runs ``fn`` on the whole batch.
-    support: bool[B, L]; query_idx: int32[B, Q] (not cut); rows: other per-user arrays
-      [B, L, ...] (inputs, ratings), cut with the support mask.
+    support: bool[B, L]; query_idx: int32[B, Q] (not cut); rows: other per-user arrays,
+      [B, L, ...] ones (inputs, ratings) cut with the support mask, [B] ones (groups) only
+      reordered.
   Returns:
     ``fn``'s output for every user, in the batch's order.
   """
@@ -186,6 +188,7 @@ def by_rows(fn: Callable, budgets: Sequence[int], support: jax.Array, query_idx:
   order = jnp.argsort(need)
   need = need[order]
   arrays = [a[order] for a in (support, query_idx) + rows]
+  cut = lambda a, n: a[:, :n] if a.ndim > 1 else a
   outs = []
   for j, budget in enumerate(budgets):
     part = [a[j * size:(j + 1) * size] for a in arrays]
@@ -195,7 +198,8 @@ def by_rows(fn: Callable, budgets: Sequence[int], support: jax.Array, query_idx:
 
     def short(part, n=budget):
       s, q, *r = part
-      return fn(s[:, :n], q, *(a[:, :n] for a in r))
+      return fn(s[:, :n], q, *(cut(a, n) for a in r))
     fits = need[(j + 1) * size - 1] <= budget  # sorted: the part's last user is its longest
     outs.append(jax.lax.cond(fits, short, lambda part: fn(*part), part))
-  return jnp.concatenate(outs)[jnp.argsort(order)]
+  back = jnp.argsort(order)
+  return jax.tree.map(lambda *o: jnp.concatenate(o)[back], *outs)

@@ -67,6 +67,27 @@ def test_recommender_update_raises_and_adversary_update_lowers_the_adversary_los
   assert rec_moved["loss"] < out["loss"]  # and it still learns to rate
 
 
+def test_clover_step_by_length_matches_the_whole_batch_step(prepared):
+  """MetaCS + both adversaries + the inner max (every pass through batch_losses): a step
+  with the batch's shorter half on only the rows it needs equals the whole-batch step."""
+  trainer = clover.make_runner(_cfg(backbone="metacs", clover_preset="full",
+                                    disable_inner_max=False), prepared("ml100k"))
+  batch = jax.tree.map(lambda a: a[:16], trainer.train_data)
+  lengths = np.sort(np.asarray(batch["length"]))
+  budget = int(-(-lengths[7] // 8) * 8)  # the shorter half fits whatever the query split
+  assert budget < trainer.max_len
+  state = quick_jit(trainer.init_state)(jax.random.key(0))
+  a, out_a = quick_jit(trainer.build_step(budgets=(budget, trainer.max_len)))(
+      state, batch, jax.random.key(1))
+  b, out_b = quick_jit(trainer.build_step(budgets=()))(state, batch, jax.random.key(1))
+  chex.assert_trees_all_close((a.params, a.alpha, a.extra), (b.params, b.alpha, b.extra),
+                              rtol=1e-4, atol=1e-6)
+  chex.assert_trees_all_close({k: out_a[k] for k in ("loss", "adv_loss", "group_loss")},
+                              {k: out_b[k] for k in ("loss", "adv_loss", "group_loss")},
+                              rtol=1e-5)
+  assert not np.allclose(a.alpha, state.alpha)  # the inner-rate pass ran
+
+
 @pytest.fixture(scope="module")
 def one_user(prepared):
   """A CLOVER trainer with the inner max on, its initial state and one ML-100K user."""
