@@ -8,8 +8,11 @@ interrupted one resumes from its checkpoints, so a driver can be stopped and res
 
 from __future__ import annotations
 
+import argparse
+import concurrent.futures
 import dataclasses
 import json
+import multiprocessing
 import pathlib
 import sys
 import time
@@ -64,15 +67,17 @@ class Run:
 
 
 def run_grid(runs: list[Run], root: pathlib.Path, *, progress: bool = False,
-             vmap: bool = False, log=print) -> dict[str, dict]:
+             vmap: bool = False, jobs: int = 1, log=print) -> dict[str, dict]:
   """Run every configuration that has no results yet; return name -> results.
 
   With ``vmap``, the unfinished meta-learning runs that differ only in gamma and tau
   (and each run's seeds) train together as one vectorised program
-  (:func:`fast_jax.experiment.sweep_and_evaluate`); the others run one by one.
+  (:func:`fast_jax.experiment.sweep_and_evaluate`); the others run one by one. With
+  ``jobs > 1``, that many runs (or vectorised groups) train at once, each in its own
+  process, CLOVER's (the slowest) first.
   """
   from fast_jax.config import BASELINES
-  from fast_jax.experiment import SWEEPABLE, sweep_and_evaluate, train_and_evaluate
+  from fast_jax.experiment import SWEEPABLE
   root.mkdir(parents=True, exist_ok=True)
   out, todo = {}, []
   for run in runs:
@@ -87,17 +92,10 @@ def run_grid(runs: list[Run], root: pathlib.Path, *, progress: bool = False,
     key = json.dumps(shared, sort_keys=True, default=str) if (
         vmap and run.cfg.method not in BASELINES) else run.name
     groups.setdefault(key, []).append(run)
-  for group in groups.values():
-    t0 = time.perf_counter()
-    folders = [root / r.name for r in group]
-    resumed = any((f / "config.json").exists() for f in folders)
-    if vmap and group[0].cfg.method not in BASELINES:
-      done = sweep_and_evaluate([r.cfg for r in group], folders, progress=progress,
-                                echo=lambda s: None)
-    else:
-      done = [train_and_evaluate(group[0].cfg, folders[0], progress=progress, resume=resumed,
-                                 echo=lambda s: None)]
-    seconds = time.perf_counter() - t0
+  work = [(g, [root / r.name for r in g], vmap and g[0].cfg.method not in BASELINES)
+          for g in groups.values()]
+
+  def record(group, folders, done, seconds, resumed):
     for run, folder, res in zip(group, folders, done):
       out[run.name] = res
       _record_wall_time(folder, seconds, resumed=resumed,
@@ -106,7 +104,38 @@ def run_grid(runs: list[Run], root: pathlib.Path, *, progress: bool = False,
       m = res["mean"]
       log(f"{run.name}: MAE {m['mae']:.3f} MSE {m['mse']:.3f} GF(MAE) {m['gf_mae']:.3f} "
           f"GF(MSE) {m['gf_mse']:.3f} ({seconds:.0f} s)")
+
+  t0 = time.perf_counter()
+  if jobs <= 1:
+    for group, folders, vectorised in work:
+      record(group, folders, *_run_group([r.cfg for r in group], folders, vectorised,
+                                         progress))
+  else:
+    work.sort(key=lambda w: w[0][0].cfg.method != "clover")  # stable: the given order after
+    context = multiprocessing.get_context("spawn")  # no fork of a process that may hold JAX
+    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
+      futures = {pool.submit(_run_group, [r.cfg for r in g], f, v, False): (g, f)
+                 for g, f, v in work}
+      for future in concurrent.futures.as_completed(futures):
+        record(*futures[future], *future.result())
+  if work:
+    log(f"{sum(len(g) for g, _, _ in work)} runs in {time.perf_counter() - t0:.0f} s of wall "
+        f"time ({jobs} job{'s' if jobs > 1 else ''} at once)")
   return out
+
+
+def _run_group(cfgs: list[Config], folders: list[pathlib.Path], vectorised: bool,
+               progress: bool) -> tuple[list[dict], float, bool]:
+  """Train one run, or a vectorised group of runs -> (results, seconds, resumed)."""
+  from fast_jax.experiment import sweep_and_evaluate, train_and_evaluate
+  t0 = time.perf_counter()
+  resumed = any((f / "config.json").exists() for f in folders)
+  if vectorised:
+    done = sweep_and_evaluate(cfgs, folders, progress=progress, echo=lambda s: None)
+  else:
+    done = [train_and_evaluate(cfgs[0], folders[0], progress=progress, resume=resumed,
+                               echo=lambda s: None)]
+  return done, time.perf_counter() - t0, resumed
 
 
 def _record_wall_time(folder: pathlib.Path, seconds: float, *, resumed: bool,
@@ -164,6 +193,12 @@ def provenance(argv: list[str]) -> str:
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
+def _at_least_one(text: str) -> int:
+  if not text.isdigit() or int(text) < 1:
+    raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+  return int(text)
+
+
 def add_grid_args(parser, *, out_name: str) -> None:
   """The flags every driver shares: seeds, epochs, FAST mode, data, run root, output."""
   parser.add_argument("--seeds", type=int, default=5)
@@ -174,6 +209,9 @@ def add_grid_args(parser, *, out_name: str) -> None:
   parser.add_argument("--root", type=pathlib.Path, default=ROOT / "results" / "runs")
   parser.add_argument("--out", type=pathlib.Path, default=ROOT / "results" / out_name)
   parser.add_argument("--collect-only", action="store_true", help="only tabulate finished runs")
+  parser.add_argument("--jobs", type=_at_least_one, default=1,
+                      help="runs training at once, each in its own process (2 suits a 2-core "
+                           "CPU: one run keeps about 1.4 cores busy)")
   parser.add_argument("--vmap", action="store_true",
                       help="train each run's seeds, and the gamma/tau points of a sweep, as one "
                            "vectorised program (no mid-run checkpoints)")
@@ -182,7 +220,7 @@ def add_grid_args(parser, *, out_name: str) -> None:
 def run_and_collect(runs: list[Run], args) -> list[dict]:
   """Run (or, with --collect-only, just load) the grid; write ``<out>.csv``; return rows."""
   results = (load_results(args.root, runs) if args.collect_only
-             else run_grid(runs, args.root, vmap=args.vmap))
+             else run_grid(runs, args.root, vmap=args.vmap, jobs=args.jobs))
   rows = summary_rows(runs, results)
   write_csv(rows, args.out.with_suffix(".csv"))
   return rows
