@@ -136,15 +136,16 @@ def adapted_query_predictions(apply_fn: Callable, params: Params, labels: Params
 
 def row_budgets(lengths: np.ndarray, batch_size: int, max_len: int, *, parts: int = 4,
                 quantile: float = 0.9, multiple: int = 8, draws: int = 2000,
-                seed: int = 0) -> tuple[int, ...]:
+                seed: int = 0, max_short: float = 0.75) -> tuple[int, ...]:
   """Static row budgets for the ``parts`` length-sorted parts of a training batch.
 
   Part ``j``'s budget is the ``quantile`` of its longest user's length over ``draws``
   random batches of ``lengths`` (rounded up to a ``multiple``); the last part always
   gets ``max_len``. Returns () (run whole batches) when ``parts <= 1``, when
   ``batch_size`` is not a multiple of ``parts``, or when the shortest part would still
-  need more than 3/4 of ``max_len`` rows (too little saved for the extra compilation:
-  each shorter part compiles the inner loop once more).
+  need more than ``max_short`` of ``max_len`` rows (too little saved for the extra
+  compilation, each shorter part compiling the inner loop once more, and for the
+  ``lax.cond`` around it).
   """
   if parts <= 1 or batch_size % parts or len(lengths) == 0:
     return ()
@@ -154,7 +155,7 @@ def row_budgets(lengths: np.ndarray, batch_size: int, max_len: int, *, parts: in
   budgets = np.ceil(np.quantile(longest, quantile, axis=0) / multiple) * multiple
   budgets = np.minimum(budgets, max_len).astype(int)
   budgets[-1] = max_len
-  return tuple(int(b) for b in budgets) if 4 * budgets[0] <= 3 * max_len else ()
+  return tuple(int(b) for b in budgets) if budgets[0] <= max_short * max_len else ()
 
 
 def rows_used(support: jax.Array, query_idx: jax.Array) -> jax.Array:

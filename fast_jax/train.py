@@ -326,7 +326,8 @@ class Trainer:
     self.labels = self.backbone.labels(params)
     # Run each batch by length (meta.by_rows) unless its users are split across devices.
     self.budgets = () if self.mesh is not None else meta.row_budgets(
-        data.train.length, cfg.batch_size, self.max_len, parts=self.length_parts())
+        data.train.length, cfg.batch_size, self.max_len, parts=self.length_parts(),
+        max_short=self.max_short_rows)
     self.learner = self.build_learner()
     self.train_step = self.build_step()
     self.train_epoch = self.build_epoch(self.train_step)
@@ -355,6 +356,9 @@ class Trainer:
   def build_learner(self) -> MetaLearner:
     return MetaLearner(self.backbone, self.labels, inner_steps=self.cfg.inner_steps,
                        first_order=self.cfg.first_order)
+
+  # Batches run by length only if their shorter part needs at most this share of the rows.
+  max_short_rows = 0.75
 
   def length_parts(self) -> int:
     """Parts of a batch run by length: ``cfg.length_parts``, or by default 2 on runs of

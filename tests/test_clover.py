@@ -11,6 +11,7 @@ import pytest
 from fast_jax import clover, meta
 from fast_jax.config import CLOVER_PRESETS, Config, resolve
 from fast_jax.experiment import UsageError, check_config
+from fast_jax.train import Trainer
 
 PRESETS = tuple(CLOVER_PRESETS)
 # Each test program runs once or twice: skipping XLA's backend optimisations halves the
@@ -86,6 +87,17 @@ def test_clover_step_by_length_matches_the_whole_batch_step(prepared):
                               {k: out_b[k] for k in ("loss", "adv_loss", "group_loss")},
                               rtol=1e-5)
   assert not np.allclose(a.alpha, state.alpha)  # the inner-rate pass ran
+
+
+def test_clover_runs_by_length_only_where_the_shorter_half_needs_at_most_half_the_rows(
+    prepared):
+  """50-epoch defaults: ML-100K's shorter half fits 48 of 100 rows, so CLOVER runs it by
+  length; ML-1M's needs 56, which pays off for FAST but not for CLOVER's step."""
+  assert clover.make_runner(_cfg(), prepared("ml100k")).budgets == (48, 100)
+  ml1m = prepared("ml1m")
+  cfg = Config(dataset="ml1m", method="clover")
+  assert clover.make_runner(resolve(cfg, "ml1m"), ml1m).budgets == ()
+  assert Trainer(resolve(cfg.replace(method="fast"), "ml1m"), ml1m).budgets == (56, 100)
 
 
 @pytest.fixture(scope="module")

@@ -190,6 +190,8 @@ def test_row_budgets_follow_the_length_distribution():
   assert meta.row_budgets(lengths, 32, 100, parts=1) == ()
   assert meta.row_budgets(lengths, 30, 100, parts=4) == ()          # 30 users in 4 parts
   assert meta.row_budgets(np.full(50, 90), 32, 100, parts=2) == ()  # nothing to save
+  assert meta.row_budgets(np.full(50, 60), 32, 100, parts=2) == (64, 100)
+  assert meta.row_budgets(np.full(50, 60), 32, 100, parts=2, max_short=0.5) == ()
   four = meta.row_budgets(np.arange(11, 101), 32, 100, parts=4)
   assert len(four) == 4 and four[-1] == 100 and list(four) == sorted(four)
   assert all(b % 8 == 0 for b in four[:-1])
