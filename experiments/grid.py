@@ -116,8 +116,12 @@ def run_grid(runs: list[Run], root: pathlib.Path, *, progress: bool = False,
     with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
       futures = {pool.submit(_run_group, [r.cfg for r in g], f, v, False): (g, f)
                  for g, f, v in work}
-      for future in concurrent.futures.as_completed(futures):
-        record(*futures[future], *future.result())
+      try:
+        for future in concurrent.futures.as_completed(futures):
+          record(*futures[future], *future.result())
+      except BaseException:  # a failed run stops the grid, as it does one job at a time
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
   if work:
     log(f"{sum(len(g) for g, _, _ in work)} runs in {time.perf_counter() - t0:.0f} s of wall "
         f"time ({jobs} job{'s' if jobs > 1 else ''} at once)")
@@ -219,8 +223,13 @@ def add_grid_args(parser, *, out_name: str) -> None:
 
 def run_and_collect(runs: list[Run], args) -> list[dict]:
   """Run (or, with --collect-only, just load) the grid; write ``<out>.csv``; return rows."""
-  results = (load_results(args.root, runs) if args.collect_only
-             else run_grid(runs, args.root, vmap=args.vmap, jobs=args.jobs))
+  from fast_jax.experiment import UsageError
+  try:
+    results = (load_results(args.root, runs) if args.collect_only
+               else run_grid(runs, args.root, vmap=args.vmap, jobs=args.jobs))
+  except UsageError as e:  # a bad setting: one line naming the flag, as run.py gives
+    print(f"{pathlib.Path(sys.argv[0]).name}: error: {e}", file=sys.stderr)
+    raise SystemExit(2) from None
   rows = summary_rows(runs, results)
   write_csv(rows, args.out.with_suffix(".csv"))
   return rows

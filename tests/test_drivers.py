@@ -83,3 +83,8 @@ def test_table2_trains_runs_two_at_a_time_in_their_own_processes(tmp_path, share
     assert (tmp_path / "runs" / "ml100k" / row / "wall_time.txt").exists()
   bad = _run("table2.py", "--jobs", "0", "--collect-only")
   assert bad.returncode == 2 and "--jobs" in bad.stderr and "at least 1" in bad.stderr
+  bad = _run("table2.py", "--datasets", "ml100k", "--rows", "global-mean", "support-mean",
+             "--seeds", "0", "--jobs", "2", "--root", str(tmp_path / "bad"),
+             "--out", str(tmp_path / "bad" / "table2"))
+  assert bad.returncode == 2 and "Traceback" not in bad.stderr
+  assert bad.stderr.strip() == "table2.py: error: --seeds must be >= 1, got 0"
