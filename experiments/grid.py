@@ -4,6 +4,8 @@
 Each configuration runs through ``fast_jax.experiment.train_and_evaluate`` into
 ``<root>/<name>/``. A finished run (``results.json`` present) is not run again, and an
 interrupted one resumes from its checkpoints, so a driver can be stopped and restarted.
+A run finished with fewer seeds than asked for resumes too, training only the new seeds
+(``--seeds 1`` first, ``--seeds 5`` later).
 """
 
 from __future__ import annotations
@@ -81,10 +83,10 @@ def run_grid(runs: list[Run], root: pathlib.Path, *, progress: bool = False,
   root.mkdir(parents=True, exist_ok=True)
   out, todo = {}, []
   for run in runs:
-    folder = root / run.name
-    if (folder / "results.json").exists():
-      out[run.name] = json.loads((folder / "results.json").read_text())
-    else:
+    done = _finished(root / run.name)
+    if done is not None and done.get("config", {}).get("seeds", run.cfg.seeds) >= run.cfg.seeds:
+      out[run.name] = done
+    else:  # not run, interrupted, or run with fewer seeds: (re)start or resume it
       todo.append(run)
   groups: dict = {}
   for run in todo:
@@ -150,9 +152,13 @@ def _record_wall_time(folder: pathlib.Path, seconds: float, *, resumed: bool,
     f.write(f"{seconds:.1f} s{f' ({notes})' if notes else ''}\n")
 
 
+def _finished(folder: pathlib.Path) -> dict | None:
+  path = folder / "results.json"
+  return json.loads(path.read_text()) if path.exists() else None
+
+
 def load_results(root: pathlib.Path, runs: list[Run]) -> dict[str, dict]:
-  return {r.name: json.loads((root / r.name / "results.json").read_text())
-          for r in runs if (root / r.name / "results.json").exists()}
+  return {r.name: done for r in runs if (done := _finished(root / r.name)) is not None}
 
 
 def summary_rows(runs: list[Run], results: dict[str, dict]) -> list[dict]:

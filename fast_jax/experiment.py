@@ -322,12 +322,16 @@ def _collect(folder: RunFolder, seeds: list[int], train: Callable) -> tuple[list
 
 
 def _check_same_settings(out: pathlib.Path, record: dict) -> None:
-  """--resume continues only a run of the same configuration."""
+  """--resume continues only a run of the same configuration, or adds seeds to it (the
+  seeds are a prefix of one fixed list, so a run of more seeds extends it)."""
   path = out / "config.json"
   if not path.exists():
     raise UsageError(f"--resume: {out} holds no run to continue (no config.json)")
   before = json.loads(path.read_text())
   skip = {"versions", "git_commit", "checkpoint_every", "length_parts", "eval_chunk"}
+  seeds = _jsonable(record.get("seed_list", []))
+  if seeds[:len(before.get("seed_list", []))] == before.get("seed_list"):
+    skip |= {"seeds", "seed_list"}
   changed = [k for k in record if k not in skip and _jsonable(record[k]) != before.get(k)]
   if changed:
     k = changed[0]

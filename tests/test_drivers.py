@@ -88,3 +88,24 @@ def test_table2_trains_runs_two_at_a_time_in_their_own_processes(tmp_path, share
              "--out", str(tmp_path / "bad" / "table2"))
   assert bad.returncode == 2 and "Traceback" not in bad.stderr
   assert bad.stderr.strip() == "table2.py: error: --seeds must be >= 1, got 0"
+
+
+def test_grid_resumes_a_run_finished_with_fewer_seeds(tmp_path, monkeypatch):
+  sys.path.insert(0, str(ROOT / "experiments"))
+  import grid
+  from fast_jax import experiment
+  from fast_jax.config import Config
+  calls = []
+
+  def single(cfg, folder, *, resume, **kw):
+    calls.append((cfg.seeds, resume))
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text("{}")
+    res = {"config": cfg.to_dict(), "mean": {k: 0.0 for k in grid.METRICS}}
+    (folder / "results.json").write_text(json.dumps(res))
+    return res
+  monkeypatch.setattr(experiment, "train_and_evaluate", single)
+  run = lambda seeds: grid.Run("r", Config(method="global-mean", seeds=seeds))
+  for seeds in (1, 1, 3, 2):
+    grid.run_grid([run(seeds)], tmp_path, log=lambda s: None)
+  assert calls == [(1, False), (3, True)]  # 1 again and 2 (< 3) are finished

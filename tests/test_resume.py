@@ -64,6 +64,28 @@ def test_resumed_run_gives_the_same_results_as_an_uninterrupted_one(prepared, tm
   assert _records(tmp_path / "cut") == _records(tmp_path / "full")
 
 
+def test_more_seeds_extend_a_finished_run_without_retraining_its_seeds(prepared, tmp_path,
+                                                                       monkeypatch):
+  data = prepared("synthetic")
+  full = train_and_evaluate(_cfg(epochs=2), tmp_path / "full", data=data, **QUIET)
+  train_and_evaluate(_cfg(epochs=2, seeds=1), tmp_path / "grow", data=data, **QUIET)
+  trained = []
+  real_run_seed = Trainer.run_seed
+
+  def counting_run_seed(self, seed, **kw):
+    trained.append(seed)
+    return real_run_seed(self, seed, **kw)
+  monkeypatch.setattr(Trainer, "run_seed", counting_run_seed)
+  grown = train_and_evaluate(_cfg(epochs=2), tmp_path / "grow", data=data, resume=True,
+                             **QUIET)
+  assert trained == [3145]  # seed 1024 was finished
+  assert grown == full
+  assert _records(tmp_path / "grow") == _records(tmp_path / "full")
+  with pytest.raises(UsageError, match="used seeds=2, not 1"):  # fewer seeds: a new run
+    train_and_evaluate(_cfg(epochs=2, seeds=1), tmp_path / "grow", data=data, resume=True,
+                       **QUIET)
+
+
 def test_resume_refuses_a_run_with_other_settings(prepared, tmp_path):
   data = prepared("synthetic")
   train_and_evaluate(_cfg(epochs=1, seeds=1), tmp_path, data=data, **QUIET)
