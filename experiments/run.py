@@ -39,8 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
   a("--protocol", default=None, help="data protocol for a named dataset: clover (default) or raw")
   a("--data-dir", default=None, help="where raw data lives (default: a user cache dir, downloading when missing)")
   a("--out", default=None, help="folder for config.json, metrics.jsonl, results.json")
-  a("--resume", action="store_true", help="continue the interrupted run in --out, or add seeds to it "
-                                       "(a larger --seeds)")
+  a("--resume", action="store_true",
+    help="continue the interrupted run in --out, or add seeds to it (a larger --seeds)")
   a("--attack", action=argparse.BooleanOptionalAction, default=d.attack,
     help="train CLOVER's attacker on the adapted user representations after each seed")
   a("--vmap-seeds", action="store_true",
