@@ -329,9 +329,9 @@ def _check_same_settings(out: pathlib.Path, record: dict) -> None:
     raise UsageError(f"--resume: {out} holds no run to continue (no config.json)")
   before = json.loads(path.read_text())
   skip = {"versions", "git_commit", "checkpoint_every", "length_parts", "eval_chunk"}
-  seeds = _jsonable(record.get("seed_list", []))
-  if seeds[:len(before.get("seed_list", []))] == before.get("seed_list"):
-    skip |= {"seeds", "seed_list"}
+  old_seeds = before.get("seed_list")
+  if old_seeds is not None and _jsonable(record["seed_list"])[:len(old_seeds)] == old_seeds:
+    skip |= {"seeds", "seed_list"}  # the same seeds first, maybe more after them
   changed = [k for k in record if k not in skip and _jsonable(record[k]) != before.get(k)]
   if changed:
     k = changed[0]

@@ -148,8 +148,8 @@ class MetaLearner:
     involves the sensitive attribute, such as CLOVER's, reads it) -> float32[B, Q].
 
     Embeddings are global, so they are looked up once, outside the inner loop; only the
-    head runs inside each user's adaptation. ``budgets`` (:func:`meta.row_budgets`) runs the batch
-    by length (:func:`meta.by_rows`).
+    head runs inside each user's adaptation. ``budgets`` (:func:`meta.row_budgets`) runs
+    the batch by length (:func:`meta.by_rows`).
     """
     def run(support, query_idx, x, y):
       e = self.backbone.embed(params, x)
