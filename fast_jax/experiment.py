@@ -123,7 +123,12 @@ class RunFolder:
     _prepare_out(self.out)
     record = run_record(cfg, data)
     if resume:
-      _check_same_settings(self.out, record)
+      before = _check_same_settings(self.out, record)
+      # a resume at another commit keeps the commits that trained the earlier seeds
+      commits = [*before.get("earlier_commits", []), before.get("git_commit")]
+      earlier = [c for c in dict.fromkeys(commits) if c and c != record["git_commit"]]
+      if earlier:
+        record["earlier_commits"] = earlier
     else:
       for stale in ("checkpoints", "seeds"):
         shutil.rmtree(self.out / stale, ignore_errors=True)
@@ -321,9 +326,10 @@ def _collect(folder: RunFolder, seeds: list[int], train: Callable) -> tuple[list
   return per_seed, diverged
 
 
-def _check_same_settings(out: pathlib.Path, record: dict) -> None:
+def _check_same_settings(out: pathlib.Path, record: dict) -> dict:
   """--resume continues only a run of the same configuration, or adds seeds to it (the
-  seeds are a prefix of one fixed list, so a run of more seeds extends it)."""
+  seeds are a prefix of one fixed list, so a run of more seeds extends it). Returns the
+  run's config.json."""
   path = out / "config.json"
   if not path.exists():
     raise UsageError(f"--resume: {out} holds no run to continue (no config.json)")
@@ -337,6 +343,7 @@ def _check_same_settings(out: pathlib.Path, record: dict) -> None:
     k = changed[0]
     raise UsageError(f"--resume: the run in {out} used {k}={before.get(k)!r}, not "
                      f"{_jsonable(record[k])!r}; resume with the same settings or use a new --out")
+  return before
 
 
 def aggregate(per_seed: list[dict]) -> dict:

@@ -7,6 +7,7 @@ import sys
 import numpy as np
 import pytest
 
+from fast_jax import experiment
 from fast_jax import train as train_lib
 from fast_jax.checkpoint import SeedCheckpoint
 from fast_jax.config import Config
@@ -68,7 +69,9 @@ def test_more_seeds_extend_a_finished_run_without_retraining_its_seeds(prepared,
                                                                        monkeypatch):
   data = prepared("synthetic")
   full = train_and_evaluate(_cfg(epochs=2), tmp_path / "full", data=data, **QUIET)
+  monkeypatch.setattr(experiment, "_git_commit", lambda: "first")
   train_and_evaluate(_cfg(epochs=2, seeds=1), tmp_path / "grow", data=data, **QUIET)
+  monkeypatch.setattr(experiment, "_git_commit", lambda: "later")
   trained = []
   real_run_seed = Trainer.run_seed
 
@@ -81,6 +84,8 @@ def test_more_seeds_extend_a_finished_run_without_retraining_its_seeds(prepared,
   assert trained == [3145]  # seed 1024 was finished
   assert grown == full
   assert _records(tmp_path / "grow") == _records(tmp_path / "full")
+  config = json.loads((tmp_path / "grow" / "config.json").read_text())
+  assert (config["git_commit"], config["earlier_commits"]) == ("later", ["first"])
   with pytest.raises(UsageError, match="used seeds=2, not 1"):  # fewer seeds: a new run
     train_and_evaluate(_cfg(epochs=2, seeds=1), tmp_path / "grow", data=data, resume=True,
                        **QUIET)
