@@ -6,7 +6,8 @@
 
 gamma sweeps with tau at the paper's Table 3 value and tau sweeps with gamma at its
 Table 3 value, for each backbone. Writes ``results/figure4.png`` (MAE and GF(MAE) against
-the swept value) and ``results/figure4.csv``.
+the swept value) and ``results/figure4.csv``, whose ``*_vs_origin`` columns compare each
+point with Origin (Table 2's run) seed by seed.
 
 With ``--vmap`` the points of a backbone's sweep (and their seeds) differ only in gamma
 and tau, which live in the train state, so they train as the lanes of one vmapped
@@ -49,18 +50,41 @@ def make_runs(dataset, backbones, gammas, taus, *, seeds, epochs, data_dir,
   return runs
 
 
-def origin_means(args) -> dict:
-  """{backbone: Origin's MAE and GF(MAE)} over the sweep's seeds, from Table 2's run in
-  ``<root>/<dataset>/<backbone>-origin``, where it exists and has those seeds."""
+def origin_per_seed(args) -> dict:
+  """{backbone: {seed: Origin's results}} for the sweep's seeds, from Table 2's run in
+  ``<root>/<dataset>/<backbone>-origin``, where it exists and has all those seeds."""
   seeds = set(seed_list(args.seeds))
   out = {}
   for b in args.backbones:
     f = args.root / args.dataset / f"{b}-origin" / "results.json"
     if f.exists():
-      runs = [r for r in json.loads(f.read_text())["per_seed"] if r["seed"] in seeds]
+      runs = {r["seed"]: r for r in json.loads(f.read_text())["per_seed"] if r["seed"] in seeds}
       if len(runs) == len(seeds):
-        out[b] = {m: float(np.mean([r[m] for r in runs])) for m in ("mae", "gf_mae")}
+        out[b] = runs
   return out
+
+
+def add_paired_differences(rows: list[dict], origin: dict, root: pathlib.Path) -> None:
+  """Each point minus Origin on the same seed, for MAE and GF(MAE): the mean and the
+  population std of the per-seed differences (``mae_vs_origin``, ``..._std``), and on
+  how many seeds the point's GF(MAE) is lower (``seeds_fairer``). The seed-to-seed
+  spread that a point shares with Origin cancels in these differences."""
+  for row in rows:
+    seeds = origin.get(row["backbone"])
+    if seeds is None:
+      continue
+    point = {r["seed"]: r for r in
+             json.loads((root / row["name"] / "results.json").read_text())["per_seed"]}
+    if not seeds.keys() <= point.keys():
+      continue
+    for m in ("mae", "gf_mae"):
+      d = np.array([point[s][m] - seeds[s][m] for s in seeds])
+      row[f"{m}_vs_origin"], row[f"{m}_vs_origin_std"] = float(d.mean()), float(d.std())
+    row["seeds_fairer"] = sum(point[s]["gf_mae"] < seeds[s]["gf_mae"] for s in seeds)
+    print(f"{row['backbone']} {row['label']}: against Origin seed by seed, "
+          f"MAE {row['mae_vs_origin']:+.4f} ± {row['mae_vs_origin_std']:.4f}, "
+          f"GF(MAE) {row['gf_mae_vs_origin']:+.4f} ± {row['gf_mae_vs_origin_std']:.4f} "
+          f"(lower on {row['seeds_fairer']} of {len(seeds)} seeds)")
 
 
 def main(argv=None) -> int:
@@ -77,9 +101,12 @@ def main(argv=None) -> int:
   rows = run_and_collect(runs, args)
   for r in rows:
     r["swept"], r["value"] = r["label"].split("=")[0], float(r["label"].split("=")[1])
+  origin = origin_per_seed(args)
+  add_paired_differences(rows, origin, args.root)
   write_csv(rows, args.out.with_suffix(".csv"))
-  plots.sweeps(rows, args.out.with_suffix(".png"), reference=origin_means(args),
-               dataset=args.dataset)
+  means = {b: {m: float(np.mean([r[m] for r in runs.values()])) for m in ("mae", "gf_mae")}
+           for b, runs in origin.items()}
+  plots.sweeps(rows, args.out.with_suffix(".png"), reference=means, dataset=args.dataset)
   print(f"wrote {args.out.with_suffix('.png')} and {args.out.with_suffix('.csv')}")
   return 0
 

@@ -39,6 +39,32 @@ def test_figure3_plots_finished_runs(tmp_path):
   assert (tmp_path / "figure3_p.png").exists()
 
 
+def test_figure4_compares_each_point_with_origin_seed_by_seed(tmp_path):
+  """The *_vs_origin columns are the per-seed differences from Table 2's Origin run,
+  recomputed here from the committed results.json files."""
+  out = tmp_path / "figure4"
+  proc = _run("figure4.py", "--collect-only", "--backbones", "metacs", "--gammas", "0.1",
+              "--taus", "0.01", "--out", str(out))
+  assert proc.returncode == 0, proc.stderr
+  rows = {r["label"]: r for r in csv.DictReader(open(out.with_suffix(".csv")))}
+  assert sorted(rows) == ["gamma=0.1", "tau=0.01"]
+  runs = ROOT / "results" / "runs" / "bookcrossing"
+  origin = {r["seed"]: r for r in
+            json.loads((runs / "metacs-origin" / "results.json").read_text())["per_seed"]}
+  for label, folder in (("gamma=0.1", "metacs-g0.1-t0.8"), ("tau=0.01", "metacs-g0.3-t0.01")):
+    point = json.loads((runs / "sweep-step" / folder / "results.json").read_text())["per_seed"]
+    assert len(point) == 5
+    for m in ("mae", "gf_mae"):
+      d = [r[m] - origin[r["seed"]][m] for r in point]
+      assert float(rows[label][f"{m}_vs_origin"]) == pytest.approx(sum(d) / 5, abs=1e-4)
+      assert float(rows[label][f"{m}_vs_origin_std"]) == pytest.approx(
+          (sum((x - sum(d) / 5) ** 2 for x in d) / 5) ** 0.5, abs=1e-4)
+    fairer = sum(r["gf_mae"] < origin[r["seed"]]["gf_mae"] for r in point)
+    assert int(rows[label]["seeds_fairer"]) == fairer
+    assert f"metacs {label}: against Origin seed by seed" in proc.stdout
+  assert out.with_suffix(".png").stat().st_size > 10_000
+
+
 def test_vmapped_grid_groups_the_runs_that_differ_in_gamma_and_tau_only(tmp_path, monkeypatch):
   sys.path.insert(0, str(ROOT / "experiments"))
   import grid
