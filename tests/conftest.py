@@ -28,7 +28,8 @@ def shared_data_path() -> pathlib.Path:
 @pytest.fixture(scope="session", autouse=True)
 def _compilation_cache(tmp_path_factory):
   """One persistent XLA compilation cache for the session (this process and the tests'
-  subprocesses): the many tests that build the same small programs compile them once."""
+  subprocesses; each pytest-xdist worker has its own): the many tests that build the same
+  small programs compile them once."""
   import jax
   folder = str(tmp_path_factory.mktemp("jax_compilation_cache"))
   before = {k: getattr(jax.config, k) for k in (
