@@ -51,40 +51,42 @@ def make_runs(dataset, backbones, gammas, taus, *, seeds, epochs, data_dir,
 
 
 def origin_per_seed(args) -> dict:
-  """{backbone: {seed: Origin's results}} for the sweep's seeds, from Table 2's run in
-  ``<root>/<dataset>/<backbone>-origin``, where it exists and has all those seeds."""
-  seeds = set(seed_list(args.seeds))
+  """{backbone: {seed: Origin's results}} from Table 2's run in
+  ``<root>/<dataset>/<backbone>-origin``, where it exists."""
   out = {}
   for b in args.backbones:
     f = args.root / args.dataset / f"{b}-origin" / "results.json"
     if f.exists():
-      runs = {r["seed"]: r for r in json.loads(f.read_text())["per_seed"] if r["seed"] in seeds}
-      if len(runs) == len(seeds):
-        out[b] = runs
+      out[b] = {r["seed"]: r for r in json.loads(f.read_text())["per_seed"]}
   return out
 
 
+def origin_means(origin: dict, seeds: list[int]) -> dict:
+  """{backbone: Origin's mean MAE and GF(MAE)} over ``seeds``, where Origin has them all."""
+  return {b: {m: float(np.mean([runs[s][m] for s in seeds])) for m in ("mae", "gf_mae")}
+          for b, runs in origin.items() if set(seeds) <= runs.keys()}
+
+
 def add_paired_differences(rows: list[dict], origin: dict, root: pathlib.Path) -> None:
-  """Each point minus Origin on the same seed, for MAE and GF(MAE): the mean and the
-  population std of the per-seed differences (``mae_vs_origin``, ``..._std``), and on
-  how many seeds the point's GF(MAE) is lower (``seeds_fairer``). The seed-to-seed
-  spread that a point shares with Origin cancels in these differences."""
+  """Each point minus Origin on the same seed, over the point's seeds, for MAE and
+  GF(MAE): the mean and the population std of the per-seed differences
+  (``mae_vs_origin``, ``..._std``), and on how many seeds the point's GF(MAE) is lower
+  (``seeds_fairer``). The seed-to-seed spread that a point shares with Origin cancels in
+  these differences. Points with a seed Origin lacks get no such columns."""
   for row in rows:
-    seeds = origin.get(row["backbone"])
-    if seeds is None:
-      continue
+    base = origin.get(row["backbone"], {})
     point = {r["seed"]: r for r in
              json.loads((root / row["name"] / "results.json").read_text())["per_seed"]}
-    if not seeds.keys() <= point.keys():
+    if not point.keys() <= base.keys():
       continue
     for m in ("mae", "gf_mae"):
-      d = np.array([point[s][m] - seeds[s][m] for s in seeds])
+      d = np.array([point[s][m] - base[s][m] for s in point])
       row[f"{m}_vs_origin"], row[f"{m}_vs_origin_std"] = float(d.mean()), float(d.std())
-    row["seeds_fairer"] = sum(point[s]["gf_mae"] < seeds[s]["gf_mae"] for s in seeds)
+    row["seeds_fairer"] = sum(point[s]["gf_mae"] < base[s]["gf_mae"] for s in point)
     print(f"{row['backbone']} {row['label']}: against Origin seed by seed, "
           f"MAE {row['mae_vs_origin']:+.4f} ± {row['mae_vs_origin_std']:.4f}, "
           f"GF(MAE) {row['gf_mae_vs_origin']:+.4f} ± {row['gf_mae_vs_origin_std']:.4f} "
-          f"(lower on {row['seeds_fairer']} of {len(seeds)} seeds)")
+          f"(lower on {row['seeds_fairer']} of {len(point)} seeds)")
 
 
 def main(argv=None) -> int:
@@ -104,9 +106,8 @@ def main(argv=None) -> int:
   origin = origin_per_seed(args)
   add_paired_differences(rows, origin, args.root)
   write_csv(rows, args.out.with_suffix(".csv"))
-  means = {b: {m: float(np.mean([r[m] for r in runs.values()])) for m in ("mae", "gf_mae")}
-           for b, runs in origin.items()}
-  plots.sweeps(rows, args.out.with_suffix(".png"), reference=means, dataset=args.dataset)
+  plots.sweeps(rows, args.out.with_suffix(".png"),
+               reference=origin_means(origin, seed_list(args.seeds)), dataset=args.dataset)
   print(f"wrote {args.out.with_suffix('.png')} and {args.out.with_suffix('.csv')}")
   return 0
 

@@ -65,6 +65,25 @@ def test_figure4_compares_each_point_with_origin_seed_by_seed(tmp_path):
   assert out.with_suffix(".png").stat().st_size > 10_000
 
 
+def test_figure4_pairs_over_the_points_own_seeds_and_skips_seeds_origin_lacks(tmp_path):
+  sys.path.insert(0, str(ROOT / "experiments"))
+  import figure4
+  for name, seeds in (("a", [1, 2]), ("b", [1, 4])):
+    (tmp_path / name).mkdir()
+    per_seed = [{"seed": s, "mae": 1.0 + s / 10, "gf_mae": 0.05 * s} for s in seeds]
+    (tmp_path / name / "results.json").write_text(json.dumps({"per_seed": per_seed}))
+  origin = {"melu": {s: {"seed": s, "mae": 1.0, "gf_mae": 0.08} for s in (1, 2, 3)}}
+  rows = [{"name": n, "backbone": "melu", "label": n} for n in ("a", "b")]
+  figure4.add_paired_differences(rows, origin, tmp_path)
+  assert rows[0]["mae_vs_origin"] == pytest.approx(0.15)  # seeds 1 and 2 only
+  assert rows[0]["mae_vs_origin_std"] == pytest.approx(0.05)
+  assert rows[0]["gf_mae_vs_origin"] == pytest.approx(-0.005)
+  assert rows[0]["seeds_fairer"] == 1
+  assert "mae_vs_origin" not in rows[1]  # Origin has no seed 4
+  assert figure4.origin_means(origin, [1, 2]) == {"melu": {"mae": 1.0, "gf_mae": 0.08}}
+  assert figure4.origin_means(origin, [1, 4]) == {}
+
+
 def test_vmapped_grid_groups_the_runs_that_differ_in_gamma_and_tau_only(tmp_path, monkeypatch):
   sys.path.insert(0, str(ROOT / "experiments"))
   import grid
