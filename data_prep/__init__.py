@@ -1,14 +1,15 @@
-"""Raw datasets -> padded per-user task arrays (``fast_jax.dataset`` schema).
-
-    from data_prep import prepare, ensure_prepared
-    prepare("bookcrossing", "out/bx", data_dir="../shared/data")      # one folder
-    path = ensure_prepared("synthetic")                                 # cached, no files needed
-
-Command line: ``python -m data_prep --help``. Details: ``docs/data.md``.
+"""Checkout alias of :mod:`fast_jax.data_prep`, so that ``python -m data_prep`` and
+``import data_prep`` keep working from a clone. A wheel ships only ``fast_jax``; use
+``fast-jax prep`` or ``python -m fast_jax.data_prep`` there.
 """
 
-from fast_jax.dataset import DataError
+import importlib
+import sys
 
-from data_prep.api import DATASETS, PROTOCOLS, build, ensure_prepared, prepare
+from fast_jax.data_prep import *  # noqa: F401,F403
+from fast_jax.data_prep import __all__  # noqa: F401
 
-__all__ = ["DATASETS", "PROTOCOLS", "DataError", "build", "ensure_prepared", "prepare"]
+# `import data_prep.sources` and the package's own modules are one module object, so a
+# patch through either name is seen by both.
+for _name in ("api", "cli", "clover", "common", "custom", "raw", "sources", "synthetic"):
+  sys.modules[f"{__name__}.{_name}"] = importlib.import_module(f"fast_jax.data_prep.{_name}")

@@ -1,115 +1,12 @@
-"""The FAST paper's Table 2: every method on ML-1M, Book-Crossing and ML-100K.
+"""``python experiments/table2.py`` from a checkout: the same as ``fast-jax table2``
+(:mod:`fast_jax.cli.table2`)."""
 
-    python experiments/table2.py --data-dir ../shared/data            # everything, 5 seeds
-    python experiments/table2.py --datasets ml100k --rows melu-fast melu-origin
-    python experiments/table2.py --collect-only                        # tables from finished runs
-
-Rows: the cold-start baselines, MeLU and MetaCS each with Origin, Reg, IPW, CLOVER and
-FAST, and the reference predictors. Runs go to ``--root`` (default ``results/runs``),
-one folder per (row, dataset), and are resumable. Writes ``results/table2.md`` and
-``results/table2.csv``: our mean ± std beside the paper's value and the difference, with
-the best (**bold**) and runner-up (_italic_) of each column marked per backbone, as the
-paper does, and ``results/table2_scatter.png``: GF(MAE) against MAE for every row.
-"""
-
-from __future__ import annotations
-
-import argparse
 import pathlib
 import sys
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
-from grid import (METRICS, PAPER_DATASETS, Run, add_grid_args, provenance,  # noqa: E402
-                  run_and_collect)
-
-import plots  # noqa: E402
-
-from fast_jax.config import Config  # noqa: E402
-
-BASELINE_ROWS = ("widedeep", "dropoutnet", "nlba", "global-mean", "support-mean")
-META_ROWS = tuple(f"{b}-{m}" for b in ("melu", "metacs")
-                  for m in ("origin", "reg", "ipw", "clover", "fast"))
-ROWS = BASELINE_ROWS + META_ROWS
-
-
-def make_runs(datasets, rows, *, seeds: int, epochs: int | None, data_dir: str | None,
-              p_update: str) -> list[Run]:
-  runs = []
-  for dataset in datasets:
-    for row in rows:
-      kw = dict(dataset=dataset, seeds=seeds, data_dir=data_dir)
-      if epochs is not None:
-        kw["epochs"] = epochs
-      if row in BASELINE_ROWS:
-        cfg = Config(method=row, **kw)
-      else:
-        backbone, method = row.split("-", 1)
-        cfg = Config(backbone=backbone, method=method, p_update=p_update, **kw)
-      # FAST runs carry their mode in the folder name (shared with figure3.py).
-      name = f"{dataset}/{row}" + (f"-{p_update}" if row.endswith("-fast") else "")
-      runs.append(Run(name=name, cfg=cfg, row=row))
-  return runs
-
-
-def markdown(rows: list[dict], datasets) -> str:
-  """One table per dataset: ours ± std, paper, difference; best/runner-up per backbone."""
-  out = []
-  for dataset in datasets:
-    part = [r for r in rows if r["dataset"] == dataset]
-    if not part:
-      continue
-    marks = _marks(part)
-    out.append(f"\n### {dataset}\n")
-    out.append("| method | seeds | " + " | ".join(
-        f"{m.upper().replace('GF_', 'GF(') + (')' if m.startswith('gf') else '')} (paper, Δ)"
-        for m in METRICS) + " |")
-    out.append("|---|---|" + "---|" * len(METRICS))
-    for r in part:
-      cells = []
-      for m in METRICS:
-        ours = f"{r[m]:.3f} ± {r[m + '_std']:.3f}"
-        mark = marks.get((r["name"], m), "")
-        ours = f"**{ours}**" if mark == "best" else f"_{ours}_" if mark == "second" else ours
-        paper = r[m + "_paper"]
-        ref = "—" if paper != paper else f"{paper:.3f}, {r[m] - paper:+.3f}"
-        cells.append(f"{ours} ({ref})")
-      out.append(f"| {r['row']} | {r['seeds']} | " + " | ".join(cells) + " |")
-  return "\n".join(out) + "\n"
-
-
-def _marks(rows: list[dict]) -> dict:
-  """Best and runner-up of each metric among the rows of each backbone (lower is better)."""
-  marks = {}
-  for backbone in ("melu", "metacs"):
-    group = [r for r in rows if r["row"].startswith(backbone + "-")]
-    for m in METRICS:
-      ranked = sorted(group, key=lambda r: r[m])
-      for r, mark in zip(ranked, ("best", "second")):
-        marks[(r["name"], m)] = mark
-  return marks
-
-
-def main(argv=None) -> int:
-  p = argparse.ArgumentParser(description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--datasets", nargs="+", default=list(PAPER_DATASETS))
-  p.add_argument("--rows", nargs="+", default=list(ROWS), choices=ROWS)
-  add_grid_args(p, out_name="table2")
-  args = p.parse_args(argv)
-  runs = make_runs(args.datasets, args.rows, seeds=args.seeds, epochs=args.epochs,
-                   data_dir=args.data_dir, p_update=args.p_update)
-  rows = run_and_collect(runs, args)
-  text = (f"# Table 2 reproduction\n\n{provenance(sys.argv)}\n\n"
-          "Ours: mean ± population std over seeds; in brackets the paper's mean and our "
-          "difference. **Bold** / _italic_: best / runner-up per backbone.\n"
-          + markdown(rows, args.datasets))
-  args.out.with_suffix(".md").write_text(text)
-  if rows:  # the fairness-utility trade-off of every row, one panel per dataset
-    plots.scatter(rows, args.out.parent / f"{args.out.name}_scatter.png")
-  print(text)
-  return 0
-
+from fast_jax.cli.table2 import main  # noqa: E402
 
 if __name__ == "__main__":
   sys.exit(main())

@@ -675,7 +675,7 @@ RUNNERS = {"global-mean": ReferencePredictor, "support-mean": ReferencePredictor
 
 def check_config(cfg: Config) -> None:
   """Reject baseline settings that cannot work, with the flag to change."""
-  from fast_jax.experiment import UsageError
+  from fast_jax.config import UsageError
   if cfg.method not in RUNNERS:
     raise UsageError(f"--method {cfg.method!r} is not a baseline; expected one of "
                      f"{', '.join(RUNNERS)}")

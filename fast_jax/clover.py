@@ -118,7 +118,7 @@ def spec_from_config(cfg: Config, data) -> CloverSpec:
 
 def check_config(cfg: Config, data) -> None:
   """Reject CLOVER settings that cannot work, naming the flag (UsageError)."""
-  from fast_jax.experiment import UsageError
+  from fast_jax.config import UsageError
   if cfg.clover_preset not in config_lib.CLOVER_PRESETS:
     raise UsageError(f"--clover-preset {cfg.clover_preset!r}: expected one of "
                      f"{', '.join(config_lib.CLOVER_PRESETS)}")

@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 
+
+class UsageError(ValueError):
+  """A bad setting or input, reported to the user as one line (exit code 2)."""
+
 # Paper Table 3: (gamma, tau) per backbone and dataset.
 PAPER_GAMMA_TAU = {
     ("melu", "ml1m"): (0.3, 0.8), ("melu", "bookcrossing"): (0.5, 0.1),

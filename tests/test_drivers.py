@@ -66,8 +66,7 @@ def test_figure4_compares_each_point_with_origin_seed_by_seed(tmp_path):
 
 
 def test_figure4_pairs_over_the_points_own_seeds_and_skips_seeds_origin_lacks(tmp_path):
-  sys.path.insert(0, str(ROOT / "experiments"))
-  import figure4
+  from fast_jax.cli import figure4
   for name, seeds in (("a", [1, 2]), ("b", [1, 4])):
     (tmp_path / name).mkdir()
     per_seed = [{"seed": s, "mae": 1.0 + s / 10, "gf_mae": 0.05 * s} for s in seeds]
@@ -85,8 +84,7 @@ def test_figure4_pairs_over_the_points_own_seeds_and_skips_seeds_origin_lacks(tm
 
 
 def test_vmapped_grid_groups_the_runs_that_differ_in_gamma_and_tau_only(tmp_path, monkeypatch):
-  sys.path.insert(0, str(ROOT / "experiments"))
-  import grid
+  from fast_jax.cli import grid
   from fast_jax import experiment
   from fast_jax.config import Config
   calls = []
@@ -136,8 +134,7 @@ def test_table2_trains_runs_two_at_a_time_in_their_own_processes(tmp_path, share
 
 
 def test_grid_resumes_a_run_finished_with_fewer_seeds(tmp_path, monkeypatch):
-  sys.path.insert(0, str(ROOT / "experiments"))
-  import grid
+  from fast_jax.cli import grid
   from fast_jax import experiment
   from fast_jax.config import Config
   calls = []

@@ -8,8 +8,8 @@ import pathlib
 
 from fast_jax.dataset import DataError, load_prepared, save_prepared
 
-from data_prep import clover, custom, raw, sources, synthetic
-from data_prep.common import check_interaction_bounds, md5_file
+from fast_jax.data_prep import clover, custom, raw, sources, synthetic
+from fast_jax.data_prep.common import check_interaction_bounds, md5_file
 
 DATASETS = ("ml100k", "ml1m", "bookcrossing", "custom", "synthetic")
 PROTOCOLS = {"ml100k": ("clover", "raw"), "ml1m": ("clover", "raw"), "bookcrossing": ("clover",),

@@ -26,8 +26,8 @@ import numpy as np
 
 from fast_jax.dataset import MIN_LENGTH, QUERY_SIZE, SPLITS, DataError
 
-from data_prep import sources
-from data_prep.common import (Progress, Tasks, check_splits_nonempty,
+from fast_jax.data_prep import sources
+from fast_jax.data_prep.common import (Progress, Tasks, check_splits_nonempty,
                               column_of, layout, make_meta, multi_slots, pack_all, read_table,
                               read_text, tasks_from_lists, to_numbers)
 

@@ -26,7 +26,7 @@ import numpy as np
 
 from fast_jax.dataset import MIN_LENGTH, SPLITS, DataError
 
-from data_prep.common import (Tasks, check_splits_nonempty, column_of, filter_lengths, layout,
+from fast_jax.data_prep.common import (Tasks, check_splits_nonempty, column_of, filter_lengths, layout,
                               make_meta, pack_all, stratified_split)
 
 DEFAULTS = {

@@ -16,7 +16,7 @@ import sys
 
 from fast_jax.dataset import DataError, load_prepared
 
-from data_prep import api, synthetic
+from fast_jax.data_prep import api, synthetic
 
 _SYNTHETIC_TYPES = {k: (type(v) if not isinstance(v, bool) else None)
                     for k, v in synthetic.DEFAULTS.items()}

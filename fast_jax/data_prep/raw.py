@@ -22,9 +22,9 @@ import numpy as np
 
 from fast_jax.dataset import SPLITS, DataError
 
-from data_prep import sources
-from data_prep.clover import read_movies_extrainfos
-from data_prep.common import (Progress, Tasks, check_splits_nonempty, column_of, filter_lengths,
+from fast_jax.data_prep import sources
+from fast_jax.data_prep.clover import read_movies_extrainfos
+from fast_jax.data_prep.common import (Progress, Tasks, check_splits_nonempty, column_of, filter_lengths,
                               layout, make_meta, md5_file, multi_slots, pack_all, read_table,
                               sorted_vocab, stratified_split, to_numbers)
 

@@ -31,7 +31,7 @@ import tqdm
 
 from fast_jax.dataset import DataError
 
-from data_prep.common import md5_file
+from fast_jax.data_prep.common import md5_file
 
 DEFAULT_TIMEOUT = 30.0
 GROUPLENS = "https://files.grouplens.org/datasets/movielens/"

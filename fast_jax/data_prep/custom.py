@@ -24,7 +24,7 @@ import numpy as np
 
 from fast_jax.dataset import SPLITS, DataError
 
-from data_prep.common import (Progress, Tasks, check_splits_nonempty, filter_lengths, layout,
+from fast_jax.data_prep.common import (Progress, Tasks, check_splits_nonempty, filter_lengths, layout,
                               make_meta, md5_file, multi_slots, pack_all, sorted_vocab,
                               stratified_split)
 

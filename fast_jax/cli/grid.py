@@ -19,11 +19,9 @@ import pathlib
 import sys
 import time
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from fast_jax.config import Config  # noqa: E402
+from fast_jax.config import Config
 
 METRICS = ("mae", "mse", "gf_mae", "gf_mse")
 
@@ -200,7 +198,9 @@ def provenance(argv: list[str]) -> str:
   return f"command: `python {' '.join(argv)}`; commit {commit or 'unknown'}"
 
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+# Relative to the working folder, so a wheel install writes where it is run, as a checkout
+# run from its root writes into the repository's results/.
+ROOT = pathlib.Path(".")
 
 
 def _at_least_one(text: str) -> int:
@@ -229,7 +229,7 @@ def add_grid_args(parser, *, out_name: str) -> None:
 
 def run_and_collect(runs: list[Run], args) -> list[dict]:
   """Run (or, with --collect-only, just load) the grid; write ``<out>.csv``; return rows."""
-  from fast_jax.experiment import UsageError
+  from fast_jax.config import UsageError
   try:
     results = (load_results(args.root, runs) if args.collect_only
                else run_grid(runs, args.root, vmap=args.vmap, jobs=args.jobs))

@@ -1,0 +1,5 @@
+import sys
+
+from fast_jax.cli import main
+
+sys.exit(main())

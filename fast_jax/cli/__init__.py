@@ -1,0 +1,52 @@
+"""The ``fast-jax`` command (also ``python -m fast_jax``): one subcommand per driver.
+
+    fast-jax run --backbone melu --dataset ml100k --gamma 2 --tau 0.2
+    fast-jax prep --dataset bookcrossing --out prepared/bx
+    fast-jax table2 --datasets ml100k --jobs 2
+
+Each subcommand is the ``main(argv)`` of one module of this package; the scripts in a
+checkout's ``experiments/`` call the same functions.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# subcommand -> (module, one line of help)
+COMMANDS = {
+    "run": ("fast_jax.cli.run", "train and evaluate one configuration for N seeds"),
+    "prep": ("fast_jax.data_prep.cli", "prepare a dataset (named, custom CSVs or synthetic)"),
+    "table2": ("fast_jax.cli.table2", "the FAST paper's Table 2 (runs, then tables)"),
+    "figure3": ("fast_jax.cli.figure3", "the FAST paper's Figure 3 (FAST's p and losses)"),
+    "figure4": ("fast_jax.cli.figure4", "the FAST paper's Figure 4 (gamma / tau sweep)"),
+    "collect": ("fast_jax.cli.collect", "tabulate finished run folders"),
+    "bench": ("fast_jax.cli.bench", "time training on this machine"),
+    "plot": ("fast_jax.cli.plots", "plots of tables and run folders"),
+}
+
+
+def usage() -> str:
+  width = max(map(len, COMMANDS))
+  lines = ["usage: fast-jax COMMAND [flags]   (fast-jax COMMAND --help for its flags)", "",
+           "commands:"]
+  lines += [f"  {name:<{width}}  {text}" for name, (_, text) in COMMANDS.items()]
+  return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+  argv = sys.argv[1:] if argv is None else list(argv)
+  if not argv or argv[0] in ("-h", "--help", "help"):
+    print(usage())
+    return 0
+  if argv[0] in ("-V", "--version"):
+    from fast_jax import __version__
+    print(f"fast-jax {__version__}")
+    return 0
+  if argv[0] not in COMMANDS:
+    print(f"error: unknown command {argv[0]!r}; expected one of {', '.join(COMMANDS)} "
+          f"(see fast-jax --help)", file=sys.stderr)
+    return 2
+  module = importlib.import_module(COMMANDS[argv[0]][0])
+  sys.argv[0] = f"fast-jax {argv[0]}"
+  return module.main(argv[1:]) or 0

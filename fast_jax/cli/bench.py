@@ -1,0 +1,189 @@
+"""Speed and memory of the meta-training loop.
+
+    python experiments/bench.py --dataset bookcrossing --data-dir ../shared/data
+
+Prints, for MeLU+FAST (or --backbone/--method, any meta-learning method) on the
+dataset's training users: compile time, seconds per training epoch (jitted epoch scan,
+and the epoch plus its validation pass), users per second, peak resident memory, the
+epoch by length against whole batches, and the same epoch run as a per-user Python loop
+over the same JAX functions (the structure of the authors' PyTorch code), extrapolated
+from ``--loop-steps`` steps (not for CLOVER, whose step is its own).
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from fast_jax import fairness, meta
+from fast_jax import config as config_lib
+from fast_jax.config import Config, resolve
+from fast_jax.experiment import load_dataset, make_runner
+from fast_jax.train import Trainer
+
+
+def peak_rss_mb() -> float:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def timed(fn, *args):
+  t0 = time.perf_counter()
+  out = jax.block_until_ready(fn(*args))
+  return out, time.perf_counter() - t0
+
+
+def bench_scan(trainer: Trainer, epochs: int, train_epoch=None) -> dict:
+  train_epoch = train_epoch or trainer.train_epoch
+  key = jax.random.key(0)
+  state = trainer.init_state(key)
+  (state, _), compile_s = timed(train_epoch, state, trainer.train_data, key)
+  trainer.evaluate(state, "valid")  # compile the validation pass outside the timing
+  times, with_valid = [], []
+  for e in range(epochs):
+    (state, _), dt = timed(train_epoch, state, trainer.train_data,
+                           jax.random.fold_in(key, e))
+    t0 = time.perf_counter()
+    trainer.evaluate(state, "valid")
+    times.append(dt)
+    with_valid.append(dt + time.perf_counter() - t0)
+  n = trainer.train_data["x"].shape[0]
+  return {"compile_s": compile_s, "epoch_s": float(np.median(times)),
+          "epoch_with_valid_s": float(np.median(with_valid)),
+          "users_per_s": n / float(np.median(times))}
+
+
+def bench_vmapped_seeds(trainer: Trainer, seeds: int) -> dict:
+  """One epoch of ``seeds`` seeds as one vmapped program vs the seeds one after another,
+  both on whole batches (vmapped lanes do not run by length, see Trainer.run_vmapped)."""
+  keys = jax.random.split(jax.random.key(0), seeds)
+  states = jax.tree.map(lambda *a: jnp.stack(a), *[trainer.init_state(k) for k in keys])
+  whole = trainer.build_epoch(trainer.build_step(budgets=()))
+  vepoch = jax.jit(jax.vmap(whole, in_axes=(0, None, 0)))
+  _, compile_s = timed(vepoch, states, trainer.train_data, keys)
+  _, vmapped = timed(vepoch, states, trainer.train_data, keys)
+  state = trainer.init_state(keys[0])
+  timed(whole, state, trainer.train_data, keys[0])  # compile outside the timing
+  t0 = time.perf_counter()
+  for k in keys:
+    jax.block_until_ready(whole(state, trainer.train_data, k))
+  sequential = time.perf_counter() - t0
+  return {"compile_s": compile_s, "vmapped_s": vmapped, "sequential_s": sequential}
+
+
+def bench_python_loop(trainer: Trainer, steps: int) -> dict:
+  """The same model and inner loop, one user at a time from Python (per-user jit calls)."""
+  cfg = trainer.cfg
+  learner, data = trainer.learner, trainer.train_data
+  state = trainer.init_state(jax.random.key(0))
+
+  @jax.jit
+  def user_grad(params, alpha, x, y, length, key):
+    support, q = meta.query_split(key, length[None], trainer.max_len, cfg.train_query)
+    batch = {"x": x[None], "y": y[None]}
+
+    def loss(p):
+      mse, mae = learner.query_losses(p, alpha, batch, support, q)
+      return mse[0], (mse[0], mae[0])
+    return jax.grad(loss, has_aux=True)(params)
+
+  tx = optax.adam(cfg.lr)
+  apply = jax.jit(lambda g, s, p: optax.apply_updates(p, tx.update(g, s, p)[0]))
+  opt_state = tx.init(state.params)
+  n = data["x"].shape[0]
+  order = np.random.default_rng(0).permutation(n)
+  g0, _ = user_grad(state.params, state.alpha, data["x"][0], data["y"][0], data["length"][0],
+                    jax.random.key(0))  # compile outside the timing
+  jax.block_until_ready(apply(g0, opt_state, state.params))
+  t0 = time.perf_counter()
+  params = state.params
+  for s in range(steps):
+    idx = order[s * cfg.batch_size:(s + 1) * cfg.batch_size]
+    grads, losses = [], []
+    for u in idx:
+      g, (mse, mae) = user_grad(params, state.alpha, data["x"][u], data["y"][u],
+                                data["length"][u], jax.random.key(int(u)))
+      grads.append(g)
+      losses.append((float(mse), float(mae)))
+    # The group gap and p update on the host, as the reference does.
+    groups = np.asarray(data["group"])[idx]
+    fairness.update_p(state.p, *fairness.group_means(jnp.array([l[0] for l in losses]),
+                                                     jnp.asarray(groups), 2), 1.0, 0.1)
+    mean_grad = jax.tree.map(lambda *g: sum(g) / len(g), *grads)
+    params = apply(mean_grad, opt_state, params)
+  jax.block_until_ready(params)
+  per_step = (time.perf_counter() - t0) / steps
+  steps_per_epoch = n // cfg.batch_size
+  return {"epoch_s": per_step * steps_per_epoch, "users_per_s": cfg.batch_size / per_step}
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--dataset", default="bookcrossing")
+  p.add_argument("--data-dir", default=None)
+  p.add_argument("--backbone", default="melu")
+  p.add_argument("--method", default="fast")
+  p.add_argument("--p-update", default="step")
+  p.add_argument("--batch-size", type=int, default=32)
+  p.add_argument("--epochs", type=int, default=3, help="timed epochs after the compiling one")
+  p.add_argument("--loop-steps", type=int, default=5,
+                 help="steps of the per-user Python loop to time (extrapolated to an epoch)")
+  p.add_argument("--first-order", action="store_true")
+  p.add_argument("--length-parts", type=int, default=None,
+                 help="length-sorted parts per batch (default: as in a 50-epoch run); "
+                      "timed against whole batches")
+  p.add_argument("--seeds", type=int, default=0,
+                 help="also time an epoch of this many seeds vmapped vs sequential")
+  args = p.parse_args(argv)
+  if args.method not in config_lib.META_METHODS:
+    p.error(f"--method must be a meta-learning method ({', '.join(config_lib.META_METHODS)}), "
+            f"got {args.method!r}")
+
+  cfg = Config(dataset=args.dataset, data_dir=args.data_dir, backbone=args.backbone,
+               method=args.method, p_update=args.p_update, batch_size=args.batch_size,
+               first_order=args.first_order, length_parts=args.length_parts)
+  data = load_dataset(cfg, progress=False)
+  cfg = resolve(cfg, data.meta["dataset"])
+  trainer = make_runner(cfg, data)
+  n = data.train.x.shape[0]
+  print(f"{cfg.backbone}+{cfg.method} ({cfg.p_update} mode, "
+        f"{'first' if cfg.first_order else 'second'} order) on {data.meta['dataset']}: "
+        f"{n} training users, L={trainer.max_len}, batch {cfg.batch_size}, "
+        f"{n // cfg.batch_size} steps/epoch; backend {jax.default_backend()}, "
+        f"{jax.device_count()} device(s)")
+  scan = bench_scan(trainer, args.epochs)
+  print(f"jitted epoch scan: compile+first epoch {scan['compile_s']:.2f} s, "
+        f"{scan['epoch_s']:.3f} s/epoch, {scan['epoch_with_valid_s']:.3f} s/epoch with "
+        f"validation, {scan['users_per_s']:.0f} users/s")
+  print(f"peak RSS so far: {peak_rss_mb():.0f} MB")
+  if trainer.budgets:
+    whole = bench_scan(trainer, args.epochs, trainer.build_epoch(trainer.build_step(budgets=())))
+    print(f"by length ({len(trainer.budgets)} parts, row budgets {list(trainer.budgets)}) vs "
+          f"whole batches: {scan['epoch_s']:.3f} vs {whole['epoch_s']:.3f} s/epoch -> x"
+          f"{whole['epoch_s'] / scan['epoch_s']:.2f}; compile+first epoch "
+          f"{scan['compile_s']:.1f} vs {whole['compile_s']:.1f} s")
+  if args.seeds > 1:
+    v = bench_vmapped_seeds(trainer, args.seeds)
+    print(f"{args.seeds} seeds, one epoch: vmapped {v['vmapped_s']:.2f} s (compile "
+          f"{v['compile_s']:.1f} s), sequential {v['sequential_s']:.2f} s -> speed-up "
+          f"x{v['sequential_s'] / v['vmapped_s']:.2f}")
+  if cfg.method == "clover" or args.loop_steps <= 0:
+    print(f"peak RSS: {peak_rss_mb():.0f} MB")
+    return 0
+  loop = bench_python_loop(trainer, args.loop_steps)
+  print(f"per-user Python loop ({args.loop_steps} steps, extrapolated): "
+        f"{loop['epoch_s']:.1f} s/epoch, {loop['users_per_s']:.0f} users/s "
+        f"-> scan speed-up x{loop['epoch_s'] / scan['epoch_s']:.0f}")
+  print(f"peak RSS: {peak_rss_mb():.0f} MB")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,186 @@
+"""Train and evaluate one configuration for N seeds.
+
+    python experiments/run.py --backbone melu --dataset ml100k --gamma 2 --tau 0.2
+
+Flags only; the work is fast_jax.experiment.train_and_evaluate. Unset hyperparameters
+take the paper's value for the backbone and dataset (Table 3 for gamma/tau, the FAST
+code's run.sh for learning rates). Bad settings are reported in one line, exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from fast_jax import config as config_lib
+from fast_jax.config import Config
+
+
+class _Parser(argparse.ArgumentParser):
+  """A bad flag is one line on stderr and exit code 2, like every other usage error."""
+
+  def error(self, message):
+    self.exit(2, f"error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+  d = Config()
+  p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  a = p.add_argument
+  a("--backbone", default=d.backbone,
+    help=f"one of {', '.join(config_lib.BACKBONES)}; ignored by the baselines (widedeep, "
+         "dropoutnet, nlba, global-mean, support-mean), which use the dataset's MeLU network")
+  a("--method", default=d.method, help=f"one of {', '.join(config_lib.METHODS)}")
+  a("--dataset", default=d.dataset,
+    help=f"one of {', '.join(config_lib.DATASETS)}, or a prepared dataset folder")
+  a("--protocol", default=None, help="data protocol for a named dataset: clover (default) or raw")
+  a("--data-dir", default=None, help="where raw data lives (default: a user cache dir, downloading when missing)")
+  a("--out", default=None, help="folder for config.json, metrics.jsonl, results.json")
+  a("--resume", action="store_true",
+    help="continue the interrupted run in --out, or add seeds to it (a larger --seeds)")
+  a("--attack", action=argparse.BooleanOptionalAction, default=d.attack,
+    help="train CLOVER's attacker on the adapted user representations after each seed")
+  a("--vmap-seeds", action="store_true",
+    help="train the seeds as one vectorised program (faster on GPU/TPU; no mid-run checkpoints)")
+  a("--data-parallel", action=argparse.BooleanOptionalAction, default=d.data_parallel,
+    help="split each batch's users across all devices when there are several")
+  a("--checkpoint-every", type=int, default=d.checkpoint_every,
+    help="epochs between checkpoints of each seed (in --out/checkpoints)")
+  g = p.add_argument_group("FAST")
+  g.add_argument("--gamma", type=float, default=None, help="rate of the p update (paper Table 3 by default)")
+  g.add_argument("--tau", type=float, default=None, help="cap of one p update (the FAST code's --beta)")
+  g.add_argument("--p-update", choices=("step", "epoch"), default=d.p_update,
+                 help="step: paper Algorithm 1 (batch gap every step); epoch: the authors' code")
+  g.add_argument("--gap-loss", choices=("mse", "mae"), default=None,
+                 help="loss of the group gap (default mse for step, mae for epoch)")
+  g.add_argument("--resample", choices=("sample", "expected"), default=d.resample,
+                 help="resampled batch B' as drawn counts or their expectation (step mode)")
+  m = p.add_argument_group("meta-learning")
+  m.add_argument("--epochs", type=int, default=d.epochs)
+  m.add_argument("--seeds", type=int, default=d.seeds, help="number of seeds (the FAST code's five first)")
+  m.add_argument("--lr", type=float, default=None, help="outer Adam learning rate")
+  m.add_argument("--inner-lr", type=float, default=None, help="inner SGD rate (MetaCS: its initial value)")
+  m.add_argument("--inner-steps", type=int, default=d.inner_steps)
+  m.add_argument("--first-order", action="store_true", help="first-order meta-gradient (FOMAML)")
+  m.add_argument("--batch-size", type=int, default=d.batch_size)
+  m.add_argument("--length-parts", type=int, default=d.length_parts,
+                 help="run each batch as this many length-sorted parts, each on only the "
+                      "rows its users need (speed only; 1: whole batches; default: 2 on "
+                      "runs of at least 500 steps, else 1)")
+  m.add_argument("--train-query", choices=("random", "last"), default=d.train_query,
+                 help="training query: fresh random 10 per use (FAST code) or the last 10")
+  m.add_argument("--select", choices=("last", "best-valid"), default=d.select,
+                 help="test the final model (FAST code) or the epoch with the lowest valid MAE")
+  m.add_argument("--alpha-mode", choices=("scalar", "per-param"), default=d.alpha_mode,
+                 help="MetaCS learned inner rate: one scalar (FAST code) or one per parameter")
+  n = p.add_argument_group("network")
+  n.add_argument("--local-output", action="store_true", help="adapt the output layer too (MeLU)")
+  n.add_argument("--drop-sensitive", action="store_true", help="remove the sensitive attribute from the inputs")
+  n.add_argument("--init", choices=("torch", "flax"), default=d.init)
+  n.add_argument("--out-bias", choices=("init", "mean"), default=d.out_bias,
+                 help="output bias from the initialiser or at the training mean rating "
+                      "(default: init for MeLU, mean for MetaCS)")
+  r = p.add_argument_group("Reg")
+  r.add_argument("--reg-weight", type=float, default=d.reg_weight)
+  r.add_argument("--reg-kind", choices=("loss", "value"), default=d.reg_kind)
+  c = p.add_argument_group("CLOVER", "unset flags come from --clover-preset (research/clover.md)")
+  c.add_argument("--clover-preset", choices=tuple(config_lib.CLOVER_PRESETS), default=None,
+                 help="the README's runs: a1 (A1 on h_u), a1-ext (A1 on [h_u, rating]), "
+                      "full (A1 + A2, default)")
+  c.add_argument("--adv", type=float, default=None, help="lambda_1: weight of the adversarial loss")
+  c.add_argument("--adv2", type=float, default=None, help="lambda_2: weight of the second adversary")
+  c.add_argument("--out1", type=int, default=None,
+                 help="A1 input (CLOVER's --out): 0 h_u, 1 y_hat, 2 [y_hat, y], 4 y - y_hat, "
+                      "5 [h_u, y], 7 [h_u, h_i, y]")
+  c.add_argument("--out2", type=int, default=None, help="A2 input: -1 none, 0, 1, 2, 4 (as --out1)")
+  c.add_argument("--item-adv", action=argparse.BooleanOptionalAction, default=None,
+                 help="item branch in adversaries of type 1/2/4")
+  c.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None,
+                 help="softmax the rating logits the adversaries see (--loss ce)")
+  c.add_argument("--disable-inner-max", action=argparse.BooleanOptionalAction, default=None,
+                 help="no fooling term in the inner recommender step")
+  c.add_argument("--disable-inner-adv", action=argparse.BooleanOptionalAction, default=None,
+                 help="no adversary adaptation in the inner loop")
+  c.add_argument("--loss", choices=("mse", "ce"), default=None,
+                 help="rating loss: mse, or ce over rating classes (prediction argmax + min)")
+  b = p.add_argument_group("baselines", "widedeep, dropoutnet, nlba (research/fast.md §5.6-5.8); "
+                           "--epochs, --batch-size (users per step of dropoutnet and nlba), "
+                           "--init and --drop-sensitive apply to them too")
+  b.add_argument("--baseline-lr", type=float, default=d.baseline_lr, help="Adam learning rate")
+  b.add_argument("--baseline-select", choices=("best-valid", "last"), default=d.baseline_select,
+                 help="test the epoch with the lowest valid MAE, or the last one")
+  b.add_argument("--baseline-patience", type=int, default=d.baseline_patience,
+                 help="stop after this many epochs without a lower valid MAE (0: never)")
+  b.add_argument("--interaction-batch", type=int, default=d.interaction_batch,
+                 help="widedeep: training rows per step")
+  b.add_argument("--wide-cross", type=int, default=d.wide_cross,
+                 help="widedeep: hash buckets of user x item cross features (0: none)")
+  b.add_argument("--finetune-steps", type=int, default=d.finetune_steps,
+                 help="widedeep: SGD steps on each test user's support set (0: none)")
+  b.add_argument("--finetune-lr", type=float, default=d.finetune_lr, help="widedeep: their rate")
+  b.add_argument("--mf-dim", type=int, default=d.mf_dim, help="dropoutnet: biased-MF rank")
+  b.add_argument("--mf-steps", type=int, default=d.mf_steps,
+                 help="dropoutnet: full-batch Adam steps of the MF pretraining")
+  b.add_argument("--mf-l2", type=float, default=d.mf_l2, help="dropoutnet: MF weight decay")
+  b.add_argument("--dropout", type=float, default=d.dropout,
+                 help="dropoutnet: probability of zeroing a row's user / item preference")
+  b.add_argument("--nlba-threshold", type=float, default=d.nlba_threshold,
+                 help="nlba: ratings >= this are class 1 (default 4 on 1-5, 8 on 1-10)")
+  h = p.add_argument_group("several processes or hosts", "start the same command on every "
+                           "process, each with its --process-id; process 0 writes the files")
+  h.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                 help="address of process 0, which coordinates the job")
+  h.add_argument("--num-processes", type=int, default=None)
+  h.add_argument("--process-id", type=int, default=None)
+  h.add_argument("--distributed", action="store_true",
+                 help="join a multi-process job described by the Slurm, Open MPI or TPU-pod "
+                      "environment (no --coordinator needed)")
+  p.add_argument("--quiet", action="store_true", help="no progress bars")
+  return p
+
+
+def init_processes(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+  """Join the multi-process job the flags describe (jax.distributed), if any."""
+  given = [args.coordinator, args.num_processes, args.process_id]
+  if not args.distributed and all(v is None for v in given):
+    return
+  if not args.distributed and any(v is None for v in given):
+    parser.error("--coordinator, --num-processes and --process-id go together (or use "
+                 "--distributed on a Slurm / Open MPI / TPU-pod job)")
+  if args.num_processes is not None and not 0 <= args.process_id < args.num_processes:
+    parser.error(f"--process-id must be in 0..{args.num_processes - 1}, got {args.process_id}")
+  from fast_jax import sharding
+  try:
+    sharding.init_distributed(args.coordinator, args.num_processes, args.process_id)
+  except (ValueError, RuntimeError) as e:
+    where = (f"--coordinator {args.coordinator}" if args.coordinator else
+             "--distributed (no Slurm, Open MPI or TPU-pod environment found?)")
+    reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+    parser.exit(2, f"error: {where}: could not join the multi-process job: {reason}\n")
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+  fields = set(Config.__dataclass_fields__)
+  return Config(**{k: v for k, v in vars(args).items() if k in fields})
+
+
+def main(argv=None) -> int:
+  parser = build_parser()
+  args = parser.parse_args(argv)
+  init_processes(args, parser)
+  from fast_jax.experiment import UsageError, train_and_evaluate
+  from fast_jax.dataset import DataError
+  try:
+    train_and_evaluate(config_from_args(args), args.out, progress=not args.quiet,
+                       resume=args.resume)
+  except (UsageError, DataError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  except FloatingPointError as e:
+    print(f"error: training diverged: {e}", file=sys.stderr)
+    return 1
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
