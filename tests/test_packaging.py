@@ -2,9 +2,9 @@
 ``python -m fast_jax`` work from an empty folder with nothing of the checkout around.
 
 The wheel is built from a copy of the project's files (``pip wheel --no-build-isolation``,
-offline), installed without dependencies into a venv that sees this interpreter's
-packages (so JAX is not installed again), and run from an empty folder, so that only the
-wheel's files can be imported.
+offline), installed without dependencies into a fresh venv that also sees this
+interpreter's packages (so JAX is not installed again), and run from an empty folder, so
+that only the wheel's files can be imported.
 """
 
 import json
@@ -13,6 +13,7 @@ import pathlib
 import shutil
 import subprocess
 import sys
+import sysconfig
 import venv
 import zipfile
 
@@ -52,6 +53,13 @@ def installed(wheel, tmp_path_factory) -> pathlib.Path:
   env_dir = tmp_path_factory.mktemp("venv")
   venv.create(env_dir, system_site_packages=True, with_pip=True)
   bin_dir = env_dir / ("Scripts" if os.name == "nt" else "bin")
+  # This interpreter's packages (JAX, ...) after the venv's own, also when it is itself a
+  # venv, whose packages --system-site-packages would not reach. A .pth line adds a path
+  # only: an editable install of fast_jax found there is not activated.
+  where = "import sysconfig; print(sysconfig.get_paths()['purelib'])"
+  site = _sh(bin_dir / "python", "-c", where, cwd=env_dir).strip()
+  ours = dict.fromkeys(sysconfig.get_paths()[k] for k in ("purelib", "platlib"))
+  (pathlib.Path(site) / "_parent_env.pth").write_text("\n".join(ours) + "\n")
   _sh(bin_dir / "python", "-m", "pip", "install", "-q", "--no-deps", "--no-index",
       "--ignore-installed", wheel, cwd=env_dir)
   return bin_dir
