@@ -151,3 +151,51 @@ def test_grid_resumes_a_run_finished_with_fewer_seeds(tmp_path, monkeypatch):
   for seeds in (1, 1, 3, 2):
     grid.run_grid([run(seeds)], tmp_path, log=lambda s: None)
   assert calls == [(1, False), (3, True)]  # 1 again and 2 (< 3) are finished
+
+
+def test_plot_p_reads_every_seed_of_a_run_and_names_its_groups(tmp_path):
+  from fast_jax.cli import plots
+  run = ROOT / "results" / "runs" / "bookcrossing" / "melu-fast-epoch"
+  epochs, p, loss = plots.read_p(run)
+  assert epochs.tolist() == list(range(1, 51))
+  assert p.shape == loss.shape == (5, 50, 2)
+  assert p.sum(-1) == pytest.approx(1.0, abs=1e-5)
+  assert plots.group_names(run) == ["age<40", "age>=40"]
+  proc = _run("plots.py", "p", str(run), "--out", str(tmp_path / "p.png"))
+  assert proc.returncode == 0, proc.stderr
+  assert (tmp_path / "p.png").stat().st_size > 10_000
+
+
+def test_group_names_come_from_the_run_folder_then_its_dataset(tmp_path):
+  from fast_jax.cli import plots
+  (tmp_path / "config.json").write_text(json.dumps({"dataset": "ml1m"}))
+  assert plots.group_names(tmp_path) == ["M", "F"]
+  (tmp_path / "results.json").write_text(json.dumps({"config": {"dataset": "ml1m"},
+                                                     "group_names": ["a", "b"]}))
+  assert plots.group_names(tmp_path) == ["a", "b"]
+  (tmp_path / "results.json").unlink()
+  (tmp_path / "config.json").write_text(json.dumps({"dataset": "my-csvs"}))
+  assert plots.group_names(tmp_path, 3) == ["G0", "G1", "G2"]
+
+
+@pytest.mark.parametrize("dataset", ["ml100k", "ml1m", "bookcrossing"])
+def test_the_plots_known_group_names_are_those_data_prep_writes(prepared, dataset):
+  from fast_jax.cli import plots
+  assert prepared(dataset).group_names == plots.KNOWN_GROUPS[dataset]
+
+
+def test_bars_of_errors_show_their_differences_and_gaps_start_at_zero():
+  import numpy as np
+  from fast_jax.cli import plots
+  bottom, top = plots._zoomed_limits(np.array([0.800, 0.804]), np.array([0.806, 0.812]),
+                                     from_zero=False)
+  assert 0.79 < bottom < 0.800 and 0.812 < top < 0.82
+  assert plots._zoomed_limits(np.array([0.02]), np.array([0.03]), from_zero=True)[0] == 0.0
+
+
+def test_scatter_tells_backbones_methods_and_baselines_apart():
+  from fast_jax.cli import plots
+  assert plots._split_row("melu-fast") == ("melu", "fast")
+  assert plots._split_row("metacs-clover") == ("metacs", "clover")
+  assert plots._split_row("widedeep") == ("", "widedeep")
+  assert set(plots.REFERENCE_ROWS) == {"global-mean", "support-mean"}

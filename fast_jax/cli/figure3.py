@@ -5,8 +5,10 @@
 
 For each dataset and backbone, trains Origin (uniform batches), Static (group pools
 with p = 1/2) and FAST (``--p-update``), and writes ``results/figure3.png`` (MAE, MSE,
-GF(MAE), GF(MSE) with seed std as error bars) and the CSV behind it, plus the p and
-group-loss trajectories of the FAST runs (``results/figure3_p.png``).
+GF(MAE), GF(MSE): one row of panels per metric, one column per dataset and backbone,
+mean ± seed std)
+and the CSV behind it, plus ``results/figure3_p.png``: FAST's p per epoch, one panel per
+dataset and backbone, with the seeds' range as a band.
 """
 
 from __future__ import annotations
@@ -46,13 +48,24 @@ def main(argv=None) -> int:
   runs = make_runs(args.datasets, args.backbones, seeds=args.seeds, epochs=args.epochs,
                    data_dir=args.data_dir, p_update=args.p_update)
   rows = run_and_collect(runs, args)
-  plots.grouped_bars(rows, METRICS, group_keys=("dataset", "backbone"), bar_key="label",
+  seeds = sorted({int(r["seeds"]) for r in rows})
+  plots.grouped_bars(rows, METRICS, panel_keys=("dataset", "backbone"), bar_key="label",
                      path=args.out.with_suffix(".png"),
-                     title="Origin vs Static vs FAST (mean ± std over seeds)")
-  fast_runs = [args.root / r.name for r in runs
-               if r.label == "fast" and (args.root / r.name / "results.json").exists()]
-  if fast_runs:
-    plots.p_trajectories(fast_runs, args.out.parent / (args.out.name + "_p.png"))
+                     title=f"Origin vs Static vs FAST ({args.p_update} mode): mean \u00b1 std "
+                           f"over {'/'.join(map(str, seeds))} seeds; lower is better")
+  # FAST's p per dataset (columns) and backbone (rows), as in the bars
+  fast = [(r, args.root / r.name) for r in runs if r.label == "fast"]
+  fast = [(r, d) for r, d in fast if (d / "metrics.jsonl").exists()]
+  fast.sort(key=lambda x: (args.backbones.index(x[0].cfg.backbone),
+                           args.datasets.index(x[0].cfg.dataset)))
+  if fast:
+    ncols = len({r.cfg.dataset for r, _ in fast})
+    plots.p_trajectories(
+        [d for _, d in fast], args.out.parent / (args.out.name + "_p.png"), ncols=ncols,
+        losses=False, titles=[f"{plots._name(plots.DATASET_NAMES, r.cfg.dataset)}, "
+                              f"{plots._name(plots.BACKBONE_NAMES, r.cfg.backbone)}"
+                              for r, _ in fast],
+        title=f"FAST's sampling probability per epoch ({args.p_update} mode)")
   print(f"wrote {args.out.with_suffix('.png')} and {args.out.with_suffix('.csv')}")
   return 0
 
