@@ -4,7 +4,9 @@
 
 The notebooks are generated so that their diffs stay readable and their outputs empty;
 edit the cells here and rerun (tests/test_notebooks.py checks that the .ipynb files
-match this script, and executes them headless with tiny parameters). Each notebook has
+match this script, and executes them headless with tiny parameters). The install cell
+takes fast-jax from a clone of the repository next to the notebook or from ``REPO_URL``
+(empty here: the repository's address is the user's to set). Each notebook has
 one code cell tagged ``parameters`` (the papermill convention): a test or papermill
 injects its own values in a cell right after it.
 """
@@ -17,44 +19,43 @@ import nbformat
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
 HERE = pathlib.Path(__file__).resolve().parent
-REPO = "your-org/fast-jax"  # GitHub owner/name the notebooks install from and link to
-BRANCH = "main"
-
-
-def _badge(name: str) -> str:
-  return (f"[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)]"
-          f"(https://colab.research.google.com/github/{REPO}/blob/{BRANCH}/notebooks/{name})")
-
-
-INSTALL = f'''\
-# Install fast-jax from its repository, unless it is importable already (installed, or
-# this notebook runs inside a clone of the repository). Colab's preinstalled JAX (GPU/TPU
-# build) is kept when its version fits; if pip replaces it by the CPU build, also run
-# `pip install -U "jax[cuda12]"` (GPU) or `pip install -U "jax[tpu]"` (TPU) and restart.
-REPO_URL = "https://github.com/{REPO}"  # a fork or a branch: "https://github.com/o/r@branch"
+INSTALL = """\
+# Where fast-jax comes from when it is not installed yet: the URL of its git repository
+# (a branch: "https://github.com/OWNER/fast-jax@BRANCH"). Leave it empty when this notebook
+# runs in a clone of the repository, or next to one (`git clone URL` in a first cell).
+REPO_URL = ""
 
 import importlib.util
-import os
 import pathlib
 import subprocess
 import sys
 
 if importlib.util.find_spec("fast_jax") is None:
     here = pathlib.Path.cwd()
-    clone = next((p for p in (here, here.parent) if (p / "fast_jax" / "__init__.py").is_file()),
+    clone = next((p for p in (here, here.parent, *sorted(here.glob("*/")))
+                  if (p / "pyproject.toml").is_file() and (p / "fast_jax" / "__init__.py").is_file()),
                  None)
-    if clone is not None:  # a local clone: import it (also in subprocesses) without installing
-        sys.path.insert(0, str(clone))
-        os.environ["PYTHONPATH"] = os.pathsep.join(
-            filter(None, [str(clone), os.environ.get("PYTHONPATH")]))
-    else:
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", f"git+{{REPO_URL}}"],
-                       check=True)
-        importlib.invalidate_caches()
+    if clone is None and not REPO_URL:
+        raise SystemExit("fast-jax is not installed and no clone of it is here or next to "
+                         "this notebook: set REPO_URL in this cell to the repository's URL "
+                         "and run the cell again.")
+    # A non-editable install: importable at once (no restart) and with the fast-jax command.
+    # Colab's preinstalled JAX (its GPU/TPU build) is kept: it fits fast-jax's bounds.
+    source = str(clone) if clone is not None else f"git+{REPO_URL}"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", source], check=True)
+    importlib.invalidate_caches()
 
 import fast_jax
 
-print("fast-jax", fast_jax.__version__, "from", pathlib.Path(fast_jax.__file__).parent)'''
+print("fast-jax", fast_jax.__version__, "from", pathlib.Path(fast_jax.__file__).parent)"""
+
+RUNTIME_NOTE = """\
+**Runtime.** On Colab pick *Runtime → Change runtime type → GPU* (or TPU) before running;
+it runs on a CPU too, only slower. fast-jax works with JAX 0.6 to 0.12, so the JAX that
+Colab preinstalls for its GPU and TPU runtimes stays. Elsewhere, install JAX for your
+accelerator with fast-jax: `pip install "fast-jax[cuda12]"` (from a clone:
+`pip install ".[cuda12]"`) for an NVIDIA GPU, JAX's own CUDA 12 wheels; for a TPU VM,
+JAX's TPU wheel, `pip install "jax[tpu]"`."""
 
 DEVICES = '''\
 import jax
@@ -74,18 +75,20 @@ QUICKSTART = [
     ("md", f"""\
 # fast-jax quickstart: MeLU + FAST on MovieLens-100K
 
-{_badge("quickstart.ipynb")}
-
 This notebook installs fast-jax, prepares ML-100K (the MeLU/CLOVER splits behind the FAST
 paper's numbers), meta-trains the MeLU user model with **FAST**'s adaptive group sampling
 (Zhang et al., WWW 2024), and shows the test results per seed and per group, and how the
 sampling probability `p` and the group losses move during training.
 
-**Runtime:** on Colab pick *Runtime → Change runtime type → GPU* (or TPU) before running.
-It runs on a CPU too, just slower. The same run from a shell:
+To run it on Colab, upload it (*File → Upload notebook*) or open it from your copy of the
+repository (*File → Open notebook → GitHub*); the first code cell installs fast-jax.
+
+{RUNTIME_NOTE}
+
+The same run from a shell, once fast-jax is installed:
 
 ```bash
-python experiments/run.py --backbone melu --method fast --dataset ml100k --out runs/quickstart
+fast-jax run --backbone melu --method fast --dataset ml100k --out runs/quickstart
 ```"""),
     ("code", INSTALL),
     ("md", PARAMETERS_NOTE),
@@ -100,16 +103,16 @@ BATCH_SIZE = 32''', ["parameters"]),
     ("md", """\
 ## The data
 
-`data_prep.ensure_prepared` reads the raw files from `DATA_DIR`, or downloads them
+`fast_jax.data_prep.ensure_prepared` reads the raw files from `DATA_DIR`, or downloads them
 (GroupLens and the CLOVER repository's processed states, md5-checked) into the cache
 (`$FAST_JAX_CACHE`, default `~/.cache/fast_jax`). It writes padded per-user task arrays
 plus a `meta.json` once, and reuses them afterwards. The sensitive attribute is gender:
 group 0 = M, group 1 = F. See `docs/data.md` for the schema."""),
     ("code", '''\
-import data_prep
+from fast_jax.data_prep import ensure_prepared
 from fast_jax.dataset import load_prepared
 
-folder = data_prep.ensure_prepared("ml100k", data_dir=DATA_DIR)
+folder = ensure_prepared("ml100k", data_dir=DATA_DIR)
 data = load_prepared(folder)
 print(folder)
 for split, counts in data.meta["counts"].items():
@@ -119,7 +122,7 @@ print("input fields:", ", ".join(f["name"] for f in data.meta["fields"]))'''),
     ("md", """\
 ## Train MeLU + FAST
 
-`train_and_evaluate(config, out_dir)` is the function `experiments/run.py` calls: it trains
+`train_and_evaluate(config, out_dir)` is the function `fast-jax run` calls: it trains
 `config.seeds` seeds, tests each on the test users (adapted on their support set, scored on
 their last 10 ratings) and writes `config.json`, `metrics.jsonl` and `results.json`.
 Settings left unset take the paper's values for the backbone and dataset (Table 3:
@@ -192,7 +195,7 @@ plt.show()'''),
 ## Next
 
 - Other methods and backbones: `--method {origin,static,reg,ipw,clover,...}`,
-  `--backbone metacs`; `python experiments/run.py --help` lists every flag.
+  `--backbone metacs`; `fast-jax run --help` lists every flag.
 - Your own ratings: `bring_your_own_data.ipynb`.
 - A new backbone, fairness method or dataset: `docs/extending.md`."""),
 ]
@@ -202,19 +205,19 @@ BRING_YOUR_OWN_DATA = [
     ("md", f"""\
 # Bring your own data
 
-{_badge("bring_your_own_data.ipynb")}
-
 Train a fairness-aware meta-learned user model on your own ratings in four steps:
 
 1. three CSV files: `ratings.csv` (`user,item,rating[,timestamp]`), `users.csv`
    (`user`, feature columns and the sensitive column) and, optionally, `items.csv`
    (`item`, feature columns; a cell with several values separates them by `|`);
-2. `python -m data_prep --dataset custom ...` turns them into padded per-user task arrays;
+2. `fast-jax prep --dataset custom ...` turns them into padded per-user task arrays;
 3. train (here the plain meta-learner and FAST);
 4. compare the test metrics of the groups.
 
 Here the CSV files are made up with numpy; replace that step with an export of your data.
-The format is described in full in `docs/data.md` ("custom: your own data")."""),
+The format is described in full in `docs/data.md` ("custom: your own data").
+
+{RUNTIME_NOTE}"""),
     ("code", INSTALL),
     ("md", PARAMETERS_NOTE),
     ("code", '''\
@@ -279,8 +282,9 @@ display(ratings.head(3), users.head(3), items.head(3))'''),
 0, 1, ... (here F = 0, M = 1). It is not an input of the model unless
 `--sensitive-as-feature` is given. Users are filtered to 13..100 ratings and split 7:1:2
 (train / valid / test) by `--seed`, within each group; the last 10 ratings of a user are
-its query set. The same from Python: `data_prep.prepare("custom", out, ratings=...,
-users=..., items=..., sensitive="gender")`."""),
+its query set. The cell below runs `fast-jax prep` (as `python -m fast_jax prep`, with this
+notebook's Python). The same from Python: `fast_jax.data_prep.prepare("custom", out,
+ratings=..., users=..., items=..., sensitive="gender")`."""),
     ("code", '''\
 import subprocess
 import sys
@@ -288,11 +292,11 @@ import sys
 from fast_jax.dataset import load_prepared
 
 prepared = work / "prepared"
-command = [sys.executable, "-m", "data_prep", "--dataset", "custom",
+command = [sys.executable, "-m", "fast_jax", "prep", "--dataset", "custom",
            "--ratings", str(work / "ratings.csv"), "--users", str(work / "users.csv"),
            "--items", str(work / "items.csv"), "--sensitive", "gender",
            "--out", str(prepared), "--no-progress"]
-print("$ python", " ".join(command[1:]))
+print("$ fast-jax", " ".join(command[3:]))
 proc = subprocess.run(command, capture_output=True, text=True)
 print(proc.stdout, proc.stderr)
 proc.check_returncode()
@@ -305,7 +309,7 @@ display(pd.DataFrame(data.meta["fields"])[["name", "side", "kind", "start", "sto
 
 One `train_and_evaluate` per method on the prepared folder, each into its own run folder
 (`config.json`, `metrics.jsonl`, `results.json`). From a shell:
-`python experiments/run.py --dataset byod/prepared --method fast --out byod/runs/fast`."""),
+`fast-jax run --dataset byod/prepared --method fast --out byod/runs/fast`."""),
     ("code", '''\
 from fast_jax.config import Config
 from fast_jax.experiment import train_and_evaluate

@@ -13,6 +13,8 @@ import importlib.util
 import json
 import os
 import pathlib
+import re
+import sys
 
 import nbformat
 import pytest
@@ -117,3 +119,60 @@ def test_notebooks_match_their_generator_and_have_no_outputs(name):
   nbformat.validate(nb)
   assert all(not c.get("outputs") and c.get("execution_count") is None
              for c in nb.cells if c.cell_type == "code")
+
+
+def _install_cell(repo_url: str = "") -> str:
+  source = _generator().INSTALL
+  assert source.count('REPO_URL = ""') == 1
+  return source.replace('REPO_URL = ""', f"REPO_URL = {repo_url!r}")
+
+
+@pytest.fixture
+def not_installed(monkeypatch, tmp_path):
+  """The install cell's view of a fresh runtime: fast_jax not importable, pip recorded."""
+  import importlib.util
+  import subprocess
+  find_spec = importlib.util.find_spec
+  monkeypatch.setattr(importlib.util, "find_spec",
+                      lambda name, *a: None if name == "fast_jax" else find_spec(name, *a))
+  calls = []
+  monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: calls.append(cmd))
+  monkeypatch.chdir(tmp_path)
+  return calls
+
+
+def test_install_cell_installs_a_clone_next_to_the_notebook(not_installed, tmp_path):
+  clone = tmp_path / "fast-jax"
+  (clone / "fast_jax").mkdir(parents=True)
+  (clone / "fast_jax" / "__init__.py").write_text("")
+  (clone / "pyproject.toml").write_text("")
+  exec(_install_cell(), {})
+  assert not_installed == [[sys.executable, "-m", "pip", "install", "-q", str(clone)]]
+
+
+def test_install_cell_installs_from_repo_url(not_installed):
+  exec(_install_cell("https://example.org/o/fast-jax@dev"), {})
+  assert not_installed == [[sys.executable, "-m", "pip", "install", "-q",
+                            "git+https://example.org/o/fast-jax@dev"]]
+
+
+def test_install_cell_without_a_clone_or_repo_url_stops_with_one_sentence(not_installed):
+  with pytest.raises(SystemExit) as stop:
+    exec(_install_cell(), {})
+  message = str(stop.value)
+  assert not_installed == []
+  assert "REPO_URL" in message and message.endswith(".") and message.count(". ") == 0
+  assert "\n" not in message
+
+
+@pytest.mark.parametrize("name", ["quickstart.ipynb", "bring_your_own_data.ipynb"])
+def test_notebooks_use_the_packaged_command_and_name_no_placeholder_repository(name):
+  text = "\n".join(c.source for c in nbformat.read(NOTEBOOKS / name, as_version=4).cells)
+  assert "experiments/" not in text and "-m data_prep" not in text
+  assert "import data_prep" not in text and "your-org" not in text
+  assert 'pip install "fast-jax[cuda12]"' in text and '"jax[tpu]"' in text
+  assert ("fast-jax run " if name == "quickstart.ipynb" else "fast-jax prep ") in text
+  # the JAX versions the runtime note promises are pyproject's bounds
+  low, high = re.search(r'"jax>=([0-9.]+),<0\.([0-9]+)"',
+                        (PROJECT_ROOT / "pyproject.toml").read_text()).groups()
+  assert f"JAX {low} to 0.{int(high) - 1}" in text
