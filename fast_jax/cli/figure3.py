@@ -29,7 +29,7 @@ def make_runs(datasets, backbones, *, seeds, epochs, data_dir, p_update) -> list
   for d in datasets:
     for b in backbones:
       for s in STRATEGIES:
-        # Static is the FAST code's sampler with p fixed (fast.md §5.2).
+        # Static is the FAST code's sampler with p fixed (docs/methods.md §5).
         mode = "epoch" if s == "static" else p_update
         cfg = Config(dataset=d, backbone=b, method=s, p_update=mode, seeds=seeds,
                      data_dir=data_dir, **({"epochs": epochs} if epochs else {}))

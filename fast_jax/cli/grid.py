@@ -25,7 +25,7 @@ from fast_jax.config import Config
 
 METRICS = ("mae", "mse", "gf_mae", "gf_mse")
 
-# The FAST paper's Table 2 (research/fast.md §6.2): (mean, std) per metric.
+# The FAST paper's Table 2 (§6.3 of the paper): (mean, std) per metric.
 _T2 = """
 widedeep|0.937 0.019|1.245 0.026|0.120 0.087|0.239 0.169|1.558 0.039|3.585 0.356|0.083 0.023|0.178 0.188|1.071 0.073|1.658 0.203|0.164 0.086|0.465 0.274
 dropoutnet|0.940 0.028|1.347 0.065|0.121 0.065|0.271 0.170|1.531 0.034|3.523 0.072|0.093 0.051|0.184 0.164|1.092 0.063|1.694 0.184|0.125 0.061|0.358 0.189
