@@ -32,9 +32,8 @@ import sys
 
 if importlib.util.find_spec("fast_jax") is None:
     here = pathlib.Path.cwd()
-    clone = next((p for p in (here, here.parent, *sorted(here.glob("*/")))
-                  if (p / "pyproject.toml").is_file() and (p / "fast_jax" / "__init__.py").is_file()),
-                 None)
+    is_clone = lambda p: (p / "pyproject.toml").is_file() and (p / "fast_jax").is_dir()
+    clone = next(filter(is_clone, (here, here.parent, *sorted(here.glob("*/")))), None)
     if clone is None and not REPO_URL:
         raise SystemExit("fast-jax is not installed and no clone of it is here or next to "
                          "this notebook: set REPO_URL in this cell to the repository's URL "

@@ -18,7 +18,7 @@ COMMANDS = {
     "run": ("fast_jax.cli.run", "train and evaluate one configuration for N seeds"),
     "prep": ("fast_jax.data_prep.cli", "prepare a dataset (named, custom CSVs or synthetic)"),
     "table2": ("fast_jax.cli.table2", "the FAST paper's Table 2 (runs, then tables)"),
-    "figure3": ("fast_jax.cli.figure3", "the FAST paper's Figure 3 (Origin vs Static vs FAST, and p)"),
+    "figure3": ("fast_jax.cli.figure3", "the FAST paper's Figure 3 (Origin, Static, FAST; p)"),
     "figure4": ("fast_jax.cli.figure4", "the FAST paper's Figure 4 (gamma / tau sweep)"),
     "collect": ("fast_jax.cli.collect", "tabulate finished run folders"),
     "bench": ("fast_jax.cli.bench", "time training on this machine"),
