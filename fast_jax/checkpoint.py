@@ -1,21 +1,36 @@
-"""Atomic per-seed checkpoints (flax msgpack serialization, temp file + rename).
+"""Atomic, checksummed per-seed checkpoints (flax msgpack serialization, temp file + rename).
 
 A checkpoint holds everything needed to continue a seed exactly: the train state
 (params, optimizer states, p, learned inner rate, step counter, method state), the
 best-validation state and score, the last finished epoch, and the epoch records
 already logged. PRNG keys are not stored: every epoch's key is
 ``fold_in(key(seed), epoch)``, so it follows from the seed and the epoch.
+
+File layout: the line ``fast-jax checkpoint 1 sha256=<hex>\\n``, then the msgpack
+payload whose SHA-256 the line holds. A checkpoint whose payload does not match its
+checksum (flipped bytes, a truncated copy) is refused with a :class:`CheckpointError`
+naming the file, instead of resuming silently with other numbers.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pathlib
-import tempfile
+import re
 from typing import Any
 
 from flax import serialization
+
+from fast_jax.config import UsageError
+
+_HEADER = re.compile(rb"fast-jax checkpoint 1 sha256=([0-9a-f]{64})\n")
+
+
+class CheckpointError(UsageError):
+  """A checkpoint that cannot be used (corrupt, truncated, from another configuration);
+  reported as one line naming the file."""
 
 
 class SeedCheckpoint:
@@ -32,36 +47,61 @@ class SeedCheckpoint:
            records: list[dict]) -> None:
     if self.read_only:
       return
-    payload = {"state": serialization.to_state_dict(state),
-               "best_state": serialization.to_state_dict(best_state),
-               "best_score": float(best_score), "epoch": int(epoch),
-               "records": json.dumps(records)}
-    self.path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.")
+    from fast_jax.runfolder import write_bytes_atomic  # runfolder imports this module
+    payload = serialization.msgpack_serialize(
+        {"state": serialization.to_state_dict(state),
+         "best_state": serialization.to_state_dict(best_state),
+         "best_score": float(best_score), "epoch": int(epoch), "records": json.dumps(records)})
+    header = b"fast-jax checkpoint 1 sha256=%s\n" % hashlib.sha256(payload).hexdigest().encode()
+    write_bytes_atomic(self.path, header + payload)
+
+  def payload(self) -> dict:
+    """The verified raw payload (nested dicts of arrays); CheckpointError if the file is
+    unreadable or its checksum does not match."""
     try:
-      with os.fdopen(fd, "wb") as f:
-        f.write(serialization.msgpack_serialize(payload))
-        f.flush()
-        os.fsync(f.fileno())
-      os.replace(tmp, self.path)
-    except BaseException:
-      if os.path.exists(tmp):
-        os.unlink(tmp)
-      raise
+      blob = self.path.read_bytes()
+    except OSError as e:
+      raise CheckpointError(f"checkpoint {self.path} cannot be read ({e.strerror or e})") from None
+    head = _HEADER.match(blob[:120])
+    if head is None:
+      raise CheckpointError(f"checkpoint {self.path} has no fast-jax checksum line (truncated, "
+                            "or written by an older fast-jax); delete it to train that seed "
+                            "again from its start")
+    body = blob[head.end():]
+    if hashlib.sha256(body).hexdigest() != head.group(1).decode():
+      raise CheckpointError(f"checkpoint {self.path} is corrupt (its sha256 does not match "
+                            "the checksum stored in it); delete it to train that seed again "
+                            "from its start")
+    try:
+      payload = serialization.msgpack_restore(body)
+      json.loads(payload["records"])
+      int(payload["epoch"]), float(payload["best_score"])
+      payload["state"], payload["best_state"]
+    except Exception as e:  # noqa: BLE001 -- msgpack raises many kinds on bad input
+      raise CheckpointError(f"checkpoint {self.path} is unreadable ({type(e).__name__}); "
+                            "delete it to train that seed again from its start") from None
+    return payload
+
+  def epoch(self) -> int:
+    """The last epoch the (verified) checkpoint holds."""
+    return int(self.payload()["epoch"])
 
   def restore(self, template_state: Any) -> dict:
     """Load into the structure of ``template_state``.
 
     Returns:
       {"state", "best_state", "best_score", "epoch", "records"}.
+    Raises:
+      CheckpointError: a corrupt file, or one from another configuration.
     """
+    payload = self.payload()
     try:
-      payload = serialization.msgpack_restore(self.path.read_bytes())
       return {"state": serialization.from_state_dict(template_state, payload["state"]),
               "best_state": serialization.from_state_dict(template_state,
                                                           payload["best_state"]),
               "best_score": float(payload["best_score"]), "epoch": int(payload["epoch"]),
               "records": json.loads(payload["records"])}
     except (KeyError, ValueError, TypeError) as e:
-      raise ValueError(f"checkpoint {self.path} is unreadable or from another "
-                       f"configuration ({e}); delete it to start the seed again") from None
+      raise CheckpointError(f"checkpoint {self.path} is from another configuration "
+                            f"({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+                            "delete it to train that seed again from its start") from None

@@ -158,3 +158,72 @@ def resolve_clover(cfg: Config) -> Config:
   filled = {**_CLOVER_DEFAULTS, **CLOVER_PRESETS[preset]}
   return cfg.replace(clover_preset=preset, **{
       k: filled[k] if getattr(cfg, k) is None else getattr(cfg, k) for k in CLOVER_FIELDS})
+
+
+# ----------------------------------------------------------------------------- checks
+
+# Numeric settings and the values they accept: (low, high, low included, high included);
+# None is "no bound". Every value must be finite; unset (None) values are not checked.
+NUMERIC_RANGES = {
+    "gamma": (0.0, None, True, None), "tau": (0.0, 1.0, True, True),
+    "lr": (0.0, None, False, None), "inner_lr": (0.0, None, True, None),
+    "reg_weight": (0.0, None, True, None),
+    "adv": (0.0, None, True, None), "adv2": (0.0, None, True, None),
+    "baseline_lr": (0.0, None, False, None), "finetune_lr": (0.0, None, False, None),
+    "mf_l2": (0.0, None, True, None), "dropout": (0.0, 1.0, True, False),
+    "nlba_threshold": (None, None, None, None),
+    "epochs": (1, None, True, None), "seeds": (1, None, True, None),
+    "batch_size": (1, None, True, None), "inner_steps": (1, None, True, None),
+    "length_parts": (1, None, True, None), "checkpoint_every": (1, None, True, None),
+    "eval_chunk": (1, None, True, None), "baseline_patience": (0, None, True, None),
+    "interaction_batch": (1, None, True, None), "wide_cross": (0, None, True, None),
+    "finetune_steps": (0, None, True, None), "mf_dim": (1, None, True, None),
+    "mf_steps": (0, None, True, None),
+}
+
+
+def check_numbers(cfg: Config) -> None:
+  """Every numeric setting is finite and in :data:`NUMERIC_RANGES`.
+
+  Raises:
+    UsageError: naming the flag, the value and the range expected.
+  """
+  import math
+  for name, (lo, hi, lo_in, hi_in) in NUMERIC_RANGES.items():
+    value = getattr(cfg, name, None)
+    if value is None:
+      continue
+    flag = "--" + name.replace("_", "-")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+      raise UsageError(f"{flag} must be a finite number, got {value!r}")
+    low_ok = lo is None or (value >= lo if lo_in else value > lo)
+    high_ok = hi is None or (value <= hi if hi_in else value < hi)
+    if not (low_ok and high_ok):
+      raise UsageError(f"{flag} must be {_interval(lo, hi, lo_in, hi_in)}, got {value}")
+
+
+def _interval(lo, hi, lo_in, hi_in) -> str:
+  if hi is None:
+    return f"{'>=' if lo_in else '>'} {lo:g}"
+  left = "-inf" if lo is None else f"{lo:g}"
+  return f"in {'[' if lo_in else '('}{left}, {hi:g}{']' if hi_in else ')'}"
+
+
+# Keys of config.json that are records of the run, not settings (fast_jax.runfolder).
+RECORD_KEYS = ("data", "seed_list", "versions", "git_commit", "earlier_commits")
+
+
+def from_record(record: dict, *, source: str = "config.json") -> Config:
+  """The :class:`Config` of a run's ``config.json`` (its record keys dropped).
+
+  Raises:
+    UsageError: a key that is neither a setting nor a record key (naming ``source``).
+  """
+  if not isinstance(record, dict):
+    raise UsageError(f"{source}: expected a JSON object of settings")
+  fields = {f.name for f in dataclasses.fields(Config)}
+  unknown = [k for k in record if k not in fields and k not in RECORD_KEYS]
+  if unknown:
+    raise UsageError(f"{source}: unknown setting {unknown[0]!r} (from another fast-jax "
+                     "version?)")
+  return Config(**{k: v for k, v in record.items() if k in fields})

@@ -30,6 +30,7 @@ import json
 import os
 import pathlib
 import shutil
+import sys
 import tempfile
 import zipfile
 import zlib
@@ -196,12 +197,14 @@ def split_counts(split: TaskSplit, num_groups: int) -> dict:
 
 
 def save_prepared(out, splits: dict[str, TaskSplit], meta: dict) -> pathlib.Path:
-  """Validate and write a prepared folder atomically; return its path.
+  """Validate and write a prepared folder; return its path.
 
   ``format_version``, ``max_len``, ``num_columns`` and ``counts`` are filled in from the
-  arrays. The folder is written under a temporary name beside ``out`` and renamed into
-  place, so readers see either the old folder or the complete new one. An existing
-  ``out`` is replaced only if it is empty or a prepared folder (has a meta.json).
+  arrays. The files are written into a temporary folder beside ``out``. A new ``out`` is
+  that folder renamed into place. An existing ``out`` (empty, or a prepared folder: it
+  has a meta.json) gets only the four files replaced -- meta.json removed first and
+  renamed in last, so a reader sees an incomplete folder, never a mix of two datasets --
+  and keeps every other file it holds.
   """
   out = pathlib.Path(out).expanduser().absolute()
   missing = [s for s in SPLITS if s not in splits]
@@ -226,6 +229,7 @@ def save_prepared(out, splits: dict[str, TaskSplit], meta: dict) -> pathlib.Path
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
   except OSError as e:
     raise DataError(f"cannot write the output folder {out} ({e.strerror or e})") from None
+  files = [f"{s}.npz" for s in SPLITS] + ["meta.json"]
   try:
     for s in SPLITS:
       with open(tmp / f"{s}.npz", "wb") as f:
@@ -238,10 +242,10 @@ def save_prepared(out, splits: dict[str, TaskSplit], meta: dict) -> pathlib.Path
       os.fsync(f.fileno())
     os.chmod(tmp, 0o755)
     if out.exists():
-      old = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-      os.rename(out, old / "data")
-      os.rename(tmp, out)
-      shutil.rmtree(old, ignore_errors=True)
+      (out / "meta.json").unlink(missing_ok=True)
+      for name in files:
+        os.replace(tmp / name, out / name)
+      tmp.rmdir()
     else:
       os.rename(tmp, out)
   except BaseException:
@@ -258,7 +262,7 @@ def load_prepared(path) -> TaskData:
   path = pathlib.Path(path).expanduser()
   if not path.is_dir():
     raise DataError(f"prepared data folder not found: {path} (create it with "
-                    "`python -m data_prep --dataset NAME --out {path}`)")
+                    f"`python -m data_prep --dataset NAME --out {path}`)")
   meta_path = path / "meta.json"
   if not meta_path.is_file():
     raise DataError(f"{meta_path} is missing; {path} is not a complete prepared folder")
@@ -268,10 +272,30 @@ def load_prepared(path) -> TaskData:
     raise DataError(f"{meta_path} is not valid JSON: {e}") from None
   splits = {s: _read_split(path / f"{s}.npz") for s in SPLITS}
   _validate(splits, meta, where=str(path))
+  _warn_empty_groups(splits, meta, path)
   return TaskData(**splits, meta=meta, path=path.absolute())
 
 
+_WARNED: set = set()  # (folder, split, group) already warned about in this process
+
+
+def _warn_empty_groups(splits: dict[str, TaskSplit], meta: dict, path: pathlib.Path) -> None:
+  """Warn (on stderr, once per process) about a group without valid or test users: its
+  metrics in that split are NaN."""
+  groups = meta["sensitive"]["groups"]
+  for s in ("valid", "test"):
+    counts = np.bincount(splits[s].group, minlength=len(groups))
+    for g in np.flatnonzero(counts == 0).tolist():
+      key = (str(path.absolute()), s, g)
+      if key not in _WARNED:
+        _WARNED.add(key)
+        print(f"warning: {path}: group {g} ({groups[g]}) has no {s} users; its {s} "
+              "metrics are NaN", file=sys.stderr)
+
+
 def _read_split(file: pathlib.Path) -> TaskSplit:
+  if file.is_dir():
+    raise DataError(f"split file {file} is a folder, not a file; prepare the dataset again")
   if not file.is_file():
     raise DataError(f"split file {file} is missing")
   try:

@@ -60,6 +60,7 @@ def check_config(cfg: Config) -> None:
   for name in ("epochs", "seeds", "batch_size", "inner_steps", "length_parts"):
     if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
       raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+  config_lib.check_numbers(cfg)  # every other numeric flag: finite and in range
   if cfg.method != "clover":
     given = [f for f in ("clover_preset",) + config_lib.CLOVER_FIELDS
              if getattr(cfg, f) is not None]
@@ -105,7 +106,7 @@ def finish(folder: RunFolder, cfg: Config, per_seed: list[dict], diverged: list[
 
 
 def train_and_evaluate(cfg: Config, out_dir: str | os.PathLike | None = None, *, data=None,
-                       progress: bool = True, resume: bool = False,
+                       progress: bool = True, resume: bool = False, overwrite: bool = False,
                        echo: Callable[[str], None] = print) -> dict:
   """Train ``cfg`` for ``cfg.seeds`` seeds, evaluate on the test users, write the files.
 
@@ -113,7 +114,9 @@ def train_and_evaluate(cfg: Config, out_dir: str | os.PathLike | None = None, *,
   (``checkpoints/seed-S.msgpack``) and a finished seed's report is kept in
   ``seeds/seed-S.json``. ``resume=True`` continues an interrupted run in ``out_dir``:
   finished seeds are not retrained, the unfinished one restarts from its checkpoint, and
-  the result files end up identical to an uninterrupted run's.
+  the result files end up identical to an uninterrupted run's. A folder that holds a run
+  is refused unless ``resume`` or ``overwrite`` (remove its result files first) is given,
+  and so is a folder another run is using (:class:`fast_jax.runfolder.RunFolder`).
 
   A seed whose loss becomes NaN/inf is stopped (its last good checkpoint is kept), named
   in ``results.json["diverged"]`` and left out of the mean; if every seed diverges,
@@ -131,7 +134,8 @@ def train_and_evaluate(cfg: Config, out_dir: str | os.PathLike | None = None, *,
     data = load_dataset(cfg, progress=progress)
   cfg = config_lib.resolve(cfg, data.meta.get("dataset"))
   check_data(cfg, data)
-  folder = RunFolder(out_dir, cfg, data, resume=resume, write=sharding.is_writer())
+  folder = RunFolder(out_dir, cfg, data, resume=resume, overwrite=overwrite,
+                     write=sharding.is_writer())
   runner = make_runner(cfg, data)
   if cfg.vmap_seeds and isinstance(runner, Trainer):
     [(per_seed, diverged)] = _run_lanes(runner, [(cfg, folder)], progress=progress)

@@ -3,7 +3,11 @@
 One masked mean is used everywhere: ``sum(where(mask, v, 0)) / max(sum(mask), 1)``.
 Per-user metrics follow the FAST/CLOVER evaluation code (research/fast.md §1.5):
 MAE and MSE over the user's query rows, NDCG@3 with gain ``r**2 - 1``, a log2
-discount and ties between equal predictions broken in favour of the later row.
+discount and ties between equal predictions broken in favour of the later row. The gain
+must grow with the rating, which ``r**2 - 1`` does only for r >= 0: a query list holding
+a rating below 1 (custom or synthetic data) is shifted so that its lowest rating is 1,
+gain ``(r + c)**2 - 1`` with ``c = 1 - min(r)``. Lists whose ratings are all >= 1 (every
+list of the paper's datasets, ratings 1-5 or 1-10) keep the paper's gain exactly.
 Group fairness is ``GF(M) = |mean_{G0} M - mean_{G1} M|`` (paper Eq. 2); with more than
 two groups it is ``max_g - min_g`` of the group means.
 """
@@ -39,9 +43,13 @@ def ndcg_at_k(pred: jax.Array, y: jax.Array, k: int = NDCG_K) -> jax.Array:
   Args:
     pred: float[Q] predicted ratings of the query items.
     y: float[Q] true ratings.
+  The gain is ``(r + c)**2 - 1`` with ``c = max(0, 1 - min(y))``: the paper's ``r**2 - 1``
+  when every rating is >= 1, otherwise shifted so that the lowest rating gains 0 and the
+  gain grows with the rating (see the module docstring).
+
   Returns:
-    scalar; NaN when the ideal DCG is 0 (every rating equal to 1), which the
-    aggregation helpers skip.
+    scalar; NaN when the ideal DCG is 0 (every rating 1, or every rating equal when the
+    list is shifted), which the aggregation helpers skip.
   """
   q = pred.shape[-1]
   # lax.top_k puts the lower index first among equals; reversing the list makes the
@@ -49,7 +57,8 @@ def ndcg_at_k(pred: jax.Array, y: jax.Array, k: int = NDCG_K) -> jax.Array:
   _, rev_idx = jax.lax.top_k(pred[::-1], k)
   top = (q - 1) - rev_idx
   discount = 1.0 / jnp.log2(jnp.arange(2, k + 2, dtype=pred.dtype))
-  gain = lambda r: jnp.square(r) - 1.0
+  shift = jnp.maximum(0.0, 1.0 - jnp.min(y))
+  gain = lambda r: jnp.square(r + shift) - 1.0
   dcg = jnp.sum(gain(y[top]) * discount)
   ideal = jnp.sort(y)[::-1][:k]
   idcg = jnp.sum(gain(ideal) * discount)

@@ -1,18 +1,36 @@
-"""The run folder of one configuration (DESIGN.md): its files and how they are written.
+"""The run folder of one configuration: its files, how they are written, who may write.
 
 ``config.json`` (every setting, the data, library versions and the git commit),
 ``metrics.jsonl`` (one JSON object per epoch and seed), ``results.json`` (per-seed test
 metrics and their mean / std), ``seeds/seed-S.json`` (a finished seed's report and epoch
-records) and ``checkpoints/seed-S.msgpack`` (an unfinished seed). Files are written
-atomically (temporary file, then rename).
+records) and ``checkpoints/seed-S.msgpack`` (an unfinished seed, with a checksum).
+
+The rules that keep a folder from being corrupted:
+
+* Files are written atomically (temporary file, then rename), with the mode ``open``
+  gives (0644 under the usual umask 022), so colleagues on a shared file system can read
+  them.
+  A failed write (a full disk) is one line naming the file; the files already there stay
+  intact.
+* One run at a time: a run holds an advisory lock (``fcntl.flock``) on ``.lock`` in the
+  folder for its life; the OS releases it when the process ends, even on a crash. A
+  second run on the folder is refused.
+* A folder that holds a run is continued only with ``resume=True`` and replaced only
+  with ``overwrite=True`` (which removes the old result files first); otherwise refused.
+* A resume checks ``config.json``, every ``seeds/*.json`` and every checkpoint before it
+  changes anything on disk, then removes the temporary files a killed run left behind.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
 import pathlib
+import re
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -24,22 +42,44 @@ from fast_jax import config as config_lib
 from fast_jax.checkpoint import SeedCheckpoint
 from fast_jax.config import Config, UsageError
 
+LOCK_NAME = ".lock"
+# What a run writes into its folder (wall_time.txt: fast_jax.cli.grid's timing note).
+RUN_ENTRIES = ("config.json", "metrics.jsonl", "results.json", "seeds", "checkpoints",
+               "predictions", "wall_time.txt")
+# Temporary files of the atomic writes (".results.json.x1y2.tmp", ".seed-3.msgpack.x1y2")
+# and the writability probe, left behind when a run is killed mid-write.
+_TEMPORARY = re.compile(r"^\.(?:.+\.(?:json|jsonl|msgpack|csv)\..+|write_test)$")
+_HELD: dict[str, Any] = {}  # real path of a run folder -> this process's open lock file
+
+
+class WriteError(UsageError):
+  """A result file could not be written (a full disk, a lost mount); one line."""
+
 
 class RunFolder:
-  """The result files of one run in ``out`` (DESIGN.md); does nothing when ``out`` is None.
+  """The result files of one run in ``out``; does nothing when ``out`` is None.
 
-  Opening it writes ``config.json`` and starts ``metrics.jsonl``. With ``resume=True`` it
-  continues a run of the same settings (refusing other settings): finished seeds are kept
-  in ``seeds/seed-S.json`` and unfinished ones in ``checkpoints/``.
+  Opening it locks the folder, writes ``config.json`` and starts ``metrics.jsonl``. A
+  folder that already holds a run needs ``resume=True`` (continue it, refusing other
+  settings: finished seeds are kept in ``seeds/seed-S.json`` and unfinished ones in
+  ``checkpoints/``) or ``overwrite=True`` (remove its result files and start afresh).
 
-  ``write=False`` (the other processes of a multi-process job) writes nothing; it reads
-  the folder only to resume, which then needs the folder on a shared file system.
+  ``write=False`` (the other processes of a multi-process job) writes nothing and takes
+  no lock; it reads the folder only to resume, which then needs the folder on a shared
+  file system.
+
+  Raises:
+    UsageError: another run holds the folder, the folder holds a run and neither
+      ``resume`` nor ``overwrite`` is given, or a resume finds a file it cannot use.
   """
 
   def __init__(self, out: str | os.PathLike | None, cfg: Config, data, *, resume: bool,
-               write: bool = True):
+               overwrite: bool = False, write: bool = True):
     self.out = pathlib.Path(out) if out is not None else None
     self.write = write
+    if resume and overwrite:
+      raise UsageError("--resume and --overwrite exclude each other: continue the run in "
+                       "--out, or replace it")
     if resume and self.out is None:
       raise UsageError("--resume needs --out: the folder of the run to continue")
     if not write and not resume:
@@ -47,29 +87,36 @@ class RunFolder:
     if self.out is None or not write:
       return
     _prepare_out(self.out)
+    _lock(self.out)
     record = run_record(cfg, data)
     if resume:
-      before = _check_same_settings(self.out, record)
+      before = check_resumable(self.out, record)
       # a resume at another commit keeps the commits that trained the earlier seeds
       commits = [*before.get("earlier_commits", []), before.get("git_commit")]
       earlier = [c for c in dict.fromkeys(commits) if c and c != record["git_commit"]]
       if earlier:
         record["earlier_commits"] = earlier
     else:
-      for stale in ("checkpoints", "seeds"):
-        shutil.rmtree(self.out / stale, ignore_errors=True)
+      held = holds_run(self.out)
+      if held is not None and not overwrite:
+        raise UsageError(f"--out {self.out} already holds a run ({held}); add --resume to "
+                         "continue it, --overwrite to replace it, or choose another --out")
+      for name in RUN_ENTRIES:
+        _remove(self.out / name)
+    remove_temporary_files(self.out)
     write_json_atomic(self.out / "config.json", record)
-    (self.out / "metrics.jsonl").write_text("")
+    _write_text(self.out / "metrics.jsonl", "")
 
   def log(self, record: dict) -> None:
     if self.out is not None and self.write:
-      with open(self.out / "metrics.jsonl", "a") as f:
+      path = self.out / "metrics.jsonl"
+      with _writing(path), open(path, "a") as f:
         f.write(json.dumps(_jsonable(record)) + "\n")
 
   def finished_seed(self, seed: int) -> dict | None:
     """``{"report", "records"}`` of a seed finished before a resume, else None."""
     path = self.out / "seeds" / f"seed-{seed}.json" if self.out is not None else None
-    return json.loads(path.read_text()) if path is not None and path.exists() else None
+    return _read_seed_file(path) if path is not None and path.exists() else None
 
   def replay(self, seed: int) -> dict | None:
     """A seed finished before a resume: log its records again and return its report.
@@ -87,25 +134,69 @@ class RunFolder:
 
   def save_seed(self, entry: dict, records: list[dict]) -> None:
     if self.out is not None and self.write:
-      (self.out / "seeds").mkdir(exist_ok=True)
+      with _writing(self.out / "seeds"):
+        (self.out / "seeds").mkdir(exist_ok=True)
       write_json_atomic(self.out / "seeds" / f"seed-{entry['seed']}.json",
                         {"report": entry, "records": records})
 
   def write_results(self, results: dict) -> None:
-    """Write ``results.json`` (atomically)."""
+    """Write ``results.json`` (atomically); the run is complete, so release the folder."""
     if self.out is not None and self.write:
       write_json_atomic(self.out / "results.json", results)
+      self.release()
+
+  def release(self) -> None:
+    """Let other runs use the folder (also done by the OS when the process ends)."""
+    if self.out is not None and self.write:
+      f = _HELD.pop(os.path.realpath(self.out), None)
+      if f is not None:
+        f.close()
 
 
-def _check_same_settings(out: pathlib.Path, record: dict) -> dict:
-  """--resume continues only a run of the same configuration, or adds seeds to it (the
-  seeds are a prefix of one fixed list, so a run of more seeds extends it). Returns the
-  run's config.json."""
+def holds_run(out: pathlib.Path) -> str | None:
+  """The first result file or folder of a run in ``out`` (an empty metrics.jsonl does
+  not count), or None."""
+  for name in RUN_ENTRIES:
+    path = out / name
+    if path.exists() and not (path.is_file() and path.stat().st_size == 0):
+      return name
+  return None
+
+
+def check_resumable(out: pathlib.Path, record: dict) -> dict:
+  """Everything a resume of ``record`` in ``out`` reads, checked before anything changes:
+  ``config.json`` is readable and holds the same settings (or fewer seeds of the same
+  list: a run of more seeds extends it), every ``seeds/*.json`` is readable, and every
+  checkpoint matches its checksum. Returns the run's config.json.
+
+  Raises:
+    UsageError: naming the file and what to do.
+  """
   path = out / "config.json"
   if not path.exists():
     raise UsageError(f"--resume: {out} holds no run to continue (no config.json)")
-  before = json.loads(path.read_text())
-  skip = {"versions", "git_commit", "checkpoint_every", "length_parts", "eval_chunk"}
+  try:
+    before = json.loads(path.read_text())
+    if not isinstance(before, dict):
+      raise ValueError("not a JSON object")
+  except (OSError, ValueError) as e:
+    raise UsageError(f"--resume: {path} is unreadable ({_reason(e)}); the run cannot be "
+                     "continued: start it again with --overwrite") from None
+  _check_same_settings(out, before, record)
+  for seed_file in sorted((out / "seeds").glob("seed-*.json")):
+    _read_seed_file(seed_file)
+  for ckpt in sorted((out / "checkpoints").glob("seed-*.msgpack")):
+    seed = ckpt.name[len("seed-"):-len(".msgpack")]
+    SeedCheckpoint(out, int(seed) if seed.isdigit() else seed).payload()
+  return before
+
+
+def _check_same_settings(out: pathlib.Path, before: dict, record: dict) -> None:
+  """--resume continues only a run of the same configuration, or adds seeds to it (the
+  seeds are a prefix of one fixed list, so a run of more seeds extends it)."""
+  # data_dir says where the raw files were found; the data itself is compared ("data")
+  skip = {"versions", "git_commit", "checkpoint_every", "length_parts", "eval_chunk",
+          "data_dir"}
   old_seeds = before.get("seed_list")
   if old_seeds is not None and _jsonable(record["seed_list"])[:len(old_seeds)] == old_seeds:
     skip |= {"seeds", "seed_list"}  # the same seeds first, maybe more after them
@@ -114,7 +205,48 @@ def _check_same_settings(out: pathlib.Path, record: dict) -> dict:
     k = changed[0]
     raise UsageError(f"--resume: the run in {out} used {k}={before.get(k)!r}, not "
                      f"{_jsonable(record[k])!r}; resume with the same settings or use a new --out")
-  return before
+
+
+def _read_seed_file(path: pathlib.Path) -> dict:
+  """``{"report", "records"}`` of a finished seed's file; UsageError naming a bad one."""
+  try:
+    saved = json.loads(path.read_text())
+    if not (isinstance(saved, dict) and isinstance(saved.get("report"), dict)
+            and isinstance(saved.get("records"), list)):
+      raise ValueError("expected {\"report\": {...}, \"records\": [...]}")
+  except (OSError, ValueError) as e:
+    raise UsageError(f"--resume: {path} is unreadable ({_reason(e)}); delete it to train "
+                     "that seed again") from None
+  return saved
+
+
+def saved_state(out: pathlib.Path) -> str:
+  """What an interrupted run left in ``out``, in words: finished seeds and checkpoints."""
+  done = sorted(int(p.stem[5:]) for p in (out / "seeds").glob("seed-*.json")
+                if p.stem[5:].isdigit())
+  parts = [f"seed{'s' * (len(done) > 1)} {', '.join(map(str, done))} finished"] if done else []
+  for ckpt in sorted((out / "checkpoints").glob("seed-*.msgpack")):
+    seed = ckpt.stem[5:]
+    if seed.isdigit() and int(seed) not in done:
+      try:
+        parts.append(f"seed {seed} checkpointed at epoch "
+                     f"{SeedCheckpoint(out, int(seed)).epoch()}")
+      except UsageError:
+        pass
+  return "; ".join(parts)
+
+
+def remove_temporary_files(out: pathlib.Path) -> list[pathlib.Path]:
+  """Delete the temporary files that killed writes left in ``out``, ``out/seeds`` and
+  ``out/checkpoints``; return them."""
+  removed = []
+  for folder in (out, out / "seeds", out / "checkpoints"):
+    if folder.is_dir():
+      for path in folder.iterdir():
+        if _TEMPORARY.match(path.name) and path.is_file():
+          path.unlink(missing_ok=True)
+          removed.append(path)
+  return removed
 
 
 def run_record(cfg: Config, data) -> dict:
@@ -136,18 +268,104 @@ def run_record(cfg: Config, data) -> dict:
 
 def write_json_atomic(path: pathlib.Path, obj: Any) -> None:
   """Write JSON to a temporary file beside ``path`` and rename it into place."""
+  text = json.dumps(_jsonable(obj), indent=1)
+  write_bytes_atomic(path, text.encode())
+
+
+def write_bytes_atomic(path: pathlib.Path, data: bytes) -> None:
+  """Write ``data`` to a temporary file beside ``path``, fsync it and rename it into place,
+  readable as ``open`` would make it (0666 less the umask: 0644 under the usual umask 022;
+  ``mkstemp`` alone gives 0600).
+
+  Raises:
+    WriteError: the write failed (e.g. a full disk); ``path`` keeps its old content and
+      no temporary file is left.
+  """
   path = pathlib.Path(path)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+  with _writing(path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+      with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+      os.chmod(tmp, 0o666 & ~_umask())
+      os.replace(tmp, path)
+    except BaseException:
+      pathlib.Path(tmp).unlink(missing_ok=True)
+      raise
+
+
+class _writing:
+  """Turn an OSError while writing ``path`` into a one-line WriteError."""
+
+  def __init__(self, path: pathlib.Path):
+    self.path = path
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, kind, error, tb):
+    if isinstance(error, OSError):
+      raise WriteError(f"cannot write {self.path} ({_reason(error)}); the files already "
+                       f"in {self.path.parent} are intact") from None
+    return False
+
+
+def _write_text(path: pathlib.Path, text: str) -> None:
+  with _writing(path):
+    path.write_text(text)
+
+
+def _remove(path: pathlib.Path) -> None:
+  with _writing(path):
+    if path.is_dir() and not path.is_symlink():
+      shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+      path.unlink()
+
+
+def _umask() -> int:
+  mask = os.umask(0o022)
+  os.umask(mask)
+  return mask
+
+
+def _reason(e: BaseException) -> str:
+  if isinstance(e, OSError):
+    return e.strerror or str(e)
+  text = str(e).splitlines()[0] if str(e) else ""
+  return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def _lock(out: pathlib.Path) -> None:
+  """Hold an exclusive advisory lock on ``out/.lock`` until the process ends (or
+  :meth:`RunFolder.release`). A folder this process holds already is taken over: a run
+  that failed in this process (a notebook, a test) does not block the next one."""
+  key = os.path.realpath(out)
+  if key in _HELD and not _HELD[key].closed:
+    return
+  path = out / LOCK_NAME
+  with _writing(path):
+    f = open(path, "a+")
   try:
-    with os.fdopen(fd, "w") as f:
-      json.dump(_jsonable(obj), f, indent=1)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
+    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except BlockingIOError:
+    f.seek(0)
+    holder = f.read().strip()
+    f.close()
+    raise UsageError(f"--out {out}: another run is using this folder ({holder or 'a process'}"
+                     f" holds {path}); wait for it to end, or choose another --out") from None
+  except OSError as e:  # a file system without locks (some NFS): run unlocked
+    if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
+      f.close()
+      raise
+  f.seek(0)
+  f.truncate()
+  f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+  f.flush()
+  _HELD[key] = f
 
 
 def _prepare_out(out: pathlib.Path) -> None:

@@ -112,6 +112,17 @@ RUN_CASES = [
                                  "--process-id", "2"], ["--process-id", "0..1"]),
     ("distributed-outside-a-cluster", ["--distributed"], ["--distributed"]),
     ("zero-length-parts", ["--length-parts", "0"], ["--length-parts"]),
+    ("zero-checkpoint-every", ["--checkpoint-every", "0"], ["--checkpoint-every", ">= 1"]),
+    ("nan-lr", ["--lr", "nan"], ["--lr", "finite"]),
+    ("negative-lr", ["--lr", "-1"], ["--lr", "> 0"]),
+    ("inf-inner-lr", ["--inner-lr", "inf"], ["--inner-lr", "finite"]),
+    ("inf-reg-weight", ["--method", "reg", "--reg-weight", "inf"], ["--reg-weight", "finite"]),
+    ("inf-gamma", ["--gamma", "inf"], ["--gamma"]),
+    ("dropout-1", ["--method", "dropoutnet", "--dropout", "1"], ["--dropout", "[0, 1)"]),
+    ("nan-baseline-lr", ["--method", "widedeep", "--baseline-lr", "nan"], ["--baseline-lr"]),
+    ("negative-mf-l2", ["--method", "dropoutnet", "--mf-l2", "-0.1"], ["--mf-l2"]),
+    ("nan-finetune-lr", ["--method", "widedeep", "--finetune-lr", "nan"], ["--finetune-lr"]),
+    ("resume-and-overwrite", ["--resume", "--overwrite"], ["--resume", "--overwrite"]),
 ]
 
 
@@ -165,6 +176,10 @@ DATA_PREP_CASES = [
                    "{one}/users.csv", "--sensitive", "gender"], ["users.csv", "gender"]),
     ("unknown-sensitive", ["--dataset", "custom", "--ratings", "{two}/ratings.csv", "--users",
                            "{two}/users.csv", "--sensitive", "sex"], ["users.csv", "sex"]),
+    ("no-sensitive", ["--dataset", "custom", "--ratings", "{two}/ratings.csv", "--users",
+                      "{two}/users.csv"], ["--sensitive"]),
+    ("duplicates-for-synthetic", ["--dataset", "synthetic", "--duplicates", "last"],
+     ["--duplicates", "synthetic"]),
 ]
 
 

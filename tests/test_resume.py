@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from fast_jax import experiment
+from fast_jax import experiment, runfolder
 from fast_jax import train as train_lib
 from fast_jax.checkpoint import SeedCheckpoint
 from fast_jax.config import Config
@@ -69,9 +69,9 @@ def test_more_seeds_extend_a_finished_run_without_retraining_its_seeds(prepared,
                                                                        monkeypatch):
   data = prepared("synthetic")
   full = train_and_evaluate(_cfg(epochs=2), tmp_path / "full", data=data, **QUIET)
-  monkeypatch.setattr(experiment, "_git_commit", lambda: "first")
+  monkeypatch.setattr(runfolder, "_git_commit", lambda: "first")
   train_and_evaluate(_cfg(epochs=2, seeds=1), tmp_path / "grow", data=data, **QUIET)
-  monkeypatch.setattr(experiment, "_git_commit", lambda: "later")
+  monkeypatch.setattr(runfolder, "_git_commit", lambda: "later")
   trained = []
   real_run_seed = Trainer.run_seed
 

@@ -10,10 +10,17 @@ code's run.sh for learning rates). Bad settings are reported in one line, exit c
 from __future__ import annotations
 
 import argparse
+import atexit
+import json
+import os
+import pathlib
+import shlex
+import signal
 import sys
+import time
 
 from fast_jax import config as config_lib
-from fast_jax.config import Config
+from fast_jax.config import Config, UsageError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -34,10 +41,19 @@ def build_parser() -> argparse.ArgumentParser:
   a("--dataset", default=d.dataset,
     help=f"one of {', '.join(config_lib.DATASETS)}, or a prepared dataset folder")
   a("--protocol", default=None, help="data protocol for a named dataset: clover (default) or raw")
-  a("--data-dir", default=None, help="where raw data lives (default: a user cache dir, downloading when missing)")
-  a("--out", default=None, help="folder for config.json, metrics.jsonl, results.json")
+  a("--data-dir", default=os.environ.get("FAST_JAX_DATA_DIR") or None,
+    help="where raw data lives (default: $FAST_JAX_DATA_DIR, else a user cache dir, "
+         "downloading when missing)")
+  a("--out", default=None,
+    help="folder for config.json, metrics.jsonl, results.json (default: "
+         "runs/DATASET-BACKBONE-METHOD-YYYYmmdd-HHMMSS, printed at the end)")
+  a("--config", default=None, metavar="DIR/config.json",
+    help="re-run a recorded run: its settings, with the flags given beside it overriding")
   a("--resume", action="store_true",
     help="continue the interrupted run in --out, or add seeds to it (a larger --seeds)")
+  a("--overwrite", action="store_true",
+    help="replace the run in --out (its result files are removed first); without it or "
+         "--resume, a folder that holds a run is refused")
   a("--attack", action=argparse.BooleanOptionalAction, default=d.attack,
     help="train CLOVER's attacker on the adapted user representations after each seed")
   a("--vmap-seeds", action="store_true",
@@ -159,26 +175,149 @@ def init_processes(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
     parser.exit(2, f"error: {where}: could not join the multi-process job: {reason}\n")
 
 
-def config_from_args(args: argparse.Namespace) -> Config:
+def config_from_args(args: argparse.Namespace, given: set[str] | None = None) -> Config:
+  """The run's Config: the flags, or with ``--config`` the recorded run's settings with
+  the flags in ``given`` (those on the command line) overriding them."""
   fields = set(Config.__dataclass_fields__)
-  return Config(**{k: v for k, v in vars(args).items() if k in fields})
+  if getattr(args, "config", None) is None:
+    return Config(**{k: v for k, v in vars(args).items() if k in fields})
+  base = load_config_file(args.config)
+  given = set(vars(args)) if given is None else given
+  return base.replace(**{k: getattr(args, k) for k in given if k in fields})
+
+
+def load_config_file(path: str) -> Config:
+  """The Config recorded in a run's ``config.json`` (a run folder is accepted too)."""
+  file = pathlib.Path(path).expanduser()
+  if file.is_dir():
+    file = file / "config.json"
+  try:
+    record = json.loads(file.read_text())
+  except OSError as e:
+    raise UsageError(f"--config {path}: cannot read it ({e.strerror or e})") from None
+  except ValueError as e:
+    raise UsageError(f"--config {path}: not a valid config.json ({e})") from None
+  return config_lib.from_record(record, source=f"--config {path}")
+
+
+def given_flags(argv: list[str]) -> set[str]:
+  """The destinations of the flags written on the command line (not their defaults)."""
+  parser = build_parser()
+  for action in parser._actions:
+    action.default = argparse.SUPPRESS
+  return set(vars(parser.parse_args(argv)))
+
+
+# Flags that act only for some methods (flag destination -> those methods); given with
+# another method they do nothing, which a one-line warning says.
+_TRAINED_BASELINES = ("widedeep", "dropoutnet", "nlba")
+_META_ONLY = ("backbone", "lr", "inner_lr", "inner_steps", "first_order", "train_query",
+              "select", "length_parts", "alpha_mode", "vmap_seeds", "out_bias")
+ONLY_FOR = {
+    "gamma": ("fast",), "tau": ("fast",), "gap_loss": ("fast",),
+    "p_update": ("static", "fast"), "resample": ("static", "fast"),
+    "reg_weight": ("reg",), "reg_kind": ("reg",),
+    **{k: _TRAINED_BASELINES for k in ("baseline_lr", "baseline_select", "baseline_patience")},
+    **{k: ("widedeep",) for k in ("interaction_batch", "wide_cross", "finetune_steps",
+                                  "finetune_lr")},
+    **{k: ("dropoutnet",) for k in ("mf_dim", "mf_steps", "mf_l2", "dropout")},
+    "nlba_threshold": ("nlba",),
+    **{k: config_lib.META_METHODS for k in _META_ONLY},
+}
+
+
+def ineffective_flags(cfg: Config, given: set[str]) -> list[str]:
+  """One warning line for each flag in ``given`` that does nothing for ``cfg``."""
+  lines = []
+  for name in sorted(given & set(ONLY_FOR), key=list(ONLY_FOR).index):
+    if cfg.method not in ONLY_FOR[name]:
+      methods = ONLY_FOR[name]
+      where = ("the meta-learning methods" if methods == config_lib.META_METHODS
+               else ", ".join(methods))
+      lines.append(f"warning: --{name.replace('_', '-')} has no effect with --method "
+                   f"{cfg.method} (it acts on {where})")
+    elif name == "alpha_mode" and cfg.backbone != "metacs":
+      lines.append(f"warning: --alpha-mode has no effect with --backbone {cfg.backbone} "
+                   "(it acts on metacs)")
+  return lines
+
+
+def default_out(cfg: Config) -> pathlib.Path:
+  """``runs/<dataset>-<backbone>-<method>-<YYYYmmdd-HHMMSS>`` (a prepared folder's name
+  for its dataset), with ``-2``, ``-3``, ... when that folder exists already."""
+  dataset = pathlib.Path(cfg.dataset).name if cfg.dataset not in config_lib.DATASETS \
+      else cfg.dataset
+  stem = f"{dataset}-{cfg.backbone}-{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}"
+  out, n = pathlib.Path("runs") / stem, 1
+  while out.exists():
+    n += 1
+    out = pathlib.Path("runs") / f"{stem}-{n}"
+  return out
+
+
+def interrupted(out: pathlib.Path, argv: list[str], out_given: bool) -> str:
+  """The line printed on Ctrl-C: what was saved, and the command that continues."""
+  from fast_jax.runfolder import saved_state
+  if not (out / "config.json").exists():
+    return "interrupted before training started: nothing was saved"
+  saved = saved_state(out) or "no checkpoint yet (a resume starts the seeds again)"
+  prog = sys.argv[0] if sys.argv and sys.argv[0] else "fast-jax run"
+  prog = f"python {prog}" if prog.endswith(".py") else prog
+  args = [a for a in argv if a not in ("--resume", "--overwrite")]
+  args += ([] if out_given else ["--out", str(out)]) + ["--resume"]
+  return f"interrupted: {saved} in {out}; continue with: {prog} {shlex.join(args)}"
+
+
+def _exit_now(code: int) -> None:
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(code)
 
 
 def main(argv=None) -> int:
+  argv = sys.argv[1:] if argv is None else list(argv)
   parser = build_parser()
   args = parser.parse_args(argv)
   init_processes(args, parser)
-  from fast_jax.experiment import UsageError, train_and_evaluate
   from fast_jax.dataset import DataError
+  out = None
   try:
-    train_and_evaluate(config_from_args(args), args.out, progress=not args.quiet,
-                       resume=args.resume)
+    from fast_jax.experiment import train_and_evaluate
+    given = given_flags(argv)
+    cfg = config_from_args(args, given)
+    out = pathlib.Path(args.out) if args.out is not None else (
+        None if args.resume else default_out(cfg))
+    for line in ineffective_flags(cfg, given):
+      print(line, file=sys.stderr)
+    train_and_evaluate(cfg, out, progress=not args.quiet, resume=args.resume,
+                       overwrite=args.overwrite)
   except (UsageError, DataError) as e:
-    print(f"error: {e}", file=sys.stderr)
+    from fast_jax.runfolder import WriteError
+    hint = ("; free space, then continue with --resume" if isinstance(e, WriteError) and
+            out is not None and (out / "config.json").exists() else "")
+    print(f"error: {e}{hint}", file=sys.stderr)
     return 2
   except FloatingPointError as e:
     print(f"error: training diverged: {e}", file=sys.stderr)
     return 1
+  except OSError as e:
+    print(f"error: {e.strerror or e}" + (f": {e.filename}" if e.filename else ""),
+          file=sys.stderr)
+    return 2
+  except KeyboardInterrupt:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut this short
+    from fast_jax import sharding
+    if sharding.is_writer():
+      print(interrupted(out, argv, args.out is not None) if out is not None else
+            "interrupted before training started: nothing was saved", file=sys.stderr)
+    # An interrupt can land inside JAX's C++ (tracing, compiling); the interpreter's
+    # normal teardown then segfaults. The files are complete (atomic writes), so end the
+    # process without that teardown, first of all exit handlers.
+    atexit.register(_exit_now, 130)
+    return 130
+  from fast_jax import sharding
+  if out is not None and sharding.is_writer():
+    print(f"run folder: {out}")
   return 0
 
 

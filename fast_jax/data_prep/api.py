@@ -17,7 +17,8 @@ PROTOCOLS = {"ml100k": ("clover", "raw"), "ml1m": ("clover", "raw"), "bookcrossi
 # Keyword options each route accepts beyond the common arguments.
 OPTIONS = {
     ("ml1m", "raw"): ("movies_extrainfos",),
-    ("custom", "custom"): ("ratings", "users", "items", "sensitive", "sensitive_as_feature"),
+    ("custom", "custom"): ("ratings", "users", "items", "sensitive", "sensitive_as_feature",
+                           "duplicates"),
     ("synthetic", "synthetic"): tuple(synthetic.DEFAULTS),
 }
 DEFAULT_SEED = 12345
@@ -79,10 +80,11 @@ def build(dataset: str, *, protocol: str | None = None, data_dir=None, cache_dir
   if dataset == "synthetic":
     return synthetic.prepare_synthetic(seed=seed, **common, **options)
   if dataset == "custom":
-    missing = [k for k in ("ratings", "users") if not options.get(k)]
+    missing = [k for k in ("ratings", "users", "sensitive") if not options.get(k)]
     if missing:
       raise DataError(f"--dataset custom needs {' and '.join('--' + k for k in missing)} "
-                      "(CSV files; see docs/data.md)")
+                      "(--ratings and --users: CSV files; --sensitive: the users.csv column "
+                      "naming each user's group; see docs/data.md)")
     return custom.prepare_custom(seed=seed, **common, **options)
   folder = sources.resolve(dataset, protocol, data_dir=data_dir, cache_dir=cache_dir,
                            progress=progress)

@@ -12,11 +12,13 @@ print one line on stderr and exit with status 2.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from fast_jax.dataset import DataError, load_prepared
 
 from fast_jax.data_prep import api, synthetic
+from fast_jax.data_prep.common import DUPLICATES
 
 _SYNTHETIC_TYPES = {k: (type(v) if not isinstance(v, bool) else None)
                     for k, v in synthetic.DEFAULTS.items()}
@@ -36,8 +38,9 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--protocol", choices=("clover", "raw"),
                  help="clover (default): the MeLU/CLOVER splits; raw: GroupLens files, "
                       "7:1:2 split by --seed")
-  p.add_argument("--data-dir", help="folder holding ml-100k/, ml-1m/, *-clover/ (missing files "
-                                    "are downloaded into the cache)")
+  p.add_argument("--data-dir", default=os.environ.get("FAST_JAX_DATA_DIR") or None,
+                 help="folder holding ml-100k/, ml-1m/, *-clover/ (default: "
+                      "$FAST_JAX_DATA_DIR; missing files are downloaded into the cache)")
   p.add_argument("--out", help="output folder (default: the cache, printed)")
   p.add_argument("--cache-dir", help="cache folder (default $FAST_JAX_CACHE or ~/.cache/fast_jax)")
   p.add_argument("--seed", type=int, default=api.DEFAULT_SEED, help="split / generation seed")
@@ -54,6 +57,10 @@ def parser() -> argparse.ArgumentParser:
   g.add_argument("--sensitive", metavar="COLUMN", help="users.csv column naming the group")
   g.add_argument("--sensitive-as-feature", action="store_true",
                  help="also feed the sensitive column to the model")
+  g.add_argument("--duplicates", choices=DUPLICATES,
+                 help="resolve a (user, item) pair rated on several lines: keep the last "
+                      "rating (latest timestamp, then the later line) or their mean; "
+                      "without it such a pair is an error")
   g = p.add_argument_group("--dataset synthetic (FAST Theorem 1)")
   for key, kind in _SYNTHETIC_TYPES.items():
     flag = "--" + key.replace("_", "-")
@@ -97,7 +104,7 @@ def main(argv=None) -> int:
 def _options(args) -> dict:
   """Route-specific options that were given; giving one to the wrong dataset is an error."""
   given = {}
-  custom_keys = ("ratings", "users", "items", "sensitive")
+  custom_keys = ("ratings", "users", "items", "sensitive", "duplicates")
   for key in custom_keys:
     if getattr(args, key) is not None:
       given[key] = getattr(args, key)

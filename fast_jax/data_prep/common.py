@@ -135,6 +135,62 @@ def check_splits_nonempty(tasks: dict[str, Tasks], source: str) -> None:
                       "--min-interactions / --max-interactions")
 
 
+# ----------------------------------------------------------------------------- duplicates
+
+DUPLICATES = ("last", "mean")  # --duplicates: how a repeated (user, item) rating is resolved
+
+
+def resolve_duplicates(user: np.ndarray, item: np.ndarray, rating: np.ndarray,
+                       times: np.ndarray, lines: np.ndarray, path, policy: str | None,
+                       user_ids=None, item_ids=None) -> tuple[np.ndarray, np.ndarray, int]:
+  """One rating per (user, item) pair of a ratings file.
+
+  A repeated pair would let a test user's query items reappear in its support set (the
+  answers leak into the adaptation) and hides conflicting ratings, so it is an error
+  unless ``policy`` resolves it: ``"last"`` keeps the pair's last rating (latest
+  timestamp, ties: the later line), ``"mean"`` keeps that row with the mean of the
+  pair's ratings.
+
+  Args:
+    user, item: int[N] keys of each line (any integers identifying users / items).
+    rating: float[N]; times: float[N] (zeros without timestamps); lines: int[N] line numbers.
+    user_ids, item_ids: the ids as written, for the message (default: the keys).
+  Returns:
+    (indices of the kept lines, ascending; their ratings; number of lines dropped).
+  Raises:
+    DataError: a repeated pair without ``policy``, naming the file and the first repeated
+      line.
+  """
+  n = user.size
+  if n == 0:
+    return np.arange(0), rating, 0
+  key = user.astype(np.int64) * (int(item.max()) + 1) + item.astype(np.int64)
+  _, first, inverse = np.unique(key, return_index=True, return_inverse=True)
+  repeated = np.flatnonzero(first[inverse] != np.arange(n))
+  if repeated.size == 0:
+    return np.arange(n), rating, 0
+  if policy is None:
+    i = int(repeated[0])
+    j = int(first[inverse[i]])
+    uid = user_ids[i] if user_ids is not None else user[i]
+    iid = item_ids[i] if item_ids is not None else item[i]
+    raise DataError(f"{path}:{lines[i]}: user {uid} rated item {iid} again (first on line "
+                    f"{lines[j]}); each (user, item) pair must appear once: remove the "
+                    "repeats, or resolve them with --duplicates last or --duplicates mean")
+  if policy not in DUPLICATES:
+    raise DataError(f"--duplicates {policy!r}: expected one of {', '.join(DUPLICATES)}")
+  rank = np.empty(n, np.int64)
+  rank[np.lexsort((np.arange(n), times))] = np.arange(n)  # position in (time, line) order
+  by_pair = np.lexsort((rank, inverse))
+  last_of_pair = by_pair[np.r_[inverse[by_pair][1:] != inverse[by_pair][:-1], True]]
+  kept = np.sort(last_of_pair)
+  values = rating[kept].astype(np.float64)
+  if policy == "mean":
+    sums = np.bincount(inverse, weights=rating.astype(np.float64))
+    values = sums[inverse[kept]] / np.bincount(inverse)[inverse[kept]]
+  return kept, values.astype(rating.dtype), n - kept.size
+
+
 # ----------------------------------------------------------------------------- fields
 
 

@@ -2,7 +2,9 @@
 
 * ratings CSV: header ``user,item,rating[,timestamp]``; one interaction per line. With a
   timestamp (a number, or an ISO 8601 date/time) each user's ratings are put in time
-  order (ties keep file order), otherwise they keep file order.
+  order (ties keep file order), otherwise they keep file order. A (user, item) pair on
+  two lines is an error unless ``duplicates`` ("last" or "mean") resolves it
+  (:func:`fast_jax.data_prep.common.resolve_duplicates`).
 * users CSV: header ``user,<feature>...``; one line per user. The ``sensitive`` column
   names each user's group (two or more distinct values; groups are its values in sorted
   order). It is an input feature only with ``sensitive_as_feature``.
@@ -24,16 +26,16 @@ import numpy as np
 
 from fast_jax.dataset import SPLITS, DataError
 
-from fast_jax.data_prep.common import (Progress, Tasks, check_splits_nonempty, filter_lengths, layout,
-                              make_meta, md5_file, multi_slots, pack_all, sorted_vocab,
-                              stratified_split)
+from fast_jax.data_prep.common import (Progress, Tasks, check_splits_nonempty, filter_lengths,
+                                      layout, make_meta, md5_file, multi_slots, pack_all,
+                                      resolve_duplicates, sorted_vocab, stratified_split)
 
 MULTI_SEP = "|"
 
 
-def prepare_custom(*, ratings, users, items=None, sensitive: str,
-                   sensitive_as_feature: bool = False, seed: int, min_interactions: int,
-                   max_interactions: int, progress: bool):
+def prepare_custom(*, ratings, users, items=None, sensitive: str | None = None,
+                   sensitive_as_feature: bool = False, duplicates: str | None = None,
+                   seed: int, min_interactions: int, max_interactions: int, progress: bool):
   if not sensitive:
     raise DataError("--sensitive COLUMN is required for --dataset custom: the users.csv "
                     "column that names each user's group")
@@ -91,7 +93,12 @@ def prepare_custom(*, ratings, users, items=None, sensitive: str,
       if iid not in item_row:
         raise DataError(f"{ratings_path}:{line}: item {iid!r} has no line in {items_path.name}")
       r_user[k], r_item[k] = user_row[uid], item_row[iid]
-    order = np.lexsort((np.arange(len(r_rows)), times, r_user))
+    kept_lines, rating, dropped = resolve_duplicates(
+        r_user, r_item, rating, times, np.asarray(r_lines), ratings_path, duplicates,
+        user_ids=[repr(row[col["user"]]) for row in r_rows],
+        item_ids=[repr(row[col["item"]]) for row in r_rows])
+    r_user, r_item, times = r_user[kept_lines], r_item[kept_lines], times[kept_lines]
+    order = np.lexsort((np.arange(r_user.size), times, r_user))
     owners = r_user[order]
     starts = np.flatnonzero(np.r_[True, owners[1:] != owners[:-1]]) if owners.size else owners
     ids, ids_are_ints = _user_ids(u_rows, u_header.index("user"))
@@ -134,6 +141,10 @@ def prepare_custom(*, ratings, users, items=None, sensitive: str,
            f"groups are the values of {sensitive!r} in sorted order"
            + ("; it is an input feature" if sensitive_as_feature else
               "; it is not an input feature (use --sensitive-as-feature to add it)")]
+  if dropped:
+    notes.append(f"{dropped} repeated (user, item) rating(s) resolved by --duplicates "
+                 f"{duplicates}: " + ("the last one kept" if duplicates == "last" else
+                                      "their mean kept at the last one's place"))
   if not ids_are_ints:
     notes.append(f"user ids are not all integers: user_id is the 0-based line of the user in "
                  f"{users_path.name} (after the header)")

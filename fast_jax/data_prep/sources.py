@@ -3,8 +3,10 @@
 Each input folder has the name it has in the shared data folder (``ml-100k``, ``ml-1m``,
 ``ml-100k-clover``, ``ml-1m-clover``, ``bookcrossing-clover``). :func:`resolve` looks for
 the files a route needs in ``<data_dir>/<folder>/`` (or ``<data_dir>`` itself when it is
-named ``<folder>``), then ``<cache>/raw/<folder>/``; when they are missing it downloads them into the cache and
-verifies the checksums stored here. Downloads come from
+named ``<folder>``; ``data_dir`` defaults to ``$FAST_JAX_DATA_DIR``), then
+``<cache>/raw/<folder>/``; when they are missing it downloads them into the cache and
+verifies the checksums stored here (a failed download leaves no empty folder behind).
+Downloads come from
 
 * a mirror laid out like the shared data folder (``<mirror>/<folder>/<file>``), when the
   ``FAST_JAX_DATA_URL`` environment variable (or ``mirror=``) names one; otherwise
@@ -169,8 +171,10 @@ def resolve(dataset: str, protocol: str, *, data_dir=None, cache_dir=None,
   """
   folder_name, needs = NEEDS[(dataset, protocol)]
   folder = FOLDERS[folder_name]
-  raw = cache_root(cache_dir) / "raw"
+  root = cache_root(cache_dir)
+  raw = root / "raw"
   target = raw / folder_name
+  data_dir = data_dir or os.environ.get("FAST_JAX_DATA_DIR") or None
   candidates = []
   if data_dir is not None:
     data_dir = pathlib.Path(data_dir).expanduser()
@@ -194,10 +198,16 @@ def resolve(dataset: str, protocol: str, *, data_dir=None, cache_dir=None,
             f"{partial}" if partial else "files are missing")
     raise DataError(f"{folder_name}: {what} and downloads are off (FAST_JAX_OFFLINE). "
                     + _placement_hint(folder, needs, data_dir, target))
+  created = [d for d in (root, raw, raw / "downloads", target) if not d.exists()]
   try:
     fetch(folder, needs, target, mirror=mirror, timeout=timeout, progress=progress)
-  except DataError as e:
-    raise DataError(f"{e}. " + _placement_hint(folder, needs, data_dir, target)) from None
+  except BaseException as e:
+    for d in reversed(created):  # leave no empty folder behind
+      if d.is_dir() and not any(d.iterdir()):
+        d.rmdir()
+    if isinstance(e, DataError):
+      raise DataError(f"{e}. " + _placement_hint(folder, needs, data_dir, target)) from None
+    raise
   return target
 
 
@@ -313,7 +323,10 @@ def _extract(zip_path: pathlib.Path, folder: Folder, needs, target: pathlib.Path
 
 def _placement_hint(folder: Folder, needs, data_dir, target: pathlib.Path) -> str:
   names = ", ".join(" or ".join(alts) for alts in needs)
-  where = f"{pathlib.Path(data_dir) / folder.name}/ or {target}/" if data_dir else f"{target}/"
+  where = (f"{pathlib.Path(data_dir) / folder.name}/ (under --data-dir / $FAST_JAX_DATA_DIR "
+           f"{data_dir}) or {target}/" if data_dir else
+           f"DIR/{folder.name}/ and pass --data-dir DIR (or set FAST_JAX_DATA_DIR=DIR), or "
+           f"in {target}/")
   source = (f"unzip {folder.archive.url} (or put {folder.archive.filename} in "
             f"{data_dir or target.parent / 'downloads'})" if folder.archive
             else f"download them from {folder.base_url}")

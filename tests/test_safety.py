@@ -1,0 +1,496 @@
+"""Run folders that cannot be corrupted, and one-line errors (issue 18; issue 19 items 3, 5).
+
+The command-line cases run the real CLI (`experiments/run.py`, `python -m data_prep`) in
+a subprocess on a small synthetic prepared folder; one finished 2-seed run, made without
+`--out`, is copied by the tests that need a run folder.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import pathlib
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from data_prep import build, prepare
+from fast_jax import config as config_lib
+from fast_jax import runfolder
+from fast_jax.checkpoint import CheckpointError, SeedCheckpoint
+from fast_jax.cli import run as run_cli
+from fast_jax.config import Config, UsageError
+from fast_jax.data_prep import sources
+from fast_jax.dataset import DataError, load_prepared
+
+PROJECT_ROOT = pathlib.Path(__file__).resolve().parents[1]
+RUN = PROJECT_ROOT / "experiments" / "run.py"
+SMALL = dict(num_minority=20, num_majority=60)  # 56 training users
+QUICK = ["--epochs", "2", "--seeds", "2", "--checkpoint-every", "1", "--batch-size", "16",
+         "--quiet", "--no-attack"]
+
+
+def _env(cache: pathlib.Path, **extra) -> dict:
+  env = dict(os.environ, FAST_JAX_OFFLINE="1", FAST_JAX_CACHE=str(cache),
+             JAX_PLATFORMS="cpu", **extra)
+  env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))
+  for key in ("FAST_JAX_DATA_URL", "FAST_JAX_DATA_DIR"):
+    if key not in extra:
+      env.pop(key, None)
+  return env
+
+
+def _run(args, cwd, timeout=300, **env) -> subprocess.CompletedProcess:
+  return subprocess.run([sys.executable, *map(str, args)], cwd=cwd,
+                        env=_env(pathlib.Path(cwd) / "cache", **env), capture_output=True,
+                        text=True, timeout=timeout)
+
+
+def _assert_one_line_error(result, *names: str) -> str:
+  """Exit code 2 and exactly one stderr line `error: ...` naming each of ``names``."""
+  lines = result.stderr.splitlines()
+  assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
+  assert "Traceback" not in result.stderr, result.stderr[-2000:]
+  assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-2000:]
+  for name in names:
+    assert name in lines[0], (name, lines[0])
+  return lines[0]
+
+
+def _snapshot(folder: pathlib.Path) -> dict[str, bytes]:
+  return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+          if p.is_file() and p.name != runfolder.LOCK_NAME}
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory) -> pathlib.Path:
+  return prepare("synthetic", tmp_path_factory.mktemp("safety") / "small", progress=False,
+                 **SMALL)
+
+
+@pytest.fixture(scope="module")
+def finished(small, tmp_path_factory) -> dict:
+  """A finished 2-seed run of `run.py` without --out: {"folder", "stdout"}."""
+  cwd = tmp_path_factory.mktemp("finished")
+  result = _run([RUN, "--dataset", small, *QUICK], cwd)
+  assert result.returncode == 0, result.stderr[-3000:]
+  (folder,) = (cwd / "runs").iterdir()
+  return {"folder": folder, "stdout": result.stdout, "cwd": cwd}
+
+
+@pytest.fixture
+def run_copy(finished, tmp_path) -> pathlib.Path:
+  return pathlib.Path(shutil.copytree(finished["folder"], tmp_path / "run"))
+
+
+def _cfg(small, **kw) -> Config:
+  return Config(**{"dataset": str(small), "epochs": 2, "seeds": 2, "checkpoint_every": 1,
+                   "batch_size": 16, "attack": False, **kw})
+
+
+# ----------------------------------------------------------------------------- results by default
+
+
+def test_without_out_a_run_writes_a_dated_folder_under_runs_and_prints_it(finished):
+  folder = finished["folder"]
+  assert re.fullmatch(r"small-melu-fast-\d{8}-\d{6}", folder.name), folder.name
+  assert (folder / "results.json").is_file() and (folder / "config.json").is_file()
+  assert finished["stdout"].splitlines()[-1] == f"run folder: runs/{folder.name}"
+
+
+def test_result_files_are_readable_by_others_as_the_umask_allows(finished):
+  umask = os.umask(0o022)
+  os.umask(umask)
+  folder = finished["folder"]
+  for name in ("results.json", "config.json", "metrics.jsonl", "seeds/seed-1024.json",
+               "checkpoints/seed-1024.msgpack"):
+    assert (folder / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
+
+
+def test_config_json_never_stores_a_numeric_setting_as_null(finished):
+  record = json.loads((finished["folder"] / "config.json").read_text())
+  for name in ("gamma", "tau", "lr", "inner_lr", "reg_weight", "baseline_lr", "dropout"):
+    assert isinstance(record[name], float), (name, record[name])
+
+
+def test_config_json_loads_back_into_the_same_config(finished, small):
+  record = json.loads((finished["folder"] / "config.json").read_text())
+  cfg = config_lib.from_record(record)
+  assert cfg == config_lib.resolve(_cfg(small), "synthetic")
+  with pytest.raises(UsageError, match="unknown setting 'colour'"):
+    config_lib.from_record({**record, "colour": "blue"})
+
+
+def test_config_reruns_a_recorded_run_and_flags_beside_it_override(finished, tmp_path):
+  # --seeds 1 overrides; --reg-weight does nothing for FAST, which a warning says and the
+  # identical first seed confirms.
+  result = _run([RUN, "--config", finished["folder"] / "config.json", "--seeds", "1",
+                 "--reg-weight", "0.5", "--quiet", "--out", tmp_path / "again"], tmp_path)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert result.stderr.splitlines() == [
+      "warning: --reg-weight has no effect with --method fast (it acts on reg)"]
+  before = json.loads((finished["folder"] / "results.json").read_text())
+  again = json.loads((tmp_path / "again" / "results.json").read_text())
+  assert again["per_seed"] == before["per_seed"][:1]
+  assert again["config"] == {**before["config"], "seeds": 1, "reg_weight": 0.5}
+
+
+def test_a_flag_without_effect_for_the_method_is_named_in_a_warning():
+  warn = lambda argv: run_cli.ineffective_flags(
+      run_cli.config_from_args(run_cli.build_parser().parse_args(argv)),
+      run_cli.given_flags(argv))
+  assert warn(["--method", "origin", "--gamma", "1"]) == [
+      "warning: --gamma has no effect with --method origin (it acts on fast)"]
+  assert warn(["--method", "fast", "--gamma", "1", "--tau", "0.1"]) == []
+  assert warn(["--method", "support-mean", "--lr", "1e-3"]) == [
+      "warning: --lr has no effect with --method support-mean (it acts on the meta-learning "
+      "methods)"]
+  assert warn(["--method", "reg", "--alpha-mode", "per-param"]) == [
+      "warning: --alpha-mode has no effect with --backbone melu (it acts on metacs)"]
+
+
+def test_a_bad_config_file_is_one_line(tmp_path):
+  (tmp_path / "config.json").write_text("{not json")
+  result = _run([RUN, "--config", tmp_path / "config.json"], tmp_path)
+  _assert_one_line_error(result, "--config", "config.json")
+
+
+# ----------------------------------------------------------------------------- one run per folder
+
+
+def test_a_second_run_on_a_folder_in_use_is_refused_and_the_first_is_untouched(small,
+                                                                               tmp_path):
+  out = tmp_path / "shared"
+  first = subprocess.Popen(
+      [sys.executable, str(RUN), "--dataset", str(small), "--epochs", "100000", "--seeds", "1",
+       "--quiet", "--no-attack", "--out", str(out)], cwd=tmp_path,
+      env=_env(tmp_path / "cache"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  try:
+    deadline = time.monotonic() + 240
+    while not (out / "config.json").exists():
+      assert first.poll() is None and time.monotonic() < deadline, first.communicate()[1]
+      time.sleep(0.2)
+    second = _run([RUN, "--dataset", small, "--epochs", "1", "--seeds", "1", "--gamma", "0.5",
+                   "--quiet", "--out", out], tmp_path)
+    assert first.poll() is None  # the first run was still training: the lock refused
+    _assert_one_line_error(second, "another run", str(out))
+  finally:
+    first.send_signal(signal.SIGINT)
+    first.communicate(timeout=120)
+  assert json.loads((out / "config.json").read_text())["epochs"] == 100000
+  records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+  assert [r["epoch"] for r in records] == list(range(1, len(records) + 1))
+  # The OS released the lock when the first run ended.
+  runfolder.RunFolder(out, config_lib.resolve(_cfg(small), "synthetic"), load_prepared(small),
+                      resume=False, overwrite=True).release()
+
+
+def test_a_folder_holding_a_run_needs_resume_or_overwrite(run_copy, small, tmp_path):
+  before = _snapshot(run_copy)
+  result = _run([RUN, "--dataset", small, *QUICK, "--out", run_copy], tmp_path)
+  _assert_one_line_error(result, str(run_copy), "--resume", "--overwrite")
+  assert _snapshot(run_copy) == before
+
+
+def test_overwrite_removes_the_old_result_files_first_and_keeps_other_files(run_copy, small):
+  from fast_jax.experiment import train_and_evaluate
+  (run_copy / "notes.txt").write_text("mine")
+  results = train_and_evaluate(Config(dataset=str(small), method="global-mean", seeds=1),
+                               run_copy, overwrite=True, progress=False, echo=lambda s: None)
+  assert (run_copy / "notes.txt").read_text() == "mine"
+  assert not (run_copy / "seeds" / "seed-3145.json").exists()  # the old run's 2nd seed
+  assert not (run_copy / "checkpoints" / "seed-3145.msgpack").exists()
+  assert len((run_copy / "metrics.jsonl").read_text().splitlines()) == 1
+  assert json.loads((run_copy / "results.json").read_text())["config"]["method"] == \
+      results["config"]["method"] == "global-mean"
+  with pytest.raises(UsageError, match="--resume and --overwrite"):
+    runfolder.RunFolder(run_copy, _cfg(small), load_prepared(small), resume=True,
+                        overwrite=True)
+
+
+# ----------------------------------------------------------------------------- resume
+
+
+def _truncate(path: pathlib.Path, size: int) -> None:
+  path.write_bytes(path.read_bytes()[:size])
+
+
+def _flip_a_byte(path: pathlib.Path) -> None:
+  data = bytearray(path.read_bytes())
+  data[len(data) // 2] ^= 0x01
+  path.write_bytes(bytes(data))
+
+
+BROKEN_RUNS = {
+    "truncated-seed-file": (lambda d: _truncate(d / "seeds" / "seed-1024.json", 100),
+                            "seed-1024.json"),
+    "corrupt-config": (lambda d: (d / "config.json").write_text("{\"dataset\": "),
+                       "config.json"),
+    "truncated-checkpoint": (lambda d: _truncate(d / "checkpoints" / "seed-3145.msgpack", 500),
+                             "seed-3145.msgpack"),
+    "flipped-checkpoint-byte": (lambda d: _flip_a_byte(d / "checkpoints" / "seed-1024.msgpack"),
+                                "seed-1024.msgpack"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN_RUNS))
+def test_a_failed_resume_is_one_line_and_changes_nothing_on_disk(run_copy, small, tmp_path,
+                                                                 case):
+  breaks, name = BROKEN_RUNS[case]
+  breaks(run_copy)
+  before = _snapshot(run_copy)
+  result = _run([RUN, "--dataset", small, *QUICK, "--out", run_copy, "--resume"], tmp_path)
+  _assert_one_line_error(result, name)
+  assert _snapshot(run_copy) == before
+
+
+def test_a_checkpoint_with_a_flipped_byte_is_refused_naming_the_file(run_copy):
+  ckpt = SeedCheckpoint(run_copy, 1024)
+  assert ckpt.epoch() == 2
+  _flip_a_byte(ckpt.path)
+  with pytest.raises(CheckpointError, match=r"seed-1024\.msgpack is corrupt \(its sha256"):
+    ckpt.payload()
+
+
+def test_resume_removes_the_temporary_files_a_kill_left(run_copy, small):
+  left = [run_copy / ".results.json.k2j3.tmp", run_copy / ".config.json.x9.tmp",
+          run_copy / "seeds" / ".seed-3145.json.ab.tmp",
+          run_copy / "checkpoints" / ".seed-3145.msgpack.q7",
+          run_copy / "checkpoints" / ".seed-3145.msgpack.q8.tmp", run_copy / ".write_test"]
+  for path in left:
+    path.write_bytes(b"\0" * 1000)
+  (run_copy / ".keep-me").write_text("a user's file")
+  folder = runfolder.RunFolder(run_copy, config_lib.resolve(_cfg(small), "synthetic"),
+                               load_prepared(small), resume=True)
+  folder.release()
+  assert not [p for p in left if p.exists()]
+  assert (run_copy / ".keep-me").read_text() == "a user's file"
+  assert (run_copy / "seeds" / "seed-1024.json").exists()
+
+
+# ----------------------------------------------------------------------------- write failures
+
+
+def test_a_full_disk_is_one_line_and_loses_nothing(run_copy, small, monkeypatch, capsys):
+  def no_space(fd):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+  before = _snapshot(run_copy)
+  monkeypatch.setattr(os, "fsync", no_space)
+  rc = run_cli.main(["--dataset", str(small), *QUICK, "--out", str(run_copy), "--resume"])
+  err = capsys.readouterr().err.splitlines()
+  assert rc == 2 and len(err) == 1, err
+  assert re.match(r"error: cannot write .*config\.json \(No space left on device\); .* "
+                  r"continue with --resume$", err[0]), err[0]
+  assert _snapshot(run_copy) == before  # config.json intact, metrics.jsonl not truncated
+  assert not [p for p in run_copy.rglob(".*") if p.name != runfolder.LOCK_NAME]
+
+
+def test_a_full_tmpfs_is_one_line(small, tmp_path):
+  """The issue's own case: `--out` on a 200 KB tmpfs (needs permission to mount)."""
+  mount = tmp_path / "full"
+  mount.mkdir()
+  if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=200k", "tmpfs", str(mount)],
+                    capture_output=True).returncode != 0:
+    pytest.skip("cannot mount a tmpfs here")
+  try:
+    result = _run([RUN, "--dataset", small, "--epochs", "1", "--seeds", "1", "--quiet",
+                   "--no-attack", "--out", mount / "run"], tmp_path)
+    line = _assert_one_line_error(result, "No space left on device", str(mount / "run"))
+    assert "continue with --resume" in line
+    assert json.loads((mount / "run" / "config.json").read_text())["epochs"] == 1
+  finally:
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+# ----------------------------------------------------------------------------- Ctrl-C
+
+
+def test_ctrl_c_prints_one_line_keeps_the_checkpoint_and_exits_130(small, tmp_path):
+  out = tmp_path / "run"
+  proc = subprocess.Popen(
+      [sys.executable, str(RUN), "--dataset", str(small), "--epochs", "100000", "--seeds", "1",
+       "--checkpoint-every", "1", "--quiet", "--no-attack", "--out", str(out)], cwd=tmp_path,
+      env=_env(tmp_path / "cache"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  ckpt = SeedCheckpoint(out, 1024)
+  deadline = time.monotonic() + 240
+  while not ckpt.exists():
+    assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1]
+    time.sleep(0.2)
+  time.sleep(0.5)
+  proc.send_signal(signal.SIGINT)
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == 130, (proc.returncode, err[-2000:])
+  lines = err.splitlines()
+  assert len(lines) == 1 and "Traceback" not in err, err[-2000:]
+  assert re.match(rf"interrupted: seed 1024 checkpointed at epoch \d+ in {re.escape(str(out))}"
+                  r"; continue with: python .*run\.py .*--resume$", lines[0]), lines[0]
+  assert ckpt.epoch() >= 1  # kept, and its checksum holds
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def _write_csvs(folder: pathlib.Path, extra_lines=()) -> dict:
+  rng = np.random.default_rng(0)
+  folder.mkdir(parents=True, exist_ok=True)
+  users = ["user,age,gender"] + [f"{u},{rng.integers(1, 5)},{'FM'[u % 2]}" for u in range(40)]
+  ratings = ["user,item,rating"] + [f"{u},{i},{rng.integers(1, 6)}" for u in range(40)
+                                    for i in rng.choice(30, 15, replace=False)]
+  (folder / "users.csv").write_text("\n".join(users) + "\n")
+  (folder / "ratings.csv").write_text("\n".join(ratings + list(extra_lines)) + "\n")
+  return {"ratings": folder / "ratings.csv", "users": folder / "users.csv",
+          "sensitive": "gender"}
+
+
+def test_a_repeated_user_item_pair_is_an_error_naming_file_and_line(tmp_path):
+  files = _write_csvs(tmp_path / "csv")
+  first = (tmp_path / "csv" / "ratings.csv").read_text().splitlines()[1]  # line 2
+  user, item, _ = first.split(",")
+  _write_csvs(tmp_path / "csv", extra_lines=[f"{user},{item},5"])  # line 602
+  result = _run(["-m", "data_prep", "--dataset", "custom", "--ratings", files["ratings"],
+                 "--users", files["users"], "--sensitive", "gender", "--out", tmp_path / "o",
+                 "--no-progress"], tmp_path)
+  _assert_one_line_error(result, "ratings.csv:602", "first on line 2", "--duplicates")
+
+
+@pytest.mark.parametrize("policy", ["last", "mean"])
+def test_duplicates_last_or_mean_resolve_repeated_pairs_on_purpose(tmp_path, policy):
+  files = _write_csvs(tmp_path / "csv")
+  first = (tmp_path / "csv" / "ratings.csv").read_text().splitlines()[1]
+  user, item, rating = first.split(",")
+  _write_csvs(tmp_path / "csv", extra_lines=[f"{user},{item},{6 - int(rating)}"])
+  splits, meta = build("custom", progress=False, duplicates=policy, **files)
+  split = next(s for s in splits.values() if int(user) in s.user_id)
+  u = int(np.flatnonzero(split.user_id == int(user))[0])
+  assert split.length[u] == 15  # one row for the pair, not two
+  # No timestamps: file order, so the kept row sits where the last copy was (the end).
+  expected = {"last": 6 - int(rating), "mean": 3.0}[policy]
+  assert split.y[u, split.length[u] - 1] == expected
+  assert any("--duplicates " + policy in note for note in meta["notes"])
+
+
+def test_prepare_into_a_prepared_folder_replaces_only_its_own_files(tmp_path):
+  out = prepare("synthetic", tmp_path / "data", progress=False, **SMALL)
+  (out / "notes.txt").write_text("mine")
+  (out / "runs").mkdir()
+  (out / "runs" / "results.json").write_text("{}")
+  prepare("synthetic", out, progress=False, seed=7, **SMALL)
+  assert load_prepared(out).meta["seed"] == 7
+  assert (out / "notes.txt").read_text() == "mine"
+  assert (out / "runs" / "results.json").read_text() == "{}"
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]  # no temporary folder left
+
+
+def test_missing_folder_message_names_the_folder(tmp_path):
+  with pytest.raises(DataError) as e:
+    load_prepared(tmp_path / "nowhere")
+  assert "{path}" not in str(e.value) and str(e.value).count(str(tmp_path / "nowhere")) == 2
+
+
+def test_a_split_file_that_is_a_folder_is_reported_as_a_folder(small, tmp_path):
+  copy = pathlib.Path(shutil.copytree(small, tmp_path / "data"))
+  (copy / "train.npz").unlink()
+  (copy / "train.npz").mkdir()
+  with pytest.raises(DataError, match=r"train\.npz is a folder, not a file"):
+    load_prepared(copy)
+
+
+def test_a_group_without_valid_users_warns_once_naming_it(small, tmp_path, capsys):
+  copy = pathlib.Path(shutil.copytree(small, tmp_path / "data"))
+  with np.load(copy / "valid.npz") as npz:
+    arrays = {k: npz[k] for k in npz.files}
+  arrays["group"] = np.ones_like(arrays["group"])
+  np.savez_compressed(copy / "valid.npz", **arrays)
+  meta = json.loads((copy / "meta.json").read_text())
+  meta["counts"]["valid"]["groups"] = [0, int(arrays["group"].size)]
+  (copy / "meta.json").write_text(json.dumps(meta))
+  load_prepared(copy)
+  load_prepared(copy)
+  err = capsys.readouterr().err.splitlines()
+  name = meta["sensitive"]["groups"][0]
+  assert err == [f"warning: {copy}: group 0 ({name}) has no valid users; its valid metrics "
+                 "are NaN"]
+
+
+def test_data_dir_comes_from_fast_jax_data_dir(monkeypatch, tmp_path):
+  from fast_jax.data_prep import cli as prep_cli
+  monkeypatch.setenv("FAST_JAX_DATA_DIR", str(tmp_path / "data"))
+  assert run_cli.build_parser().parse_args([]).data_dir == str(tmp_path / "data")
+  assert prep_cli.parser().parse_args(["--dataset", "ml100k"]).data_dir == str(
+      tmp_path / "data")
+  folder = tmp_path / "data" / "ml-100k"
+  folder.mkdir(parents=True)
+  for name in ("u.data", "u.item", "u.user"):
+    (folder / name).write_text("")
+  assert sources.resolve("ml100k", "raw", cache_dir=tmp_path / "cache") == folder
+  assert not (tmp_path / "cache").exists()
+
+
+def test_the_offline_error_names_data_dir_the_variable_and_the_files(tmp_path):
+  result = _run([RUN, "--dataset", "ml100k", "--quiet"], tmp_path)
+  line = _assert_one_line_error(result, "--data-dir", "FAST_JAX_DATA_DIR", "ml-100k-clover/",
+                                "user_warm_state.json", "user_cold_state_test_y.json")
+  assert "DIR/ml-100k-clover/" in line
+  assert not (tmp_path / "cache").exists()  # nothing, empty or not, left in the cache
+
+
+def test_a_failed_download_leaves_no_empty_folder(monkeypatch, tmp_path):
+  def unreachable(url, dest, **kw):
+    raise DataError(f"could not reach {url}: no network")
+  monkeypatch.setattr(sources, "download_file", unreachable)
+  (tmp_path / "cache").mkdir()
+  with pytest.raises(DataError, match="no network.*--data-dir"):
+    sources.resolve("ml100k", "clover", cache_dir=tmp_path / "cache", download=True)
+  assert list((tmp_path / "cache").iterdir()) == []
+
+
+# ----------------------------------------------------------------------------- NDCG gain
+
+
+def _ndcg_shifted_reference(pred, y, k=3):
+  """NDCG@k with gain (r + c)^2 - 1, c = max(0, 1 - min(y)); ties to the later row."""
+  c = max(0.0, 1.0 - min(y))
+  gain = lambda r: (r + c) ** 2 - 1
+  order = sorted(range(len(pred)), key=lambda j: (pred[j], j), reverse=True)[:k]
+  disc = [1 / np.log2(i + 2) for i in range(k)]
+  dcg = sum(gain(y[j]) * d for j, d in zip(order, disc))
+  idcg = sum(gain(r) * d for r, d in zip(sorted(y, reverse=True)[:k], disc))
+  return dcg / idcg if idcg > 0 else np.nan
+
+
+def test_ndcg_gain_grows_with_the_rating_when_ratings_can_be_negative():
+  from fast_jax import metrics
+  y = np.array([-2.0, -1.0, 0.0, 0.5, -3.0, 1.5, -0.5, 0.2, -1.5, 0.9], np.float32)
+  best = float(metrics.ndcg_at_k(y, y))
+  assert best == pytest.approx(1.0)
+  # Ranking a worse item first always costs: under r^2 - 1, -3 would outrank 1.5.
+  for worse in (-3.0, -2.0, 0.0):
+    pred = y.copy()
+    pred[y == worse] = 10.0
+    assert float(metrics.ndcg_at_k(pred, y)) < best
+  rng = np.random.default_rng(0)
+  for _ in range(20):
+    pred, y = rng.normal(size=10).astype(np.float32), rng.normal(size=10).astype(np.float32)
+    np.testing.assert_allclose(metrics.ndcg_at_k(pred, y), _ndcg_shifted_reference(pred, y),
+                               rtol=1e-5)
+
+
+def test_ndcg_keeps_the_papers_gain_for_ratings_of_at_least_one():
+  from fast_jax import metrics
+  rng = np.random.default_rng(1)
+  for _ in range(20):
+    pred = rng.normal(size=10).astype(np.float32)
+    y = rng.integers(1, 6, size=10).astype(np.float32)
+    order = sorted(range(10), key=lambda j: (pred[j], j), reverse=True)[:3]
+    disc = [1 / np.log2(i + 2) for i in range(3)]
+    dcg = sum((y[j] ** 2 - 1) * d for j, d in zip(order, disc))
+    idcg = sum((r ** 2 - 1) * d for r, d in zip(sorted(y, reverse=True)[:3], disc))
+    expected = dcg / idcg if idcg > 0 else np.nan
+    np.testing.assert_allclose(metrics.ndcg_at_k(pred, y), expected, rtol=1e-5)
