@@ -242,14 +242,15 @@ def _split_row(row: str) -> tuple[str, str]:
   return (backbone, method) if backbone in BACKBONE_NAMES and method else ("", row)
 
 
-def scatter(rows, path):
+def scatter(rows, path, *, note: str = ""):
   """Fairness-utility trade-off: GF(MAE) against MAE (mean ± std over seeds), one panel
   per dataset; lower-left is better on both.
 
   Colour is the method, marker the backbone (triangles: the cold-start baselines), told
   apart in one legend instead of labels beside the points, which collide where rows are
   close. The reference predictors (``global-mean``, ``support-mean``) are grey crosses
-  and dashed lines at their MAE: a recommender should stay left of them.
+  and dashed lines at their MAE: a recommender should stay left of them. ``note`` is
+  added to the title (e.g. which FAST mode the FAST rows ran).
   """
   datasets = list(dict.fromkeys(r["dataset"] for r in rows))
   present = {_split_row(r["row"] or r["label"])[1] for r in rows
@@ -297,7 +298,7 @@ def scatter(rows, path):
   seeds = sorted({int(r["seeds"]) for r in rows})
   fig.suptitle("Fairness against accuracy (mean \u00b1 std over "
                f"{'/'.join(map(str, seeds))} seed{'s' if seeds != [1] else ''}); "
-               "lower-left is better", fontsize=11)
+               f"lower-left is better{'; ' + note if note else ''}", fontsize=11)
   fig.tight_layout(rect=(0, 0.06 + 0.035 * (len(handles) > 8), 1, 1))
   fig.savefig(path, dpi=120)
   plt.close(fig)

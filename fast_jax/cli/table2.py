@@ -103,7 +103,8 @@ def main(argv=None) -> int:
           + markdown(rows, args.datasets))
   args.out.with_suffix(".md").write_text(text)
   if rows:  # the fairness-utility trade-off of every row, one panel per dataset
-    plots.scatter(rows, args.out.parent / f"{args.out.name}_scatter.png")
+    plots.scatter(rows, args.out.parent / f"{args.out.name}_scatter.png",
+                  note=f"FAST in {args.p_update} mode")
   print(text)
   return 0
 
