@@ -16,7 +16,7 @@ from fast_jax.dataset import QUERY_SIZE, SPLITS, DataError, load_prepared, paddi
 
 from conftest import PROJECT_ROOT
 
-# (users, ratings, users per group) per split, from research/fast.md §2.2 and clover.md §1.
+# (users, ratings, users per group) per split, as in docs/data.md (clover protocol).
 CLOVER_COUNTS = {
     "bookcrossing": {"train": (2441, 77319, [1734, 707]), "valid": (349, 10897, [250, 99]),
                      "test": (698, 21271, [463, 235])},
@@ -160,7 +160,7 @@ def test_multi_fields_are_padded_with_the_reserved_index_after_their_values(prep
 
 
 def test_bookcrossing_reference_predictors(prepared):
-  """research/fast.md §1.8: global mean 1.484 / 3.430, support mean 1.288 / 2.855."""
+  """docs/methods.md §7: global mean 1.484 / 3.430, support mean 1.288 / 2.855."""
   data = prepared("bookcrossing")
   test = data.test
   pos = np.arange(test.max_len)[None, :]
