@@ -199,3 +199,19 @@ def test_scatter_tells_backbones_methods_and_baselines_apart():
   assert plots._split_row("metacs-clover") == ("metacs", "clover")
   assert plots._split_row("widedeep") == ("", "widedeep")
   assert set(plots.REFERENCE_ROWS) == {"global-mean", "support-mean"}
+
+
+def test_the_fast_jax_command_dispatches_to_every_driver(capsys):
+  import importlib
+  from fast_jax import cli
+  for name, (module, _) in cli.COMMANDS.items():
+    assert callable(importlib.import_module(module).main), name
+  # every checkout script is a subcommand (plots.py is `plot`)
+  scripts = {p.stem for p in (ROOT / "experiments").glob("*.py")}
+  assert {"plot" if s == "plots" else s for s in scripts} <= set(cli.COMMANDS)
+  assert cli.main(["--help"]) == 0
+  usage = capsys.readouterr().out
+  assert all(f"  {name} " in usage for name in cli.COMMANDS)
+  assert cli.main(["--version"]) == 0 and "fast-jax " in capsys.readouterr().out
+  assert cli.main(["trian"]) == 2
+  assert "unknown command 'trian'" in capsys.readouterr().err
