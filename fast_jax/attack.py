@@ -1,6 +1,6 @@
 """Attacker AUC: how much of the sensitive attribute the adapted user representations leak.
 
-CLOVER's individual-fairness probe (research/clover.md §4.4), run after training for every
+CLOVER's individual-fairness probe (docs/methods.md §6.3), run after training for every
 meta-learning method and backbone:
 
 1. adapt every training and every test user on its support set (the fixed split: the
@@ -11,7 +11,7 @@ meta-learning method and backbone:
    on the training users' representations to predict the sensitive group (Adam 1e-3,
    batches of 128 in a fixed order, 100 epochs, fixed initialisation seed);
 4. report the ROC-AUC of the attacker's P(group 1) on the test users after the last epoch
-   (``auc_attack``; 0.5 = nothing leaks) and, as the sensitivity check clover.md
+   (``auc_attack``; 0.5 = nothing leaks) and, as the sensitivity check docs/methods.md §6.3
    recommends because the authors' code does not say which epoch the paper reports, the
    best AUC over the epochs (``auc_attack_max``).
 
@@ -23,15 +23,12 @@ A method without a user representation reports :func:`unavailable` instead:
 
 from __future__ import annotations
 
-from typing import Any
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fast_jax import meta
 
 EPOCHS = 100
 BATCH_SIZE = 128
@@ -152,42 +149,13 @@ def attack_auc(train_repr: np.ndarray, train_group: np.ndarray, test_repr: np.nd
   return {"auc_attack": float(aucs[-1]), "auc_attack_max": float(np.nanmax(aucs))}
 
 
-class RepresentationAttack:
-  """Adapted user representations of a split (jitted, in fixed-size chunks) and the
-  attacker AUC report of a trained learner."""
-
-  def __init__(self, learner: Any, *, max_len: int, chunk: int, **attack_kwargs):
-    self.chunk, self.attack_kwargs = chunk, attack_kwargs
-
-    @jax.jit
-    def represent(params, alpha, x, y, length, group):
-      support, _ = meta.last_query_split(length, max_len)
-      valid = jnp.arange(max_len) < length[:, None]
-      return learner.user_representations(params, alpha, x, y, support, valid, group)
-    self._represent = represent
-
-  def representations(self, params, alpha, data: dict) -> np.ndarray | None:
-    """float[U, D] adapted representations of every user of a split, or None when the
-    learner has no user representation."""
-    n = data["x"].shape[0]
-    chunk = min(self.chunk, n)
-    outs = []
-    for start in range(0, n, chunk):
-      idx = np.minimum(np.arange(start, start + chunk), n - 1)  # pad the last chunk
-      part = self._represent(params, alpha, data["x"][idx], data["y"][idx],
-                             data["length"][idx], data["group"][idx])
-      if part is None:
-        return None
-      outs.append(np.asarray(part)[: min(chunk, n - start)])
-    return np.concatenate(outs)
-
-  def report(self, params, alpha, train: dict, test: dict) -> dict:
-    """The attacker entries of a per-seed report (see the module docstring)."""
-    train_repr = self.representations(params, alpha, train)
-    if train_repr is None:
-      return unavailable("the backbone has no user fields, so no user representation")
-    test_repr = self.representations(params, alpha, test)
-    train_group, test_group = np.asarray(train["group"]), np.asarray(test["group"])
-    num_groups = int(max(train_group.max(), test_group.max())) + 1
-    return attack_auc(train_repr, train_group, test_repr, test_group,
-                      num_groups=max(num_groups, 2), **self.attack_kwargs)
+def report(train_repr: np.ndarray | None, train_group: np.ndarray, test_repr: np.ndarray,
+           test_group: np.ndarray, **kwargs) -> dict:
+  """The attacker entries of a per-seed report (see the module docstring), from the
+  adapted representations float[N, D] of the training and test users (None: the
+  learner has no user representation)."""
+  if train_repr is None:
+    return unavailable("the backbone has no user fields, so no user representation")
+  num_groups = int(max(train_group.max(), test_group.max())) + 1
+  return attack_auc(train_repr, train_group, test_repr, test_group,
+                    num_groups=max(num_groups, 2), **kwargs)

@@ -21,9 +21,11 @@ from typing import Callable
 import numpy as np
 
 from fast_jax import config as config_lib
+from fast_jax import sharding
 from fast_jax.config import Config, UsageError
 from fast_jax.metrics import METRIC_KEYS
 from fast_jax.runfolder import RunFolder
+from fast_jax.runner import Diverged, Runner
 
 SUMMARY_KEYS = tuple(METRIC_KEYS) + tuple(f"gf_{k}" for k in METRIC_KEYS)
 ATTACK_KEYS = ("auc_attack", "auc_attack_max")  # fast_jax.attack; null when not applicable
@@ -81,21 +83,14 @@ def check_data(cfg: Config, data) -> None:
                      f"users; fairness methods need at least two")
 
 
-def make_runner(cfg: Config, data):
-  """An object with ``run_seed(seed, log=..., progress=...) -> (state, test_report)``."""
-  if cfg.method in config_lib.BASELINES:
-    from fast_jax import baselines
-    return baselines.make_runner(cfg, data)
-  if cfg.method == "clover":
-    from fast_jax import clover
-    return clover.make_runner(cfg, data)
-  from fast_jax.train import Trainer
-  return Trainer(cfg, data)
+def make_runner(cfg: Config, data) -> Runner:
+  """The runner of a resolved ``cfg`` on ``data``: every method trains through
+  :class:`fast_jax.runner.Runner` (``run_seed``, ``run_lanes``)."""
+  return Runner(cfg, data)
 
 
 def finish(folder: RunFolder, cfg: Config, per_seed: list[dict], diverged: list[dict]) -> dict:
   """Aggregate the seeds and write ``results.json``; return its content."""
-  from fast_jax.train import Diverged
   if not per_seed:
     raise Diverged("every seed diverged: " + "; ".join(d["message"] for d in diverged))
   results = {"config": cfg.to_dict(), "per_seed": per_seed, **aggregate(per_seed)}
@@ -120,13 +115,11 @@ def train_and_evaluate(cfg: Config, out_dir: str | os.PathLike | None = None, *,
 
   A seed whose loss becomes NaN/inf is stopped (its last good checkpoint is kept), named
   in ``results.json["diverged"]`` and left out of the mean; if every seed diverges,
-  :class:`fast_jax.train.Diverged` is raised.
+  :class:`fast_jax.runner.Diverged` is raised.
 
   Returns:
     the content of ``results.json``.
   """
-  from fast_jax import sharding
-  from fast_jax.train import Diverged, Trainer
   check_config(cfg)
   if not sharding.is_writer():  # other processes of a multi-process job: quiet
     progress, echo = False, lambda text: None
@@ -137,7 +130,7 @@ def train_and_evaluate(cfg: Config, out_dir: str | os.PathLike | None = None, *,
   folder = RunFolder(out_dir, cfg, data, resume=resume, overwrite=overwrite,
                      write=sharding.is_writer())
   runner = make_runner(cfg, data)
-  if cfg.vmap_seeds and isinstance(runner, Trainer):
+  if cfg.vmap_seeds and runner.method.lanes:
     [(per_seed, diverged)] = _run_lanes(runner, [(cfg, folder)], progress=progress)
   else:
     def train(seed: int):
@@ -146,12 +139,10 @@ def train_and_evaluate(cfg: Config, out_dir: str | os.PathLike | None = None, *,
       def log_seed(r: dict) -> None:
         records.append(r)
         folder.log(r)
-      kwargs = {}
-      if folder.out is not None and isinstance(runner, Trainer):
-        kwargs = {"checkpoint": folder.checkpoint(seed),
-                  "checkpoint_every": cfg.checkpoint_every}
       try:
-        return runner.run_seed(seed, log=log_seed, progress=progress, **kwargs)[1], records
+        return runner.run_seed(seed, log=log_seed, progress=progress,
+                               checkpoint=folder.checkpoint(seed),
+                               checkpoint_every=cfg.checkpoint_every)[1], records
       except Diverged as e:
         return e, records
     per_seed, diverged = _collect(folder, config_lib.seed_list(cfg.seeds), train)
@@ -160,7 +151,8 @@ def train_and_evaluate(cfg: Config, out_dir: str | os.PathLike | None = None, *,
   return results
 
 
-# Config fields a vectorised sweep may vary: they live in the train state, not the program.
+# Config fields a vectorised sweep may vary: they live in the train state (``state.hyper``),
+# not the program.
 SWEEPABLE = ("gamma", "tau")
 
 
@@ -176,7 +168,6 @@ def sweep_and_evaluate(cfgs: list[Config], out_dirs: list | None = None, *, data
   Returns:
     each configuration's ``results.json`` content, in order.
   """
-  from fast_jax.train import Trainer
   if not cfgs:
     return []
   out_dirs = list(out_dirs) if out_dirs is not None else [None] * len(cfgs)
@@ -196,10 +187,9 @@ def sweep_and_evaluate(cfgs: list[Config], out_dirs: list | None = None, *, data
       raise UsageError(f"a vectorised sweep varies only {' and '.join(SWEEPABLE)}; "
                        f"{k} is {base[k]!r} in one configuration and {other[k]!r} in another")
   runner = make_runner(cfgs[0], data)
-  if not isinstance(runner, Trainer):
+  if not runner.method.lanes:
     raise UsageError(f"--method {cfgs[0].method} is not meta-learned: it has no "
                      f"vectorised seeds or sweeps")
-  from fast_jax import sharding
   folders = [RunFolder(o, c, data, resume=o is not None and
                        (pathlib.Path(o) / "config.json").exists(), write=sharding.is_writer())
              for c, o in zip(cfgs, out_dirs)]
@@ -213,13 +203,14 @@ def sweep_and_evaluate(cfgs: list[Config], out_dirs: list | None = None, *, data
 
 def _run_lanes(runner, runs: list[tuple[Config, RunFolder]], *,
                progress: bool) -> list[tuple[list[dict], list[dict]]]:
-  """Every unfinished (run, seed) of ``runs`` as one lane of ``runner.run_vmapped``;
+  """Every unfinished (run, seed) of ``runs`` as one lane of ``runner.run_lanes``;
   per run, its per-seed reports and diverged seeds, with the folders' seed files written."""
   lanes = [(i, seed) for i, (cfg, folder) in enumerate(runs)
            for seed in config_lib.seed_list(cfg.seeds) if folder.finished_seed(seed) is None]
   records: dict[tuple[int, int], list[dict]] = {lane: [] for lane in lanes}
-  reports = runner.run_vmapped(
-      [seed for _, seed in lanes], hypers=[(runs[i][0].gamma, runs[i][0].tau) for i, _ in lanes],
+  reports = runner.run_lanes(
+      [seed for _, seed in lanes],
+      hypers=[{k: getattr(runs[i][0], k) for k in SWEEPABLE} for i, _ in lanes],
       log=lambda k, record: records[lanes[k]].append(record),
       progress=progress) if lanes else []
   by_lane = dict(zip(lanes, reports))
@@ -237,7 +228,6 @@ def _collect(folder: RunFolder, seeds: list[int], train: Callable) -> tuple[list
   """Per-seed reports and diverged seeds of a run: a seed finished before a resume is
   replayed from its folder, any other comes from ``train(seed) -> (report or Diverged,
   epoch records)`` and is filed (its report kept in ``seeds/``)."""
-  from fast_jax.train import Diverged
   per_seed, diverged = [], []
   for seed in seeds:
     done = folder.replay(seed)

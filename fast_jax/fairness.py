@@ -95,7 +95,7 @@ def resample_weights(key: jax.Array, group: jax.Array, p: jax.Array,
 
 
 def expected_weights(group: jax.Array, p: jax.Array, num_groups: int) -> jax.Array:
-  """Deterministic version of :func:`resample_weights`: its expectation (fast.md §1.7 c)."""
+  """Deterministic version of :func:`resample_weights`: its expectation (docs/methods.md §1.4)."""
   onehot = jax.nn.one_hot(group, num_groups)
   n_g = onehot.sum(0)
   probs = jnp.where(n_g > 0, p, 0.0)
@@ -165,7 +165,7 @@ def uniform_batches(key: jax.Array, num_users: int, batch_size: int) -> jax.Arra
 
 def group_pool_batches(key: jax.Array, group: jax.Array, p: jax.Array, num_groups: int,
                        batch_size: int) -> jax.Array:
-  """An epoch of the FAST code's sampler (fast.md §1.3).
+  """An epoch of the FAST code's sampler (docs/methods.md §1.3).
 
   Each group's users are shuffled once per epoch into a pool read by a cyclic pointer.
   Every step draws the group of each of the B slots from ``p`` (so group g gets

@@ -20,6 +20,7 @@ result is the same up to floating-point reassociation.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Sequence
 
 import jax
@@ -27,9 +28,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from fast_jax import metrics
+from fast_jax.dataset import QUERY_SIZE
 from fast_jax.models import merge_params, split_params
 
-QUERY_SIZE = 10
 Params = Any
 
 
@@ -74,6 +75,30 @@ def take_rows(a: jax.Array, idx: jax.Array) -> jax.Array:
   return jnp.take_along_axis(a, idx, axis=1)
 
 
+def sgd(grads_fn: Callable, params: Params, rates: Params, *, steps: int,
+        first_order: bool = False) -> Params:
+  """``steps`` SGD steps ``params <- params - rates * grads_fn(params)`` (``lax.scan``).
+
+  The one inner loop of every method: ``params`` and ``rates`` are pytrees of the same
+  structure (CLOVER's carry both players, each with its own rates); ``first_order``
+  stops the gradient through the inner gradients (FOMAML).
+  """
+  def step(p, _):
+    grads = grads_fn(p)
+    if first_order:
+      grads = jax.lax.stop_gradient(grads)
+    return jax.tree.map(lambda p, g, a: p - a * g, p, grads, rates), None
+
+  params, _ = jax.lax.scan(step, params, None, length=steps)
+  return params
+
+
+def local_rates(alpha: Any, local: dict) -> dict:
+  """Per-parameter rates of the local parameters: ``alpha`` itself when it is already a
+  dict of them (Meta-SGD style), else the scalar ``alpha`` for every one."""
+  return alpha if isinstance(alpha, dict) else jax.tree.map(lambda _: alpha, local)
+
+
 def inner_adapt(apply_fn: Callable, params: Params, labels: Params, alpha: Any,
                 x: jax.Array, y: jax.Array, support: jax.Array, *, steps: int = 1,
                 first_order: bool = False, loss_fn: Callable | None = None) -> Params:
@@ -98,18 +123,12 @@ def inner_adapt(apply_fn: Callable, params: Params, labels: Params, alpha: Any,
   """
   loss_fn = loss_fn or metrics.masked_mse
   local, glob = split_params(params, labels)
-  rates = alpha if isinstance(alpha, dict) else jax.tree.map(lambda _: alpha, local)
 
   def support_loss(loc):
     return loss_fn(apply_fn(merge_params(loc, glob), x), y, support)
 
-  def sgd_step(loc, _):
-    grads = jax.grad(support_loss)(loc)
-    if first_order:
-      grads = jax.lax.stop_gradient(grads)
-    return jax.tree.map(lambda p, g, a: p - a * g, loc, grads, rates), None
-
-  local, _ = jax.lax.scan(sgd_step, local, None, length=steps)
+  local = sgd(jax.grad(support_loss), local, local_rates(alpha, local), steps=steps,
+              first_order=first_order)
   return merge_params(local, glob)
 
 
@@ -165,8 +184,8 @@ def rows_used(support: jax.Array, query_idx: jax.Array) -> jax.Array:
   return jnp.maximum(last_support, jnp.max(query_idx, axis=-1) + 1).astype(jnp.int32)
 
 
-def by_rows(fn: Callable, budgets: Sequence[int], support: jax.Array, query_idx: jax.Array,
-            *rows: jax.Array) -> Any:
+def by_rows(fn: Callable, support: jax.Array, query_idx: jax.Array, *rows: jax.Array,
+            budgets: Sequence[int] = ()) -> Any:
   """``fn(support, query_idx, *rows)`` run on length-sorted parts of the batch, each on
   only the rows it needs (see the module docstring).
 
@@ -174,10 +193,10 @@ def by_rows(fn: Callable, budgets: Sequence[int], support: jax.Array, query_idx:
     fn: per-user computation in which a user's rows at or beyond
       :func:`rows_used` do not matter (masked padding); returns arrays (or a pytree of
       arrays) with the users on axis 0.
-    budgets: from :func:`row_budgets`; () runs ``fn`` on the whole batch.
     support: bool[B, L]; query_idx: int32[B, Q] (not cut); rows: other per-user arrays,
       [B, L, ...] ones (inputs, ratings) cut with the support mask, [B] ones (groups) only
       reordered.
+    budgets: from :func:`row_budgets`; () runs ``fn`` on the whole batch.
   Returns:
     ``fn``'s output for every user, in the batch's order.
   """
@@ -204,3 +223,17 @@ def by_rows(fn: Callable, budgets: Sequence[int], support: jax.Array, query_idx:
     outs.append(jax.lax.cond(fits, short, lambda part: fn(*part), part))
   back = jnp.argsort(order)
   return jax.tree.map(lambda *o: jnp.concatenate(o)[back], *outs)
+
+
+def whole_batch(fn: Callable, support: jax.Array, query_idx: jax.Array, *rows: jax.Array) -> Any:
+  """``fn(support, query_idx, *rows)`` on the whole batch (the no-bucketing wrapper)."""
+  return fn(support, query_idx, *rows)
+
+
+def length_bucketing(budgets: Sequence[int]) -> Callable:
+  """The batch runner chosen once per method: :func:`by_rows` with ``budgets``, or
+  :func:`whole_batch` when there are none. Both are called as
+  ``run(fn, support, query_idx, *rows)``."""
+  if not budgets:
+    return whole_batch
+  return functools.partial(by_rows, budgets=tuple(budgets))

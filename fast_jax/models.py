@@ -6,7 +6,7 @@ partition of its parameters into *local* (adapted in the inner loop) and *global
 structure of ``params`` (see :func:`param_labels`), so the meta-learning code never
 matches parameter names itself.
 
-Network (research/fast.md §2.4, clover.md §2.1), for embedding size d = 32::
+Network (docs/methods.md §4), for embedding size d = 32::
 
     e_item = concat(field embeddings of the item fields)   # multi-valued: mean of slots
     e_user = concat(field embeddings of the user fields)
@@ -44,6 +44,26 @@ def _torch_uniform(fan_in: int) -> Callable:
   return init
 
 
+def dense(features: int, fan_in: int, torch_init: bool, *, use_bias: bool = True,
+          bias: float | None = None, name: str | None = None) -> nn.Dense:
+  """A Dense layer initialised like the authors' (PyTorch defaults when ``torch_init``),
+  its bias starting at ``bias`` when given."""
+  kw = {}
+  if torch_init:
+    kw = dict(kernel_init=_torch_uniform(fan_in), bias_init=_torch_uniform(fan_in))
+  if bias is not None:
+    kw["bias_init"] = nn.initializers.constant(bias)
+  return nn.Dense(features, use_bias=use_bias, name=name, **kw)
+
+
+def sensitive_fields(meta: dict) -> tuple[str, ...]:
+  """Names of the input fields holding the sensitive attribute (none if it is not an
+  input column)."""
+  col = (meta.get("sensitive") or {}).get("column")
+  return tuple(f["name"] for f in meta["fields"]
+               if col is not None and f["start"] <= col < f["stop"])
+
+
 class MeLU(nn.Module):
   """MeLU / FAST / CLOVER user preference estimator.
 
@@ -75,12 +95,7 @@ class MeLU(nn.Module):
     return [f for f in self.fields if f.side == side and f.name not in self.drop_fields]
 
   def _dense(self, features: int, fan_in: int, bias_value: float | None = None):
-    kwargs = {}
-    if self.torch_init:
-      kwargs = dict(kernel_init=_torch_uniform(fan_in), bias_init=_torch_uniform(fan_in))
-    if bias_value is not None:
-      kwargs["bias_init"] = nn.initializers.constant(bias_value)
-    return nn.Dense(features, **kwargs)
+    return dense(features, fan_in, self.torch_init, bias=bias_value)
 
   def setup(self):
     if not self._used("item"):
@@ -132,7 +147,7 @@ class MeLU(nn.Module):
 
 
 # Local (inner-loop) modules. The FAST code adapts item_fc, user_fc, fc1, fc2 but, by a
-# name typo, not the output layer (fast.md §1.3 #11); MeLU and CLOVER adapt it too.
+# name typo, not the output layer (docs/methods.md §4); MeLU and CLOVER adapt it too.
 FAST_LOCAL = ("item_fc", "user_fc", "fc1", "fc2")
 MELU_LOCAL = FAST_LOCAL + ("out",)
 
@@ -192,11 +207,7 @@ def make_backbone(meta: dict, *, local_output: bool = False, drop_sensitive: boo
                   embed_dim: int = 32, hidden: int = 64) -> Backbone:
   """The MeLU/MetaCS network for a prepared dataset's ``meta.json``."""
   fields = fields_from_meta(meta)
-  drop = ()
-  if drop_sensitive:
-    sens = meta.get("sensitive") or {}
-    col = sens.get("column")
-    drop = tuple(f.name for f in fields if col is not None and f.start <= col < f.stop)
+  drop = sensitive_fields(meta) if drop_sensitive else ()
   module = MeLU(fields=fields, embed_dim=embed_dim, proj_dim=embed_dim, hidden=hidden,
                 out_dim=out_dim, drop_fields=drop, torch_init=torch_init, out_bias=out_bias)
   return Backbone(module=module, local_modules=MELU_LOCAL if local_output else FAST_LOCAL)

@@ -7,11 +7,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fast_jax import attack
+from fast_jax import attack, meta
 from fast_jax.config import Config, resolve
 from fast_jax.experiment import aggregate
+from fast_jax.methods import learner as learn
 from fast_jax.models import make_backbone
-from fast_jax.train import MetaLearner, Trainer
+from fast_jax.runner import Runner, map_chunks
 
 
 def _pairwise_auc(scores, labels):
@@ -52,29 +53,30 @@ def test_attacker_finds_a_planted_leak_and_nothing_in_shuffled_labels():
 def test_attacker_report_on_adapted_representations_of_real_users(prepared):
   data = prepared("ml100k")
   cfg = resolve(Config(dataset="ml100k", method="origin"), "ml100k")
-  trainer = Trainer(cfg, data)
-  state = trainer.init_state(jax.random.key(0))
-  reps = trainer.attacker.representations(state.params, state.alpha, trainer.test_data)
-  chex.assert_shape(reps, (data.test.num_users, 32))
-  assert np.all(reps >= 0)  # ReLU outputs of user_fc
-  report = attack.attack_auc(
-      trainer.attacker.representations(state.params, state.alpha, trainer.train_data),
-      data.train.group, reps, data.test.group, num_groups=2, epochs=10)
+  runner = Runner(cfg, data)
+  state = runner.method.init(jax.random.key(0))
+  reps = {s: runner.representations(state, s) for s in ("train", "test")}
+  chex.assert_shape(reps["test"], (data.test.num_users, 32))
+  assert np.all(reps["test"] >= 0)  # ReLU outputs of user_fc
+  report = attack.report(reps["train"], data.train.group, reps["test"], data.test.group,
+                         epochs=10)
   assert 0.0 <= report["auc_attack"] <= 1.0
 
 
 def test_a_backbone_without_user_fields_reports_a_null_auc_with_a_note():
-  meta = {"fields": [{"name": "item", "side": "item", "kind": "categorical", "start": 0,
-                      "stop": 1, "vocab_size": 5}],
-          "sensitive": {"column": None, "groups": ["a", "b"]}}
-  backbone = make_backbone(meta)
+  items_only = {"fields": [{"name": "item", "side": "item", "kind": "categorical", "start": 0,
+                            "stop": 1, "vocab_size": 5}],
+                "sensitive": {"column": None, "groups": ["a", "b"]}}
+  backbone = make_backbone(items_only)
   x = jnp.zeros((3, 12, 1), jnp.int32)
   params = backbone.init(jax.random.key(0), x[0])
-  learner = MetaLearner(backbone, backbone.labels(params), inner_steps=1, first_order=False)
-  probe = attack.RepresentationAttack(learner, max_len=12, chunk=4)
-  split = {"x": x, "y": jnp.ones((3, 12)), "length": jnp.full((3,), 12),
-           "group": jnp.array([0, 1, 0])}
-  report = probe.report(params, 0.01, split, split)
+  learner = learn.maml(backbone, backbone.labels(params), steps=1, first_order=False)
+  y, length, group = jnp.ones((3, 12)), jnp.full((3,), 12), jnp.array([0, 1, 0])
+  support, _ = meta.last_query_split(length, 12)
+  represent = jax.jit(lambda *a: learn.represent(learner, params, 0.01, *a))
+  reps = map_chunks(represent, (x, y, support, support, group), chunk=2)
+  report = attack.report(reps, np.asarray(group), reps, np.asarray(group))
+  assert reps is None
   assert report["auc_attack"] is None and "no user" in report["auc_attack_note"]
 
 

@@ -1,4 +1,4 @@
-"""Cold-start baselines and reference predictors (fast_jax.baselines, fast.md §5.6-5.9)."""
+"""Cold-start baselines and reference predictors (fast_jax.methods, docs/methods.md §7)."""
 
 import json
 
@@ -8,10 +8,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fast_jax import baselines, meta
+from fast_jax import meta
 from fast_jax.config import Config, resolve
 from fast_jax.experiment import train_and_evaluate
+from fast_jax.methods import dropoutnet, nlba as nlba_lib, widedeep
+from fast_jax.methods.base import make_context
 from fast_jax.models import Field, MeLU
+from fast_jax.runner import Runner
 
 # A tiny dataset layout: an item id, a multi-valued genre (3 slots, pad 4), two user fields.
 FIELDS = (Field("item", "item", "categorical", 0, 1, 7),
@@ -32,7 +35,7 @@ def _tiny_batch(seed=0):
 
 
 def _runner(data, method, **kw):
-  return baselines.make_runner(resolve(Config(method=method, **kw), data.meta["dataset"]), data)
+  return Runner(resolve(Config(method=method, **kw), data.meta["dataset"]), data)
 
 
 # ----------------------------------------------------------------------------- references
@@ -71,7 +74,7 @@ def test_baseline_run_writes_the_result_files(prepared, tmp_path):
 @pytest.fixture(scope="module")
 def wide_deep():
   melu = MeLU(fields=FIELDS, embed_dim=8, proj_dim=8, hidden=16)
-  model = baselines.WideDeep(deep=melu, wide=baselines.Wide(fields=FIELDS, cross_buckets=97,
+  model = widedeep.WideDeep(deep=melu, wide=widedeep.Wide(fields=FIELDS, cross_buckets=97,
                                                             offset=3.5))
   x, _, _ = _tiny_batch()
   return model, jax.jit(model.init)(jax.random.key(0), x)["params"]
@@ -83,13 +86,13 @@ def test_wide_deep_forward_shapes_and_wide_starts_at_the_offset(wide_deep):
   chex.assert_shape(jax.jit(model.apply)({"params": params}, x), (B, L))
   chex.assert_shape(params["wide"]["w_cross"], (97,))
   for cross in (0, 97):
-    wide = baselines.Wide(fields=FIELDS, cross_buckets=cross, offset=3.5)
+    wide = widedeep.Wide(fields=FIELDS, cross_buckets=cross, offset=3.5)
     np.testing.assert_allclose(jax.jit(wide.apply)({"params": params["wide"]}, x), 3.5)
 
 
 def test_wide_part_is_a_linear_model_over_one_hot_features():
   x, _, _ = _tiny_batch(1)
-  wide = baselines.Wide(fields=FIELDS)
+  wide = widedeep.Wide(fields=FIELDS)
   params = jax.tree.map(lambda w: np.random.default_rng(w.size).normal(size=w.shape),
                         jax.jit(wide.init)(jax.random.key(0), x)["params"])
   w = {k: np.asarray(v) for k, v in params.items()}
@@ -102,15 +105,15 @@ def test_wide_part_is_a_linear_model_over_one_hot_features():
 
 def test_cross_feature_hash_stays_in_range_and_separates_pairs():
   a, b = jnp.arange(50)[:, None], jnp.arange(60)[None, :]
-  ids = baselines._hash(a, b, 3, 1000)
+  ids = widedeep._hash(a, b, 3, 1000)
   assert int(ids.min()) >= 0 and int(ids.max()) < 1000
   assert np.unique(np.asarray(ids)).size > 900  # 3000 pairs spread over the buckets
-  assert not np.array_equal(ids, baselines._hash(a, b, 4, 1000))
+  assert not np.array_equal(ids, widedeep._hash(a, b, 4, 1000))
 
 
 def test_dropoutnet_forward_shapes():
   x, _, _ = _tiny_batch()
-  model = baselines.DropoutNet(melu=MeLU(fields=FIELDS, embed_dim=8, proj_dim=8), out_bias=3.0)
+  model = dropoutnet.DropoutNet(melu=MeLU(fields=FIELDS, embed_dim=8, proj_dim=8), out_bias=3.0)
   u, v = jnp.ones((B, Q, P)), jnp.ones((B, Q, P))
   params = jax.jit(model.init)(jax.random.key(0), x[:, :Q], u, v)["params"]
   chex.assert_shape(jax.jit(model.apply)({"params": params}, x[:, :Q], u, v), (B, Q))
@@ -120,7 +123,7 @@ def test_dropoutnet_forward_shapes():
 def test_preference_dropout_zeroes_whole_rows_independently_at_the_rate():
   rng = np.random.default_rng(0)
   u, v = (rng.normal(size=(400, 10, P)).astype(np.float32) + 5.0 for _ in "uv")  # no zeros
-  dropout = jax.jit(baselines.preference_dropout)
+  dropout = jax.jit(dropoutnet.preference_dropout)
   du, dv = dropout(jax.random.key(3), u, v, 0.5)
   chex.assert_shape([du, dv], (400, 10, P))
   zero_u, zero_v = np.all(du == 0, -1), np.all(dv == 0, -1)
@@ -138,7 +141,7 @@ def test_preference_dropout_zeroes_whole_rows_independently_at_the_rate():
 @pytest.fixture(scope="module")
 def nlba():
   melu = MeLU(fields=FIELDS, embed_dim=8, proj_dim=6, drop_fields=("gender", "age"))
-  model = baselines.NLBA(melu=melu, threshold=4.0, hidden=7, out_bias=3.0)
+  model = nlba_lib.NLBA(melu=melu, threshold=4.0, hidden=7, out_bias=3.0)
   x, y, length = _tiny_batch()
   support, query_idx = meta.last_query_split(jnp.asarray(length), L)
   params = jax.jit(model.init)(jax.random.key(0), x, y, support, query_idx)["params"]
@@ -173,14 +176,14 @@ def test_nlba_biases_equal_numpy(nlba):
     np.testing.assert_allclose(hidden[u], r @ hb["kernel"] + hb["bias"], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(out[u], r @ ob["kernel"][:, 0] + ob["bias"][0], rtol=1e-5,
                                atol=1e-6)
-  _, r1 = baselines.class_means(jnp.asarray(f), jnp.asarray(y), support, 4.0)
+  _, r1 = nlba_lib.class_means(jnp.asarray(f), jnp.asarray(y), support, 4.0)
   np.testing.assert_array_equal(r1[1], 0.0)
 
 
 def test_nlba_threshold_is_three_quarters_up_the_rating_scale():
-  assert baselines.nlba_threshold(Config(), (1, 5)) == 4.0
-  assert baselines.nlba_threshold(Config(), (1, 10)) == 8.0
-  assert baselines.nlba_threshold(Config(nlba_threshold=3.5), (1, 5)) == 3.5
+  assert nlba_lib.nlba_threshold(Config(), (1, 5)) == 4.0
+  assert nlba_lib.nlba_threshold(Config(), (1, 10)) == 8.0
+  assert nlba_lib.nlba_threshold(Config(nlba_threshold=3.5), (1, 5)) == 3.5
 
 
 # ----------------------------------------------------------------------------- runners
@@ -188,17 +191,20 @@ def test_nlba_threshold_is_three_quarters_up_the_rating_scale():
 
 def test_dropoutnet_training_users_get_item_vectors_fitted_without_their_ratings(prepared):
   data = prepared("synthetic")
-  runner = _runner(data, "dropoutnet", mf_steps=5)
-  fixed = runner.init_fixed(jax.random.key(0))
-  user, item = (np.asarray(runner.mf_rows[k]) for k in ("user", "item"))
+  ctx = make_context(resolve(Config(method="dropoutnet", mf_steps=5), data.name), data)
+  method = dropoutnet.make(ctx)
+  fixed = method.init(jax.random.key(0)).extra
+  index = dropoutnet.ItemIndex(data)
+  user = np.repeat(np.arange(data.train.num_users), data.train.length)
+  item = index.train_rows
   fold = np.asarray(fixed["user_fold"])
-  for f in range(baselines.MF_FOLDS):
-    seen_outside = np.zeros(runner.num_items + 1, bool)
+  for f in range(dropoutnet.MF_FOLDS):
+    seen_outside = np.zeros(index.num_items + 1, bool)
     seen_outside[item[fold[user] != f]] = True
     np.testing.assert_array_equal(fixed["fold_known"][f], seen_outside)
     assert np.all(np.asarray(fixed["fold_items"][f])[~seen_outside] == 0)
   assert np.all(np.asarray(fixed["known"])[:-1]) and not fixed["known"][-1]
-  assert np.all(runner.item_index(data.test)[~data.test.mask] == runner.num_items)
+  assert np.all(index(data.test)[~data.test.mask] == index.num_items)
 
 
 def test_short_ml100k_widedeep_run_loss_falls_and_support_finetuning_changes_predictions(
@@ -216,8 +222,10 @@ def test_short_ml100k_widedeep_run_loss_falls_and_support_finetuning_changes_pre
   assert "offset" in report["choices"]["finetuned_modules"]
   assert report["mae"] < 1.0  # far below the spread of the 1-5 scale
   # Without fine-tuning: the same network on the query rows' features alone.
-  test = runner.splits["test"]
+  test = runner.method.splits["test"]
   _, query_idx = meta.last_query_split(test["length"], data.test.max_len)
-  plain = jax.jit(runner.apply)(state.params, meta.take_rows(test["x"], query_idx))
+  plain_runner = _runner(data, "widedeep", epochs=2, interaction_batch=256, eval_chunk=32)
+  plain = jax.jit(plain_runner.method.predict)(state, test["x"], test["y"], None, query_idx,
+                                               test["group"])
   plain_mae = float(jnp.mean(jnp.abs(plain - meta.take_rows(test["y"], query_idx))))
   assert abs(report["mae"] - plain_mae) > 1e-3

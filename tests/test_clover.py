@@ -8,10 +8,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fast_jax import clover, meta
+from fast_jax import meta
 from fast_jax.config import CLOVER_PRESETS, Config, resolve
 from fast_jax.experiment import UsageError, check_config
-from fast_jax.train import Trainer
+from fast_jax.methods import clover
+from fast_jax.methods import learner as learn
+from fast_jax.methods.base import make_context
 
 PRESETS = tuple(CLOVER_PRESETS)
 # Each test program runs once or twice: skipping XLA's backend optimisations halves the
@@ -25,32 +27,32 @@ def _cfg(**kw):
 
 @pytest.fixture(scope="module")
 def preset_runs(prepared):
-  """preset -> (trainer, jitted step, initial state, 16-user batch); built once each."""
+  """preset -> (players, jitted step, initial state, 16-user batch); built once each."""
   data = prepared("ml100k")
   memo = {}
 
   def get(preset):
     if preset not in memo:
-      trainer = clover.make_runner(_cfg(clover_preset=preset), data)
-      batch = jax.tree.map(lambda a: a[:16], trainer.train_data)
-      memo[preset] = (trainer, quick_jit(trainer.train_step),
-                      quick_jit(trainer.init_state)(jax.random.key(0)), batch)
+      ctx = make_context(_cfg(clover_preset=preset), data)
+      players, step, init = clover.game(ctx)
+      batch = jax.tree.map(lambda a: a[:16], ctx.splits["train"])
+      memo[preset] = (players, quick_jit(step), quick_jit(init)(jax.random.key(0)), batch)
     return memo[preset]
   return get
 
 
 @pytest.mark.parametrize("preset", PRESETS)
 def test_each_preset_runs_a_step_on_real_data_with_finite_losses(preset_runs, preset):
-  trainer, step, state, batch = preset_runs(preset)
+  players, step, state, batch = preset_runs(preset)
   new_state, out = step(state, batch, jax.random.key(1))
   for key in ("loss", "adv_loss", "outer_loss"):
     assert np.isfinite(out[key]), key
-  np.testing.assert_allclose(out["outer_loss"], out["loss"] - trainer.spec.lam1 * out["adv_loss"],
+  np.testing.assert_allclose(out["outer_loss"], out["loss"] - players.spec.lam1 * out["adv_loss"],
                              rtol=1e-5)
   # CE over the 5 rating classes; the adversaries the README configuration names.
   chex.assert_shape(new_state.params["out"]["kernel"], (64, 5))
   assert set(new_state.extra["adv"]) == ({"a1", "a2"} if preset == "full" else {"a1"})
-  if preset == "full":  # A2's item branch (out of place, clover.md §6.1)
+  if preset == "full":  # A2's item branch (out of place, docs/methods.md §6.5)
     assert "fc_item" in new_state.extra["adv"]["a2"]
   assert not jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.all(a == b)), state.params,
                                        new_state.params))
@@ -73,17 +75,17 @@ def test_clover_step_by_length_matches_the_whole_batch_step(prepared):
   with the batch's shorter half on only the rows it needs equals the whole-batch step.
   First order keeps the compilation short; the second-order meta-gradient through
   by_rows is checked in test_meta."""
-  trainer = clover.make_runner(_cfg(backbone="metacs", clover_preset="a1",
-                                    disable_inner_max=False, first_order=True),
-                               prepared("ml100k"))
-  batch = jax.tree.map(lambda a: a[:16], trainer.train_data)
+  ctx = make_context(_cfg(backbone="metacs", clover_preset="a1", disable_inner_max=False,
+                          first_order=True), prepared("ml100k"))
+  batch = jax.tree.map(lambda a: a[:16], ctx.splits["train"])
   lengths = np.sort(np.asarray(batch["length"]))
   budget = int(-(-lengths[7] // 8) * 8)  # the shorter half fits whatever the query split
-  assert budget < trainer.max_len
-  state = quick_jit(trainer.init_state)(jax.random.key(0))
-  a, out_a = quick_jit(trainer.build_step(budgets=(budget, trainer.max_len)))(
-      state, batch, jax.random.key(1))
-  b, out_b = quick_jit(trainer.build_step(budgets=()))(state, batch, jax.random.key(1))
+  assert budget < ctx.max_len
+  _, by_length, init = clover.game(ctx, run=meta.length_bucketing((budget, ctx.max_len)))
+  _, whole, _ = clover.game(ctx, run=meta.whole_batch)
+  state = quick_jit(init)(jax.random.key(0))
+  a, out_a = quick_jit(by_length)(state, batch, jax.random.key(1))
+  b, out_b = quick_jit(whole)(state, batch, jax.random.key(1))
   chex.assert_trees_all_close((a.params, a.alpha, a.extra), (b.params, b.alpha, b.extra),
                               rtol=1e-4, atol=1e-6)
   chex.assert_trees_all_close({k: out_a[k] for k in ("loss", "adv_loss", "group_loss")},
@@ -96,34 +98,37 @@ def test_clover_runs_by_length_only_where_the_shorter_half_needs_at_most_half_th
     prepared):
   """50-epoch defaults: ML-100K's shorter half fits 48 of 100 rows, so CLOVER runs it by
   length; ML-1M's needs 56, which pays off for FAST but not for CLOVER's step."""
-  assert clover.make_runner(_cfg(), prepared("ml100k")).budgets == (48, 100)
+  def budgets(cfg, data, **kw):
+    return learn.row_budgets(make_context(cfg, data), **kw)
+  short = clover.MAX_SHORT_ROWS
+  assert budgets(_cfg(), prepared("ml100k"), max_short=short) == (48, 100)
   ml1m = prepared("ml1m")
-  cfg = Config(dataset="ml1m", method="clover")
-  assert clover.make_runner(resolve(cfg, "ml1m"), ml1m).budgets == ()
-  assert Trainer(resolve(cfg.replace(method="fast"), "ml1m"), ml1m).budgets == (56, 100)
+  cfg = resolve(Config(dataset="ml1m", method="clover"), "ml1m")
+  assert budgets(cfg, ml1m, max_short=short) == ()
+  assert budgets(cfg.replace(method="fast"), ml1m) == (56, 100)
 
 
 @pytest.fixture(scope="module")
 def one_user(prepared):
-  """A CLOVER trainer with the inner max on, its initial state and one ML-100K user."""
-  trainer = clover.CloverTrainer(_cfg(disable_inner_max=False, inner_lr=0.05),
-                                 prepared("ml100k"))
-  state = quick_jit(trainer.init_state)(jax.random.key(0))
-  data = trainer.train_data
-  support, _ = meta.last_query_split(data["length"][0], trainer.max_len)
-  e = trainer.backbone.embed(state.params, data["x"][0])
-  return trainer, state, (e, data["y"][0], support, data["group"][0])
+  """CLOVER's players with the inner max on, their initial state and one ML-100K user."""
+  ctx = make_context(_cfg(disable_inner_max=False, inner_lr=0.05), prepared("ml100k"))
+  players, _, init = clover.game(ctx)
+  state = quick_jit(init)(jax.random.key(0))
+  data = ctx.splits["train"]
+  support, _ = meta.last_query_split(data["length"][0], ctx.max_len)
+  e = players.backbone.embed(state.params, data["x"][0])
+  return players, state, (e, data["y"][0], support, data["group"][0])
 
 
 class OneUserTest(chex.TestCase):
 
   @pytest.fixture(autouse=True)
   def _user(self, one_user):
-    self.trainer, self.state, self.user = one_user
+    self.players, self.state, self.user = one_user
 
   @chex.variants(with_jit=True, without_jit=True)
   def test_jit_and_no_jit_agree_on_both_players_losses(self):
-    learner = self.trainer.learner
+    learner = self.players
     e, y, support, g = self.user
     losses = self.variant(lambda r, a: learner.losses(r, a, e, y, support, g))(
         self.state.params, self.state.extra["adv"])
@@ -133,7 +138,7 @@ class OneUserTest(chex.TestCase):
     assert all(np.isfinite(v) for v in losses)
 
   def test_disable_flags_switch_off_players(self):
-    learner, rec, adv = self.trainer.learner, self.state.params, self.state.extra["adv"]
+    learner, rec, adv = self.players, self.state.params, self.state.extra["adv"]
     e, y, support, g = self.user
 
     @quick_jit
@@ -150,7 +155,7 @@ class OneUserTest(chex.TestCase):
     assert not np.allclose(moved_adv["a1"]["fc"]["kernel"], adv["a1"]["fc"]["kernel"])
 
   def test_classification_predicts_argmax_plus_the_lowest_rating(self):
-    learner = self.trainer.learner
+    learner = self.players
     assert learner.spec.num_classes == 5  # ratings 1..5
     logits = jnp.eye(5)[jnp.array([0, 2, 4])] * 3.0
     np.testing.assert_array_equal(learner.to_rating(logits), [1.0, 3.0, 5.0])

@@ -164,7 +164,7 @@ class ByRowsTest(chex.TestCase):
 
     def fn(s, q, x, y):
       return meta.adapted_query_predictions(apply, params, labels, 0.3, x, y, s, q, steps=1)
-    return meta.by_rows(fn, budgets, support, query_idx, x, y)
+    return meta.by_rows(fn, support, query_idx, x, y, budgets=budgets)
 
   @chex.variants(with_jit=True, without_jit=True)
   def test_parts_that_fit_and_parts_that_fall_back_match_a_numpy_reference(self):

@@ -1,6 +1,7 @@
 """Reg and IPW as outer objectives: the gap penalty, value unfairness, IPW weights."""
 
 import functools
+import types
 
 import chex
 import jax
@@ -10,9 +11,10 @@ import optax
 
 from fast_jax import fairness, meta
 from fast_jax.config import Config, resolve
+from fast_jax.methods import fast, ipw, origin, reg
+from fast_jax.methods import learner as learn
+from fast_jax.methods.base import TrainState
 from fast_jax.models import make_backbone
-from fast_jax.train import (MetaLearner, OuterTerms, TrainState, make_objective,
-                            make_train_step)
 
 # The toy steps run once: skipping XLA's backend optimisations halves their compile time.
 quick_jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
@@ -39,19 +41,26 @@ def _toy_batch(b=8, rows=20):
           "length": jnp.full((b,), rows, jnp.int32), "group": jnp.asarray(group, jnp.int32)}
 
 
+def _toy_ctx(cfg, shares=(0.5, 0.5)):
+  """What the objectives and the step read of a Context, for the toy layout."""
+  return types.SimpleNamespace(cfg=cfg, num_groups=2, max_len=20, item_columns=(0,),
+                               group_shares=np.asarray(shares))
+
+
 def _toy_step(method, reg_weight=0.0, reg_kind="loss", lr=0.005):
   cfg = resolve(Config(method=method, reg_weight=reg_weight, reg_kind=reg_kind,
                        train_query="last", inner_lr=0.01), "toy")
+  ctx = _toy_ctx(cfg)
   backbone = make_backbone(TOY_META, out_bias=3.0)
   batch = _toy_batch()
   params = backbone.init(jax.random.key(0), batch["x"][0])
-  learner = MetaLearner(backbone, backbone.labels(params), inner_steps=1, first_order=False)
-  objective = make_objective(cfg, 2, np.array([0.5, 0.5]), item_columns=(0,))
+  learner = learn.maml(backbone, backbone.labels(params), steps=1, first_order=False)
+  objective = reg.objective(ctx) if method == "reg" else origin.OBJECTIVE
   tx = optax.sgd(lr)
-  step = make_train_step(learner, objective, tx, None, cfg=cfg, num_groups=2, max_len=20)
-  state = TrainState(params=params, opt_state=tx.init(params), alpha=jnp.float32(0.01),
-                     alpha_opt_state=(), p=jnp.full((2,), 0.5), step=jnp.zeros((), jnp.int32),
-                     gamma=jnp.float32(cfg.gamma), tau=jnp.float32(cfg.tau))
+  step = fast.make_train_step(learner, objective, learn.inner_rate(cfg), tx, ctx=ctx)
+  state = TrainState(params=params, opt_state=tx.init(params), step=jnp.zeros((), jnp.int32),
+                     alpha=jnp.float32(0.01), p=jnp.full((2,), 0.5),
+                     hyper={"gamma": jnp.float32(cfg.gamma), "tau": jnp.float32(cfg.tau)})
   return learner, quick_jit(step), state, batch
 
 
@@ -59,7 +68,9 @@ def _group_gap(learner, params, batch):
   @quick_jit
   def gap(params, batch):
     support, query = meta.last_query_split(batch["length"], 20)
-    mse, _ = learner.query_losses(params, jnp.float32(0.01), batch, support, query)
+    pred = learn.predict(learner, params, jnp.float32(0.01), batch["x"], batch["y"], support,
+                         query, batch["group"])
+    mse, _ = learn.query_errors(pred, meta.take_rows(batch["y"], query))
     return fairness.gap_penalty(mse, batch["group"], 2)
   return float(gap(params, batch))
 
@@ -82,9 +93,8 @@ def test_value_penalty_is_the_reg_weight_times_value_unfairness_on_the_item_colu
   # Column 0 is the item, column 1 a user field that must not split items.
   x = jnp.stack([jnp.asarray(rng.integers(0, 3, (4, 5))), jnp.arange(4)[:, None] + 0 * pred],
                 -1).astype(jnp.int32)
-  objective = make_objective(Config(method="reg", reg_weight=2.0, reg_kind="value"), 2,
-                             np.array([0.5, 0.5]), item_columns=(0,))
-  terms = OuterTerms(mse=jnp.zeros(4), mae=jnp.zeros(4), group=group, weights=jnp.ones(4),
+  objective = reg.objective(_toy_ctx(Config(method="reg", reg_weight=2.0, reg_kind="value")))
+  terms = fast.OuterTerms(mse=jnp.zeros(4), mae=jnp.zeros(4), group=group, weights=jnp.ones(4),
                      pred=pred, y=y, x=x)
   expected = fairness.value_unfairness(pred, y, x[..., :1], group, 2)
   assert float(expected) > 0
@@ -121,7 +131,7 @@ class IpwTest(chex.TestCase):
   @chex.variants(with_jit=True, without_jit=True)
   def test_ipw_weights_equal_normalised_inverse_group_shares(self):
     shares = np.array([0.7, 0.3])
-    objective = make_objective(Config(method="ipw"), 2, shares)
+    objective = ipw.objective(_toy_ctx(Config(method="ipw"), shares))
     group = jnp.array([0, 0, 0, 1, 0, 1])
     w = self.variant(lambda g: objective.weights(jax.random.key(0), g, jnp.full(2, 0.5)))(group)
     inverse = 1.0 / shares[np.asarray(group)]

@@ -8,11 +8,10 @@ import numpy as np
 import pytest
 
 from fast_jax import experiment, runfolder
-from fast_jax import train as train_lib
 from fast_jax.checkpoint import SeedCheckpoint
-from fast_jax.config import Config
+from fast_jax.config import Config, resolve
 from fast_jax.experiment import UsageError, sweep_and_evaluate, train_and_evaluate
-from fast_jax.train import Diverged, Trainer
+from fast_jax.runner import Diverged, Runner
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 QUIET = dict(progress=False, echo=lambda s: None)
@@ -40,7 +39,7 @@ def test_resumed_run_gives_the_same_results_as_an_uninterrupted_one(prepared, tm
 
   # Interrupt the second seed after its epoch 2 (checkpointed), as a crash would.
   calls = {"n": 0}
-  real_run_seed = Trainer.run_seed
+  real_run_seed = Runner.run_seed
 
   def crashing_run_seed(self, seed, **kw):
     log = kw["log"]
@@ -50,10 +49,10 @@ def test_resumed_run_gives_the_same_results_as_an_uninterrupted_one(prepared, tm
       if seed == 3145 and record["epoch"] == 3:
         raise KeyboardInterrupt
     return real_run_seed(self, seed, **{**kw, "log": log_and_crash})
-  monkeypatch.setattr(Trainer, "run_seed", crashing_run_seed)
+  monkeypatch.setattr(Runner, "run_seed", crashing_run_seed)
   with pytest.raises(KeyboardInterrupt):
     train_and_evaluate(_cfg(), tmp_path / "cut", data=data, **QUIET)
-  monkeypatch.setattr(Trainer, "run_seed", real_run_seed)
+  monkeypatch.setattr(Runner, "run_seed", real_run_seed)
   assert not (tmp_path / "cut" / "results.json").exists()
   ckpt = SeedCheckpoint(tmp_path / "cut", 3145)
   assert ckpt.exists()
@@ -73,12 +72,12 @@ def test_more_seeds_extend_a_finished_run_without_retraining_its_seeds(prepared,
   train_and_evaluate(_cfg(epochs=2, seeds=1), tmp_path / "grow", data=data, **QUIET)
   monkeypatch.setattr(runfolder, "_git_commit", lambda: "later")
   trained = []
-  real_run_seed = Trainer.run_seed
+  real_run_seed = Runner.run_seed
 
   def counting_run_seed(self, seed, **kw):
     trained.append(seed)
     return real_run_seed(self, seed, **kw)
-  monkeypatch.setattr(Trainer, "run_seed", counting_run_seed)
+  monkeypatch.setattr(Runner, "run_seed", counting_run_seed)
   grown = train_and_evaluate(_cfg(epochs=2), tmp_path / "grow", data=data, resume=True,
                              **QUIET)
   assert trained == [3145]  # seed 1024 was finished
@@ -102,8 +101,8 @@ def test_resume_refuses_a_run_with_other_settings(prepared, tmp_path):
 def test_divergence_stops_the_seed_naming_epoch_and_step_and_keeps_the_last_checkpoint(
     prepared, tmp_path, monkeypatch):
   data = prepared("synthetic")
-  trainer = Trainer(_cfg(), data)
-  real_epoch = trainer.train_epoch
+  runner = Runner(resolve(_cfg(), data.name), data)
+  real_epoch = runner.method.epoch
   calls = {"n": 0}
 
   def epoch_that_breaks(state, data_, key):
@@ -114,11 +113,11 @@ def test_divergence_stops_the_seed_naming_epoch_and_step_and_keeps_the_last_chec
       loss[4] = np.nan
       metrics = {**metrics, "loss": loss}
     return state, metrics
-  trainer.train_epoch = epoch_that_breaks
+  runner.method = runner.method._replace(epoch=epoch_that_breaks)
   ckpt = SeedCheckpoint(tmp_path, 1024)
   with pytest.raises(Diverged, match="epoch 3, step 5"):
-    trainer.run_seed(1024, progress=False, checkpoint=ckpt, checkpoint_every=1)
-  saved = ckpt.restore(trainer.init_state(__import__("jax").random.key(0)))
+    runner.run_seed(1024, progress=False, checkpoint=ckpt, checkpoint_every=1)
+  saved = ckpt.restore(runner.method.init(__import__("jax").random.key(0)))
   assert saved["epoch"] == 2 and len(saved["records"]) == 2
 
 

@@ -11,19 +11,20 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = textwrap.dedent("""
     import jax, numpy as np, chex
     import data_prep
-    from fast_jax.config import Config
+    from fast_jax.config import Config, resolve
     from fast_jax.dataset import load_prepared
-    from fast_jax.train import Trainer
+    from fast_jax.runner import Runner
     assert jax.device_count() == 2, jax.devices()
     data = load_prepared(data_prep.ensure_prepared("synthetic", cache_dir={cache!r},
                                                    progress=False))
     results = {{}}
     for parallel in (False, True):
-      trainer = Trainer(Config(dataset="synthetic", method="fast", lr=1e-3,
-                               data_parallel=parallel), data)
-      assert (trainer.mesh is not None) == parallel
-      state = trainer.init_state(jax.random.key(0))
-      state, metrics = trainer.train_epoch(state, trainer.train_data, jax.random.key(1))
+      runner = Runner(resolve(Config(dataset="synthetic", method="fast", lr=1e-3,
+                                     data_parallel=parallel)), data)
+      assert (runner.ctx.mesh is not None) == parallel
+      state = runner.method.init(jax.random.key(0))
+      state, metrics = runner.method.epoch(state, runner.ctx.splits["train"],
+                                           jax.random.key(1))
       results[parallel] = (jax.device_get(state.params), np.asarray(state.p),
                            np.asarray(metrics["loss"]))
     sharded_leaf = jax.tree.leaves(state.params)[0]

@@ -1,4 +1,4 @@
-"""The trainer end to end: shapes, partition, no retracing, jit agreement, real runs."""
+"""Meta-training end to end: shapes, partition, no retracing, jit agreement, real runs."""
 
 import json
 
@@ -8,15 +8,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import optax
+
 from fast_jax import meta
 from fast_jax.config import Config, resolve
 from fast_jax.experiment import train_and_evaluate
+from fast_jax.methods import fast, origin, static
+from fast_jax.methods import learner as learn
+from fast_jax.methods.base import make_context, scan_epoch
 from fast_jax.models import LOCAL, make_backbone
-from fast_jax.train import Trainer, device_split
-
-
-def _batch(trainer, n=8):
-  return jax.tree.map(lambda a: a[:n], trainer.train_data)
+from fast_jax.runner import Runner
 
 
 def test_melu_forward_shapes_and_local_partition(prepared):
@@ -49,26 +50,46 @@ def test_drop_sensitive_removes_the_attribute_from_the_inputs(prepared):
   assert not any("gender" in k for k in params)
 
 
+def _meta(cfg, data, *, run=meta.whole_batch, obj=None):
+  """(context, learner, train step, initial state) of a meta-learning ``cfg``."""
+  ctx = make_context(cfg, data)
+  backbone, labels = learn.network(ctx)
+  lrn = learn.maml(backbone, labels, steps=cfg.inner_steps, first_order=cfg.first_order)
+  rate, tx = learn.inner_rate(cfg), optax.adam(cfg.lr)
+  obj = obj or _objective(ctx)
+  step = fast.make_train_step(lrn, obj, rate, tx, ctx=ctx, run=run)
+  return ctx, lrn, step, fast.init_state(ctx, backbone, labels, rate, tx, jax.random.key(0))
+
+
+def _objective(ctx):
+  return {"fast": fast.objective, "origin": lambda ctx: origin.OBJECTIVE,
+          "static": lambda ctx: static.OBJECTIVE}[ctx.cfg.method](ctx)
+
+
+def _batch(ctx, n=8):
+  return jax.tree.map(lambda a: a[:n], ctx.splits["train"])
+
+
 class TrainStepTest(chex.TestCase):
 
   @chex.variants(with_jit=True, without_jit=True)
   def test_jit_and_no_jit_meta_losses_agree(self):
-    trainer = Trainer(resolve(Config(dataset="synthetic", method="fast")), self._data)
-    state = trainer.init_state(jax.random.key(0))
-    batch = _batch(trainer, 2)
-    support, query = meta.last_query_split(batch["length"], trainer.max_len)
+    ctx, lrn, _, state = _meta(resolve(Config(dataset="synthetic", method="fast")), self._data)
+    batch = _batch(ctx, 2)
+    support, query = meta.last_query_split(batch["length"], ctx.max_len)
 
     def loss(params):
-      return trainer.learner.query_losses(params, state.alpha, batch, support, query)[0].mean()
+      pred = learn.predict(lrn, params, state.alpha, batch["x"], batch["y"], support, query,
+                           batch["group"])
+      return learn.query_errors(pred, meta.take_rows(batch["y"], query))[0].mean()
     value, grads = self.variant(jax.value_and_grad(loss))(state.params)
     ref_value, ref_grads = jax.jit(jax.value_and_grad(loss))(state.params)
     chex.assert_trees_all_close((value, grads), (ref_value, ref_grads), rtol=1e-4, atol=1e-6)
 
   def test_metacs_train_step_learns_its_inner_rate(self):
     cfg = resolve(Config(dataset="synthetic", method="fast", backbone="metacs", lr=1e-3))
-    trainer = Trainer(cfg, self._data)
-    state = trainer.init_state(jax.random.key(0))
-    new_state, out = jax.jit(trainer.train_step)(state, _batch(trainer, 4), jax.random.key(1))
+    ctx, _, step, state = _meta(cfg, self._data)
+    new_state, out = jax.jit(step)(state, _batch(ctx, 4), jax.random.key(1))
     assert float(new_state.alpha) != float(state.alpha)
     assert np.isfinite(float(out["outer_loss"]))
 
@@ -80,14 +101,11 @@ class TrainStepTest(chex.TestCase):
 def test_train_epoch_compiles_once(prepared):
   data = prepared("ml100k")
   cfg = resolve(Config(dataset="ml100k", method="fast", batch_size=64), "ml100k")
-  trainer = Trainer(cfg, data)
-  step = chex.assert_max_traces(trainer.train_step, n=1)
-  from fast_jax.train import make_train_epoch
-  epoch = make_train_epoch(step, trainer.objective, num_users=data.train.x.shape[0],
-                           num_groups=2, batch_size=64)
-  state = trainer.init_state(jax.random.key(0))
+  ctx, _, step, state = _meta(cfg, data)
+  step = chex.assert_max_traces(step, n=1)
+  epoch = scan_epoch(step, fast.batches(fast.objective(ctx), ctx))
   for e in range(3):  # p changes every step; shapes never do
-    state, _ = epoch(state, trainer.train_data, jax.random.key(e))
+    state, _ = epoch(state, ctx.splits["train"], jax.random.key(e))
   assert int(state.step) == 3 * (data.train.x.shape[0] // 64)
 
 
@@ -98,19 +116,18 @@ def test_batches_run_by_length_train_as_whole_batches_do(prepared):
   data = prepared("synthetic")
   cfg = resolve(Config(dataset="synthetic", backbone="metacs", method="fast", batch_size=16,
                        lr=1e-3))
-  trainer = Trainer(cfg, data)
-  assert trainer.budgets == ()  # synthetic users are too even for the default to split them
-  state = trainer.init_state(jax.random.key(0))
-  by_length = trainer.build_epoch(trainer.build_step(budgets=(32, 40)))
-  whole = trainer.build_epoch(trainer.build_step(budgets=()))
-  a, metrics_a = by_length(state, trainer.train_data, jax.random.key(1))
-  b, metrics_b = whole(state, trainer.train_data, jax.random.key(1))
+  ctx, _, whole_step, state = _meta(cfg, data)
+  # synthetic users are too even for the default to split them
+  assert learn.batch_runner(ctx, by_length=True) is meta.whole_batch
+  _, _, by_length_step, _ = _meta(cfg, data, run=meta.length_bucketing((32, 40)))
+  batches = fast.batches(fast.objective(ctx), ctx)
+  a, metrics_a = scan_epoch(by_length_step, batches)(state, ctx.splits["train"],
+                                                     jax.random.key(1))
+  b, metrics_b = scan_epoch(whole_step, batches)(state, ctx.splits["train"], jax.random.key(1))
   chex.assert_trees_all_close((a.params, a.alpha, a.p), (b.params, b.alpha, b.p), rtol=1e-4,
                               atol=1e-6)
   chex.assert_trees_all_close(metrics_a["loss"], metrics_b["loss"], rtol=1e-5)
   assert not np.allclose(a.p, state.p)
-  # Both branches run: the shorter half of a random 16-user batch needs at most 32 rows
-  # in some batches and more in others (rows used <= length, the query being random).
   halves = np.sort(np.random.default_rng(0).choice(data.train.length, (1000, 16)), axis=1)
   assert 0.05 < np.mean(halves[:, 7] <= 32) < 0.95
 
@@ -118,11 +135,29 @@ def test_batches_run_by_length_train_as_whole_batches_do(prepared):
 def test_step_mode_fast_moves_p_and_origin_keeps_it(prepared):
   data = prepared("synthetic")
   for method, moves in (("fast", True), ("origin", False)):
-    trainer = Trainer(resolve(Config(dataset="synthetic", method=method)), data)
-    state = trainer.init_state(jax.random.key(0))
-    state, out = jax.jit(trainer.train_step)(state, _batch(trainer, 32), jax.random.key(1))
+    ctx, _, step, state = _meta(resolve(Config(dataset="synthetic", method=method)), data)
+    state, out = jax.jit(step)(state, _batch(ctx, 32), jax.random.key(1))
     assert (not np.allclose(state.p, 0.5)) == moves
     np.testing.assert_allclose(np.asarray(state.p).sum(), 1.0, atol=1e-6)
+
+
+def test_static_trains_on_group_balanced_batches_with_p_fixed(prepared):
+  """Static draws each batch from per-group pools with p = 1/2 whatever --p-update says:
+  on data with three majority users per minority user, its batches hold both groups
+  about equally, and p stays at 1/2."""
+  data = prepared("synthetic", num_minority=40, num_majority=120)
+  for p_update in ("step", "epoch"):
+    cfg = resolve(Config(dataset="synthetic", method="static", p_update=p_update,
+                         batch_size=16, lr=1e-3), data.name)
+    runner = Runner(cfg, data)
+    state = runner.method.init(jax.random.key(0))
+    batches = fast.batches(static.OBJECTIVE, runner.ctx)(state, runner.ctx.splits["train"],
+                                                         jax.random.key(1))
+    minority = np.mean(np.asarray(data.train.group)[np.asarray(batches)] == 0)
+    assert 0.4 < minority < 0.6 and np.mean(data.train.group == 0) < 0.3
+    state, steps = runner.method.epoch(state, runner.ctx.splits["train"], jax.random.key(1))
+    np.testing.assert_array_equal(state.p, [0.5, 0.5])
+    assert np.all(np.isfinite(steps["loss"]))
 
 
 def test_two_epoch_run_on_ml100k_training_loss_falls(prepared, tmp_path):

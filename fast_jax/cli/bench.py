@@ -25,8 +25,10 @@ import optax
 from fast_jax import fairness, meta
 from fast_jax import config as config_lib
 from fast_jax.config import Config, resolve
-from fast_jax.experiment import load_dataset, make_runner
-from fast_jax.train import Trainer
+from fast_jax.experiment import load_dataset
+from fast_jax.methods import learner as learn
+from fast_jax.methods.base import Method
+from fast_jax.runner import Runner
 
 
 def peak_rss_mb() -> float:
@@ -39,57 +41,62 @@ def timed(fn, *args):
   return out, time.perf_counter() - t0
 
 
-def bench_scan(trainer: Trainer, epochs: int, train_epoch=None) -> dict:
-  train_epoch = train_epoch or trainer.train_epoch
+def bench_scan(runner: Runner, epochs: int, method: Method | None = None) -> dict:
+  """Seconds per jitted epoch of ``method`` (default the runner's), with and without
+  its validation pass."""
+  m = method or runner.method
+  data = m.splits["fit"]
   key = jax.random.key(0)
-  state = trainer.init_state(key)
-  (state, _), compile_s = timed(train_epoch, state, trainer.train_data, key)
-  trainer.evaluate(state, "valid")  # compile the validation pass outside the timing
+  state = m.init(key)
+  (state, _), compile_s = timed(m.epoch, state, data, key)
+  runner.evaluate(state, "valid")  # compile the validation pass outside the timing
   times, with_valid = [], []
   for e in range(epochs):
-    (state, _), dt = timed(train_epoch, state, trainer.train_data,
-                           jax.random.fold_in(key, e))
+    (state, _), dt = timed(m.epoch, state, data, jax.random.fold_in(key, e))
     t0 = time.perf_counter()
-    trainer.evaluate(state, "valid")
+    runner.evaluate(state, "valid")
     times.append(dt)
     with_valid.append(dt + time.perf_counter() - t0)
-  n = trainer.train_data["x"].shape[0]
+  n = runner.ctx.splits["train"]["x"].shape[0]
   return {"compile_s": compile_s, "epoch_s": float(np.median(times)),
           "epoch_with_valid_s": float(np.median(with_valid)),
           "users_per_s": n / float(np.median(times))}
 
 
-def bench_vmapped_seeds(trainer: Trainer, seeds: int) -> dict:
+def bench_vmapped_seeds(runner: Runner, seeds: int) -> dict:
   """One epoch of ``seeds`` seeds as one vmapped program vs the seeds one after another,
-  both on whole batches (vmapped lanes do not run by length, see Trainer.run_vmapped)."""
+  both on whole batches (vmapped lanes do not run by length, see Runner.run_lanes)."""
+  m = runner.lanes_method
+  data = m.splits["fit"]
   keys = jax.random.split(jax.random.key(0), seeds)
-  states = jax.tree.map(lambda *a: jnp.stack(a), *[trainer.init_state(k) for k in keys])
-  whole = trainer.build_epoch(trainer.build_step(budgets=()))
-  vepoch = jax.jit(jax.vmap(whole, in_axes=(0, None, 0)))
-  _, compile_s = timed(vepoch, states, trainer.train_data, keys)
-  _, vmapped = timed(vepoch, states, trainer.train_data, keys)
-  state = trainer.init_state(keys[0])
-  timed(whole, state, trainer.train_data, keys[0])  # compile outside the timing
+  states = jax.tree.map(lambda *a: jnp.stack(a), *[m.init(k) for k in keys])
+  vepoch = jax.jit(jax.vmap(m.epoch, in_axes=(0, None, 0)))
+  _, compile_s = timed(vepoch, states, data, keys)
+  _, vmapped = timed(vepoch, states, data, keys)
+  state = m.init(keys[0])
+  timed(m.epoch, state, data, keys[0])  # compile outside the timing
   t0 = time.perf_counter()
   for k in keys:
-    jax.block_until_ready(whole(state, trainer.train_data, k))
+    jax.block_until_ready(m.epoch(state, data, k))
   sequential = time.perf_counter() - t0
   return {"compile_s": compile_s, "vmapped_s": vmapped, "sequential_s": sequential}
 
 
-def bench_python_loop(trainer: Trainer, steps: int) -> dict:
+def bench_python_loop(runner: Runner, steps: int) -> dict:
   """The same model and inner loop, one user at a time from Python (per-user jit calls)."""
-  cfg = trainer.cfg
-  learner, data = trainer.learner, trainer.train_data
-  state = trainer.init_state(jax.random.key(0))
+  ctx = runner.ctx
+  cfg, data = ctx.cfg, ctx.splits["train"]
+  backbone, labels = learn.network(ctx)
+  learner = learn.maml(backbone, labels, steps=cfg.inner_steps, first_order=cfg.first_order)
+  state = runner.method.init(jax.random.key(0))
 
   @jax.jit
-  def user_grad(params, alpha, x, y, length, key):
-    support, q = meta.query_split(key, length[None], trainer.max_len, cfg.train_query)
-    batch = {"x": x[None], "y": y[None]}
+  def user_grad(params, alpha, x, y, length, group, key):
+    support, q = meta.query_split(key, length[None], ctx.max_len, cfg.train_query)
 
     def loss(p):
-      mse, mae = learner.query_losses(p, alpha, batch, support, q)
+      pred = learn.predict(learner, p, alpha, x[None], y[None], support, q, group[None])
+      mse, mae = learn.query_errors(pred, meta.take_rows(y[None], q))
       return mse[0], (mse[0], mae[0])
     return jax.grad(loss, has_aux=True)(params)
 
@@ -99,7 +106,7 @@ def bench_python_loop(trainer: Trainer, steps: int) -> dict:
   n = data["x"].shape[0]
   order = np.random.default_rng(0).permutation(n)
   g0, _ = user_grad(state.params, state.alpha, data["x"][0], data["y"][0], data["length"][0],
-                    jax.random.key(0))  # compile outside the timing
+                    data["group"][0], jax.random.key(0))  # compile outside the timing
   jax.block_until_ready(apply(g0, opt_state, state.params))
   t0 = time.perf_counter()
   params = state.params
@@ -108,7 +115,7 @@ def bench_python_loop(trainer: Trainer, steps: int) -> dict:
     grads, losses = [], []
     for u in idx:
       g, (mse, mae) = user_grad(params, state.alpha, data["x"][u], data["y"][u],
-                                data["length"][u], jax.random.key(int(u)))
+                                data["length"][u], data["group"][u], jax.random.key(int(u)))
       grads.append(g)
       losses.append((float(mse), float(mae)))
     # The group gap and p update on the host, as the reference does.
@@ -151,33 +158,34 @@ def main(argv=None) -> int:
                first_order=args.first_order, length_parts=args.length_parts)
   data = load_dataset(cfg, progress=False)
   cfg = resolve(cfg, data.meta["dataset"])
-  trainer = make_runner(cfg, data)
+  runner = Runner(cfg, data)
   n = data.train.x.shape[0]
   print(f"{cfg.backbone}+{cfg.method} ({cfg.p_update} mode, "
         f"{'first' if cfg.first_order else 'second'} order) on {data.meta['dataset']}: "
-        f"{n} training users, L={trainer.max_len}, batch {cfg.batch_size}, "
+        f"{n} training users, L={runner.ctx.max_len}, batch {cfg.batch_size}, "
         f"{n // cfg.batch_size} steps/epoch; backend {jax.default_backend()}, "
         f"{jax.device_count()} device(s)")
-  scan = bench_scan(trainer, args.epochs)
+  scan = bench_scan(runner, args.epochs)
   print(f"jitted epoch scan: compile+first epoch {scan['compile_s']:.2f} s, "
         f"{scan['epoch_s']:.3f} s/epoch, {scan['epoch_with_valid_s']:.3f} s/epoch with "
         f"validation, {scan['users_per_s']:.0f} users/s")
   print(f"peak RSS so far: {peak_rss_mb():.0f} MB")
-  if trainer.budgets:
-    whole = bench_scan(trainer, args.epochs, trainer.build_epoch(trainer.build_step(budgets=())))
-    print(f"by length ({len(trainer.budgets)} parts, row budgets {list(trainer.budgets)}) vs "
+  parts = learn.length_parts(runner.ctx)
+  if parts > 1:
+    whole = bench_scan(runner, args.epochs, runner.lanes_method)
+    print(f"by length ({parts} parts where they fit) vs "
           f"whole batches: {scan['epoch_s']:.3f} vs {whole['epoch_s']:.3f} s/epoch -> x"
           f"{whole['epoch_s'] / scan['epoch_s']:.2f}; compile+first epoch "
           f"{scan['compile_s']:.1f} vs {whole['compile_s']:.1f} s")
   if args.seeds > 1:
-    v = bench_vmapped_seeds(trainer, args.seeds)
+    v = bench_vmapped_seeds(runner, args.seeds)
     print(f"{args.seeds} seeds, one epoch: vmapped {v['vmapped_s']:.2f} s (compile "
           f"{v['compile_s']:.1f} s), sequential {v['sequential_s']:.2f} s -> speed-up "
           f"x{v['sequential_s'] / v['vmapped_s']:.2f}")
   if cfg.method == "clover" or args.loop_steps <= 0:
     print(f"peak RSS: {peak_rss_mb():.0f} MB")
     return 0
-  loop = bench_python_loop(trainer, args.loop_steps)
+  loop = bench_python_loop(runner, args.loop_steps)
   print(f"per-user Python loop ({args.loop_steps} steps, extrapolated): "
         f"{loop['epoch_s']:.1f} s/epoch, {loop['users_per_s']:.0f} users/s "
         f"-> scan speed-up x{loop['epoch_s'] / scan['epoch_s']:.0f}")

@@ -1,17 +1,18 @@
 """CLOVER (Wei & He, KDD 2022): adversarial fair meta-learning, on any backbone.
 
-Spec: research/clover.md (§3 method, §4.4 attacker, §4.5 presets, §6 known bugs). Two
-players share each meta-batch. The *recommender* (the backbone, parameters theta_R, local
-part theta_L) and the *adversary* (A1 and optionally A2, parameters theta_A, all local)::
+Spec: docs/methods.md §6 (§6.1-6.2 method, §6.3 attacker, §6.4 presets, §6.5 the code's
+bugs). Two players share each meta-batch. The *recommender* (the backbone, parameters
+theta_R, local part theta_L) and the *adversary* (A1 and optionally A2, parameters
+theta_A, all local)::
 
-    L_adv = CE_A1 + (lambda_2 / lambda_1) * CE_A2                     (clover.md §3.1)
+    L_adv = CE_A1 + (lambda_2 / lambda_1) * CE_A2                     (docs/methods.md §6.1)
     inner loop, K steps on the support, from one forward pass per step:
         phi_L <- phi_L - alpha * grad_phi_L [L_rec - [inner max] * lambda_1 * L_adv]
         phi_A <- phi_A - alpha * grad_phi_A L_adv             (unless --disable-inner-adv)
     outer step on the query (second order through both inner loops):
         G_R = grad_theta_R mean_u [L_rec - lambda_1 * L_adv]     recommender: min-max
         G_A = grad_theta_A mean_u L_adv                          adversary: min
-        clamp G_R, G_A to [-10, 10]; Adam step on both            (clover.md §3.3)
+        clamp G_R, G_A to [-10, 10]; Adam step on both            (docs/methods.md §6.2)
 
 Each adversary is Linear(in -> 32) -> ReLU [+ ReLU(Linear(h_item))] -> Linear(32 -> G),
 run on every row of the user; the logits are averaged over the rows (support rows in
@@ -27,13 +28,13 @@ group. Inputs per row (``--out1`` for A1 = CLOVER's ``--out``; ``--out2`` for A2
 
 ``--item-adv`` adds the item branch to the adversaries of type 1, 2 and 4.
 The rating loss is MSE or (``--loss ce``) cross-entropy over the C rating classes, whose
-prediction is argmax + the lowest rating (clover.md §2.3); :class:`CloverLearner` turns
+prediction is argmax + the lowest rating (docs/methods.md §6.1); the learner's readout turns
 logits into ratings so that evaluation, GF and the attacker are the framework's.
 
 Where the authors' code has a bug, this module implements the evident intent:
 
 * ``--item_adv`` adds the item branch in place onto a ReLU output, which makes autograd
-  fail (the README's full command crashes, clover.md §6.1): the addition here is out of
+  fail (the README's full command crashes, docs/methods.md §6.5): the addition here is out of
   place.
 * The item branch is wired differently per dataset folder (ML-100K: A2 only; ML-1M/BX:
   also A1 of type 1/2/4, sharing one layer) and crashes in some combinations: here every
@@ -46,8 +47,8 @@ rate, which is the same as the authors' single Adam over both (Adam is elementwi
 adversary's inner learning rate is ``--inner-lr`` (fixed, even when MetaCS learns the
 recommender's). MetaCS learns its inner rate from the query rating loss after the
 outer step, as its FAST version does. Test-time adaptation runs the training inner loop
-(fooling term and adversary step as the disable flags say, clover.md §4.1); the attacker
-representations use the fooling term but not the adversary step (§4.4).
+(fooling term and adversary step as the disable flags say, docs/methods.md §6.2); the attacker
+representations use the fooling term but not the adversary step (§6.3).
 Not implemented (the code calls them "just tested"): the counterfactual adversaries
 (--out 6/8/9), --out 3, --adv_loss_power, --schedule, --outer, --inner_fc, --all_adv,
 --dual, --train_adv, --re_w, --con; nor the CF metric.
@@ -66,9 +67,11 @@ import optax
 
 from fast_jax import config as config_lib
 from fast_jax import fairness, meta, metrics
-from fast_jax.config import Config
-from fast_jax.models import Backbone, merge_params, split_params
-from fast_jax.train import MetaLearner, TrainState, Trainer
+from fast_jax.config import Config, UsageError
+from fast_jax.methods import fast, origin
+from fast_jax.methods import learner as learn
+from fast_jax.methods.base import Context, Method, scan_epoch
+from fast_jax.models import Backbone, merge_params, sensitive_fields, split_params
 
 Params = Any
 ADV_HIDDEN = 32
@@ -118,7 +121,6 @@ def spec_from_config(cfg: Config, data) -> CloverSpec:
 
 def check_config(cfg: Config, data) -> None:
   """Reject CLOVER settings that cannot work, naming the flag (UsageError)."""
-  from fast_jax.config import UsageError
   if cfg.clover_preset not in config_lib.CLOVER_PRESETS:
     raise UsageError(f"--clover-preset {cfg.clover_preset!r}: expected one of "
                      f"{', '.join(config_lib.CLOVER_PRESETS)}")
@@ -159,10 +161,9 @@ def check_config(cfg: Config, data) -> None:
     raise UsageError("--out-bias mean sets a rating-valued output bias; it needs --loss mse")
   if data is None:
     return
-  fields = data.meta["fields"]
-  sens_col = data.meta["sensitive"].get("column")
-  user_fields = [f for f in fields if f["side"] == "user" and not (
-      cfg.drop_sensitive and sens_col is not None and f["start"] <= sens_col < f["stop"])]
+  dropped = sensitive_fields(data.meta) if cfg.drop_sensitive else ()
+  user_fields = [f for f in data.meta["fields"]
+                 if f["side"] == "user" and f["name"] not in dropped]
   if not user_fields and any(t in USER_TYPES for t in types):
     raise UsageError(f"adversary input types {USER_TYPES} use the user representation, but "
                      f"{cfg.dataset} has no user fields the network sees; pick --out1 1 or 2")
@@ -192,7 +193,8 @@ class Adversary(nn.Module):
 
   @nn.compact
   def __call__(self, inputs: jax.Array, h_item: jax.Array) -> jax.Array:
-    init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")  # torch's U(+-1/sqrt(fan_in))
+    # torch's U(+-1/sqrt(fan_in))
+    init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
     h = nn.relu(nn.Dense(self.hidden, kernel_init=init, name="fc")(inputs))
     if self.item_branch:
       h = h + nn.relu(nn.Dense(self.hidden, kernel_init=init, name="fc_item")(h_item))
@@ -207,25 +209,20 @@ def _forward(backbone: Backbone, params: Params, e: jax.Array):
   return backbone.module.apply({"params": params}, e, method=fn)
 
 
-class CloverLearner(MetaLearner):
-  """The backbone as a CLOVER recommender plus its adversaries.
-
-  ``params`` of :meth:`predict` / :meth:`user_representations` are
-  ``{"rec": recommender params, "adv": {"a1": .., ["a2": ..]}}``.
-  """
+class Players:
+  """The backbone as a CLOVER recommender plus its adversaries: their losses and their
+  joint inner loop. ``adv`` parameters are ``{"a1": .., ["a2": ..]}``."""
 
   def __init__(self, backbone: Backbone, labels: Params, spec: CloverSpec, *,
                inner_steps: int, first_order: bool, adv_inner_lr: float):
-    super().__init__(backbone, labels, inner_steps=inner_steps, first_order=first_order)
-    self.spec, self.adv_inner_lr = spec, adv_inner_lr
+    self.backbone, self.labels, self.spec = backbone, labels, spec
+    self.inner_steps, self.first_order, self.adv_inner_lr = inner_steps, first_order, adv_inner_lr
     self.adversaries = {"a1": Adversary(spec.num_groups, item_branch=self._branch(spec.out1))}
     if spec.use_a2:
       self.adversaries["a2"] = Adversary(spec.num_groups, item_branch=self._branch(spec.out2))
 
   def _branch(self, kind: int) -> bool:
     return self.spec.item_adv and kind in ITEM_BRANCH_TYPES
-
-  # --- pieces -------------------------------------------------------------------------
 
   def init_adversaries(self, key: jax.Array, rec_params: Params, e_rows: jax.Array) -> Params:
     """Adversary parameters; e_rows: [R, D] embedded rows (for the input shapes)."""
@@ -293,46 +290,38 @@ class CloverLearner(MetaLearner):
 
   def adapt(self, rec: Params, adv: Params, alpha, e: jax.Array, y: jax.Array,
             support: jax.Array, group: jax.Array, *, inner_max: bool, inner_adv: bool):
-    """One user's inner loop (clover.md §3.3): both players from one forward pass per
+    """One user's inner loop (docs/methods.md §6.2): both players from one forward pass per
     step. Returns the adapted (recommender, adversary) parameters."""
+    if not (inner_max or inner_adv):  # the players are independent: plain MAML step
+      theta = meta.inner_adapt(self.backbone.head, rec, self.labels, alpha, e, y, support,
+                               steps=self.inner_steps, first_order=self.first_order,
+                               loss_fn=lambda out, y, m: metrics.masked_mean(
+                                   self.rating_loss(out, y), m))
+      return theta, adv
     local, glob = split_params(rec, self.labels)
-    rates = alpha if isinstance(alpha, dict) else jax.tree.map(lambda _: alpha, local)
     fool = self.spec.lam1 if inner_max else 0.0
 
-    def step(carry, _):
+    def grads(carry):
       loc, adv_u = carry
       (l_rec, l_adv), vjp = jax.vjp(
           lambda l, a: self.losses(merge_params(l, glob), a, e, y, support, group), loc, adv_u)
       one, zero = jnp.ones_like(l_rec), jnp.zeros_like(l_rec)
       g_loc, _ = vjp((one, -fool * one))
-      if self.first_order:
-        g_loc = jax.lax.stop_gradient(g_loc)
-      loc = jax.tree.map(lambda p, g, a: p - a * g, loc, g_loc, rates)
-      if inner_adv:
-        _, g_adv = vjp((zero, one))
-        if self.first_order:
-          g_adv = jax.lax.stop_gradient(g_adv)
-        adv_u = jax.tree.map(lambda p, g: p - self.adv_inner_lr * g, adv_u, g_adv)
-      return (loc, adv_u), None
+      g_adv = vjp((zero, one))[1] if inner_adv else jax.tree.map(jnp.zeros_like, adv_u)
+      return g_loc, g_adv
 
-    if not (inner_max or inner_adv):  # the players are independent: plain MAML step
-      theta = meta.inner_adapt(lambda p, e: self.rating_out(p, e), rec, self.labels, alpha, e,
-                               y, support, steps=self.inner_steps, first_order=self.first_order,
-                               loss_fn=lambda out, y, m: metrics.masked_mean(
-                                   self.rating_loss(out, y), m))
-      return theta, adv
-    (local, adv), _ = jax.lax.scan(step, (local, adv), None, length=self.inner_steps)
+    rates = (meta.local_rates(alpha, local),
+             jax.tree.map(lambda _: self.adv_inner_lr if inner_adv else 0.0, adv))
+    local, adv = meta.sgd(grads, (local, adv), rates, steps=self.inner_steps,
+                          first_order=self.first_order)
     return merge_params(local, glob), adv
 
-  def rating_out(self, rec: Params, e: jax.Array) -> jax.Array:
-    return self.backbone.head(rec, e)
-
   def batch_losses(self, rec: Params, adv: Params, alpha, batch: dict, support: jax.Array,
-                   query_idx: jax.Array, *, budgets=()) -> tuple[jax.Array, jax.Array]:
+                   query_idx: jax.Array, *, run: Callable = meta.whole_batch):
     """Per-user query (L_rec, L_adv) after the training inner loop: (float[B], float[B]).
-    ``budgets`` (:func:`meta.row_budgets`) runs the batch by length (:func:`meta.by_rows`)."""
+    ``run``: the batch runner (:func:`fast_jax.methods.learner.batch_runner`)."""
 
-    def run(support, query_idx, x, y, group):
+    def part(support, query_idx, x, y, group):
       e = self.backbone.embed(rec, x)
       e_q, y_q = meta.take_rows(e, query_idx), meta.take_rows(y, query_idx)
       q_mask = jnp.ones(y_q.shape[-1], bool)
@@ -342,64 +331,41 @@ class CloverLearner(MetaLearner):
                                   inner_max=self.spec.inner_max, inner_adv=self.spec.inner_adv)
         return self.losses(rec_u, adv_u, eq_u, yq_u, q_mask, g_u)
       return jax.vmap(one_user)(e, y, support, group, e_q, y_q)
-    return meta.by_rows(run, budgets, support, query_idx, batch["x"], batch["y"],
-                        batch["group"])
+    return run(part, support, query_idx, batch["x"], batch["y"], batch["group"])
 
-  # --- the MetaLearner interface (evaluation and the attacker) ------------------------
+  def learner(self) -> learn.Learner:
+    """The recommender adapted as at test time (docs/methods.md §6.2: fooling term and adversary
+    step as the disable flags say); the attacker's representations use the fooling term
+    but not the adversary step (§6.3). ``params`` = {"rec", "adv"}."""
+    inner_max, inner_adv = self.spec.inner_max, self.spec.inner_adv
 
-  def _adapted(self, params, alpha, x, y, support, group, *, inner_adv: bool):
-    """Embedded rows and a function adapting one user's recommender."""
-    rec, adv = params["rec"], params["adv"]
-    e = self.backbone.embed(rec, x)
-    inner_max = self.spec.inner_max
-    if inner_max and group is None:
-      raise ValueError("CLOVER's inner max needs the users' groups")
-    if group is None:
-      group = jnp.zeros(x.shape[0], jnp.int32)  # unused: the adversary plays no part
-
-    def adapt(e_u, y_u, s_u, g_u):
-      rec_u, _ = self.adapt(rec, adv, alpha, e_u, y_u, s_u, g_u, inner_max=inner_max,
-                            inner_adv=inner_adv and inner_max)
-      return rec_u
-    return e, group, adapt
-
-  def predict(self, params, alpha, x, y, support, query_idx, group=None):
-    """Adapted query ratings (argmax + min for ce). params: {"rec", "adv"} -> float[B, Q]."""
-    e, group, adapt = self._adapted(params, alpha, x, y, support, group,
-                                    inner_adv=self.spec.inner_adv)
-
-    def one_user(e_u, y_u, s_u, g_u, q_u):
-      return self.to_rating(self.rating_out(adapt(e_u, y_u, s_u, g_u), e_u[q_u]))
-    return jax.vmap(one_user)(e, y, support, group, query_idx)
-
-  def user_representations(self, params, alpha, x, y, support, valid, group=None):
-    """Adapted user representations (clover.md §4.4: the fooling term if enabled, no
-    adversary step). -> float[B, D] or None."""
-    e, group, adapt = self._adapted(params, alpha, x, y, support, group, inner_adv=False)
-
-    def one_user(e_u, y_u, s_u, g_u, v_u):
-      h = self.backbone.user_repr(adapt(e_u, y_u, s_u, g_u), e_u)
-      return None if h is None else metrics.masked_mean(h, v_u[:, None], axis=0)
-    return jax.vmap(one_user)(e, y, support, group, valid)
+    def adapter(with_adv: bool):
+      def adapt(params, alpha, e_u, y_u, s_u, g_u):
+        rec_u, _ = self.adapt(params["rec"], params["adv"], alpha, e_u, y_u, s_u, g_u,
+                              inner_max=inner_max, inner_adv=with_adv and inner_max)
+        return rec_u
+      return adapt
+    return learn.Learner(self.backbone, self.labels, adapter(inner_adv),
+                         recommender=lambda params: params["rec"], readout=self.to_rating,
+                         adapt_for_repr=adapter(False))
 
 
-def make_clover_step(learner: CloverLearner, tx, adv_tx, alpha_tx, *, cfg: Config,
-                     num_groups: int, max_len: int, budgets: tuple[int, ...] = ()):
+def make_train_step(players: Players, tx, adv_tx, rate: learn.InnerRate, *, ctx: Context,
+                    run: Callable = meta.whole_batch) -> Callable:
   """``train_step(state, batch, key) -> (state, metrics)``: one CLOVER outer iteration.
-  ``budgets``: row budgets of the batch's length-sorted parts (:func:`meta.row_budgets`).
 
   ``state.extra`` = ``{"adv": adversary params, "adv_opt": their Adam state}``.
   """
-  lam1 = learner.spec.lam1
+  lam1, cfg, max_len = players.spec.lam1, ctx.cfg, ctx.max_len
 
-  def train_step(state: TrainState, batch: dict, key: jax.Array):
+  def train_step(state, batch: dict, key: jax.Array):
     key = jax.random.fold_in(key, state.step)
     k_split, k_split2 = jax.random.split(key)
     support, query = meta.query_split(k_split, batch["length"], max_len, cfg.train_query)
 
     def objectives(rec, adv):
-      l_rec, l_adv = learner.batch_losses(rec, adv, state.alpha, batch, support, query,
-                                          budgets=budgets)
+      l_rec, l_adv = players.batch_losses(rec, adv, state.alpha, batch, support, query,
+                                          run=run)
       return (jnp.mean(l_rec), jnp.mean(l_adv)), l_rec
 
     (m_rec, m_adv), vjp, l_rec = jax.vjp(objectives, state.params, state.extra["adv"],
@@ -414,19 +380,16 @@ def make_clover_step(learner: CloverLearner, tx, adv_tx, alpha_tx, *, cfg: Confi
                                          state.extra["adv"])
     adv = optax.apply_updates(state.extra["adv"], adv_updates)
 
-    alpha, alpha_opt_state = state.alpha, state.alpha_opt_state
-    if alpha_tx is not None:  # MetaCS: the inner rate from the query rating loss
-      support2, query2 = meta.query_split(k_split2, batch["length"], max_len, cfg.train_query)
+    # MetaCS: the inner rate from the query rating loss of a second pass.
+    support2, query2 = meta.query_split(k_split2, batch["length"], max_len, cfg.train_query)
 
-      def alpha_loss(a):
-        l_rec2, _ = learner.batch_losses(params, adv, a, batch, support2, query2,
-                                         budgets=budgets)
-        return jnp.mean(l_rec2)
-      alpha_grads = jax.grad(alpha_loss)(alpha)
-      alpha_updates, alpha_opt_state = alpha_tx.update(alpha_grads, alpha_opt_state, alpha)
-      alpha = optax.apply_updates(alpha, alpha_updates)
+    def alpha_loss(a):
+      l_rec2, _ = players.batch_losses(params, adv, a, batch, support2, query2, run=run)
+      return jnp.mean(l_rec2)
+    alpha, alpha_opt_state = learn.learn_rate(rate, state.alpha, state.alpha_opt_state,
+                                              alpha_loss)
 
-    group_loss, present = fairness.group_means(l_rec, batch["group"], num_groups)
+    group_loss, present = fairness.group_means(l_rec, batch["group"], ctx.num_groups)
     new_state = state.replace(params=params, opt_state=opt_state, alpha=alpha,
                               alpha_opt_state=alpha_opt_state, step=state.step + 1,
                               extra={"adv": adv, "adv_opt": adv_opt})
@@ -437,47 +400,50 @@ def make_clover_step(learner: CloverLearner, tx, adv_tx, alpha_tx, *, cfg: Confi
   return train_step
 
 
-class CloverTrainer(Trainer):
-  """The framework's Trainer with CLOVER's recommender, adversaries and min-max step."""
+# CLOVER's step runs the cond of a batch by length through two backward passes, so it
+# needs a shorter part than the other methods to gain. bench.py, MeLU: x1.21 on
+# Book-Crossing (32 of 100 rows), x1.35 on ML-100K (48), but x0.88 on ML-1M (56).
+MAX_SHORT_ROWS = 0.5
 
-  # CLOVER's step runs the cond of a batch by length through two backward passes, so it
-  # needs a shorter part than the other methods to gain. bench.py, MeLU: x1.21 on
-  # Book-Crossing (32 of 100 rows), x1.35 on ML-100K (48), but x0.88 on ML-1M (56).
-  max_short_rows = 0.5
 
-  def __post_init__(self):
-    self.cfg = config_lib.resolve(self.cfg, self.data.meta.get("dataset"))
-    self.spec = spec_from_config(self.cfg, self.data)
-    self.adv_tx = optax.adam(self.cfg.lr)
-    super().__post_init__()
+def game(ctx: Context, *, run: Callable | None = None):
+  """CLOVER's pieces on ``ctx``: (players, train step, ``init(key) -> state``).
+  ``run``: the step's batch runner (default: by length where it pays,
+  :data:`MAX_SHORT_ROWS`)."""
+  cfg = ctx.cfg
+  check_config(cfg, ctx.data)
+  spec = spec_from_config(cfg, ctx.data)
+  backbone, labels = learn.network(ctx, out_dim=spec.num_classes)
+  x0 = ctx.splits["train"]["x"][0]
+  players = Players(backbone, labels, spec, inner_steps=cfg.inner_steps,
+                    first_order=cfg.first_order, adv_inner_lr=cfg.inner_lr)
+  rate, tx, adv_tx = learn.inner_rate(cfg), optax.adam(cfg.lr), optax.adam(cfg.lr)
+  if run is None:
+    run = learn.batch_runner(ctx, by_length=True, max_short=MAX_SHORT_ROWS)
+  step = make_train_step(players, tx, adv_tx, rate, ctx=ctx, run=run)
 
-  def build_backbone(self) -> Backbone:
-    backbone = super().build_backbone()  # C outputs (logits) for --loss ce
-    return dataclasses.replace(backbone,
-                               module=backbone.module.clone(out_dim=self.spec.num_classes))
-
-  def build_learner(self) -> CloverLearner:
-    return CloverLearner(self.backbone, self.labels, self.spec,
-                         inner_steps=self.cfg.inner_steps, first_order=self.cfg.first_order,
-                         adv_inner_lr=self.cfg.inner_lr)
-
-  def build_step(self, budgets: tuple[int, ...] | None = None) -> Callable:
-    return make_clover_step(self.learner, self.tx, self.adv_tx, self.alpha_tx, cfg=self.cfg,
-                            num_groups=self.num_groups, max_len=self.max_len,
-                            budgets=self.budgets if budgets is None else budgets)
-
-  def init_state(self, key: jax.Array) -> TrainState:
+  def init(key):
     k_rec, k_adv = jax.random.split(key)
-    state = super().init_state(k_rec)
-    e_rows = self.backbone.embed(state.params, self.train_data["x"][0])
-    adv = self.learner.init_adversaries(k_adv, state.params, e_rows)
-    return state.replace(extra={"adv": adv, "adv_opt": self.adv_tx.init(adv)})
+    state = fast.init_state(ctx, backbone, labels, rate, tx, k_rec)
+    adv = players.init_adversaries(k_adv, state.params, backbone.embed(state.params, x0))
+    return state.replace(extra={"adv": adv, "adv_opt": adv_tx.init(adv)})
+  return players, step, init
 
-  def learner_params(self, state: TrainState) -> Params:
+
+def make(ctx: Context, *, by_length: bool = True) -> Method:
+  """``--method clover``: the backbone (C rating classes with ``--loss ce``) and its
+  adversaries, trained min-max on uniform batches."""
+  players, step, init = game(ctx, run=None if by_length else meta.whole_batch)
+  lrn = players.learner()
+
+  def both(state):
     return {"rec": state.params, "adv": state.extra["adv"]}
 
-
-def make_runner(cfg: Config, data) -> CloverTrainer:
-  """The runner of ``--method clover`` (``cfg`` resolved by config.resolve)."""
-  check_config(cfg, data)
-  return CloverTrainer(cfg, data)
+  return Method(
+      init=init, epoch=scan_epoch(step, fast.batches(origin.OBJECTIVE, ctx), mesh=ctx.mesh),
+      predict=lambda s, x, y, support, q, group: learn.predict(lrn, both(s), s.alpha, x, y,
+                                                               support, q, group),
+      represent=lambda s, x, y, support, valid, group: learn.represent(
+          lrn, both(s), s.alpha, x, y, support, valid, group),
+      record=fast.meta_record, splits={**ctx.splits, "fit": ctx.splits["train"]},
+      select=ctx.cfg.select, lanes=True)

@@ -1,0 +1,171 @@
+"""A backbone as a meta-learner: its inner-loop policy and the adapted predictions.
+
+Two concepts, kept apart from the network:
+
+* the **inner-rate policy** (:class:`InnerRate`): the inner learning rate alpha is fixed
+  (MeLU), or learned as a scalar or per local parameter (MetaCS, the FAST code: after the
+  outer step, Adam on alpha against the query loss of a second pass);
+* the **learner** (:class:`Learner`): how one user's recommender is adapted on its
+  support rows. Its query predictions (:func:`predict`) and user representations
+  (:func:`represent`) are written once for every method.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from fast_jax import meta, metrics
+from fast_jax.config import Config
+from fast_jax.models import Backbone, make_backbone, split_params
+
+Params = Any
+
+
+class InnerRate(NamedTuple):
+  """The inner learning rate alpha: its initial value and, when learned, its optimizer.
+
+  init: ``init(params, labels) -> alpha`` (a scalar, or a dict of per-parameter rates
+    with the structure of the local parameters).
+  tx: Adam on alpha, or None when alpha stays fixed.
+  """
+  init: Callable
+  tx: optax.GradientTransformation | None
+
+
+def inner_rate(cfg: Config) -> InnerRate:
+  """The policy of ``cfg.backbone``: MetaCS learns alpha (``cfg.alpha_mode`` scalar or
+  per-param, Adam at the outer ``cfg.lr``); MeLU keeps ``cfg.inner_lr``."""
+  if cfg.backbone == "metacs" and cfg.alpha_mode == "per-param":
+    def init(params, labels):
+      local, _ = split_params(params, labels)
+      return jax.tree.map(lambda v: jnp.full_like(v, cfg.inner_lr), local)
+  else:
+    def init(params, labels):
+      return jnp.asarray(cfg.inner_lr, jnp.float32)
+  return InnerRate(init, optax.adam(cfg.lr) if cfg.backbone == "metacs" else None)
+
+
+def learn_rate(rate: InnerRate, alpha, opt_state, loss_fn: Callable):
+  """One Adam step of a learned alpha on ``loss_fn(alpha) -> scalar`` (no-op if fixed).
+  Returns (alpha, opt_state)."""
+  if rate.tx is None:
+    return alpha, opt_state
+  grads = jax.grad(loss_fn)(alpha)
+  updates, opt_state = rate.tx.update(grads, opt_state, alpha)
+  return optax.apply_updates(alpha, updates), opt_state
+
+
+class Learner(NamedTuple):
+  """A backbone adapted per user.
+
+  adapt: ``adapt(params, alpha, e_u, y_u, s_u, g_u) -> theta_u``: one user's adapted
+    recommender parameters from its embedded rows e_u [L, D], ratings float[L], support
+    bool[L] and group (int scalar).
+  recommender: ``recommender(params) -> the backbone's parameters`` (CLOVER's params also
+    hold its adversaries).
+  readout: ``readout(head output) -> rating`` (CLOVER's ``--loss ce``: argmax + min).
+  adapt_for_repr: the adaptation behind the attacker's representations (default adapt).
+  """
+  backbone: Backbone
+  labels: Params
+  adapt: Callable
+  recommender: Callable = lambda params: params
+  readout: Callable = lambda out: out
+  adapt_for_repr: Callable | None = None
+
+
+def maml(backbone: Backbone, labels: Params, *, steps: int, first_order: bool) -> Learner:
+  """MAML's local update (:func:`fast_jax.meta.inner_adapt`) of the backbone's head."""
+
+  def adapt(params, alpha, e_u, y_u, s_u, g_u):
+    return meta.inner_adapt(backbone.head, params, labels, alpha, e_u, y_u, s_u, steps=steps,
+                            first_order=first_order)
+  return Learner(backbone, labels, adapt)
+
+
+def predict(learner: Learner, params, alpha, x, y, support, query_idx, group, *,
+            run: Callable = meta.whole_batch) -> jax.Array:
+  """Adapted query predictions. x: int32[B, L, F]; y, support: [B, L]; query_idx:
+  int32[B, Q]; group: int32[B] -> float32[B, Q].
+
+  Embeddings are global, so they are looked up once, outside the inner loop; only the
+  head runs inside each user's adaptation. ``run`` is the batch runner
+  (:func:`fast_jax.meta.length_bucketing`).
+  """
+  backbone, rec = learner.backbone, learner.recommender(params)
+
+  def part(support, query_idx, x, y, group):
+    e = backbone.embed(rec, x)
+    e_query = meta.take_rows(e, query_idx)
+
+    def one_user(e_u, y_u, s_u, g_u, eq_u):
+      theta_u = learner.adapt(params, alpha, e_u, y_u, s_u, g_u)
+      return learner.readout(backbone.head(theta_u, eq_u))
+    return jax.vmap(one_user)(e, y, support, group, e_query)
+  return run(part, support, query_idx, x, y, group)
+
+
+def represent(learner: Learner, params, alpha, x, y, support, valid, group):
+  """Each user's adapted user representation: the mean over its valid rows of the
+  user-tower output (``user_fc``) after its inner adaptation on ``support``.
+
+  x: int32[B, L, F]; y: float32[B, L]; support, valid: bool[B, L]; group: int32[B]
+  -> float32[B, D], or None when the backbone has no user representation.
+  """
+  backbone, rec = learner.backbone, learner.recommender(params)
+  adapt = learner.adapt_for_repr or learner.adapt
+  e = backbone.embed(rec, x)
+
+  def one_user(e_u, y_u, s_u, g_u, v_u):
+    h = backbone.user_repr(adapt(params, alpha, e_u, y_u, s_u, g_u), e_u)
+    return None if h is None else metrics.masked_mean(h, v_u[:, None], axis=0)
+  return jax.vmap(one_user)(e, y, support, group, valid)
+
+
+def query_errors(pred: jax.Array, y: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Per-user MSE and MAE of query predictions. pred, y: float[B, Q] -> (float[B], float[B])."""
+  err = pred - y
+  return jnp.mean(jnp.square(err), -1), jnp.mean(jnp.abs(err), -1)
+
+
+def network(ctx, *, out_dim: int = 1) -> tuple[Backbone, Params]:
+  """The configured MeLU/MetaCS network of the context's dataset and its local/global
+  labels."""
+  cfg = ctx.cfg
+  backbone = make_backbone(ctx.data.meta, local_output=cfg.local_output,
+                           drop_sensitive=cfg.drop_sensitive, torch_init=cfg.init == "torch",
+                           out_bias=ctx.train_mean if cfg.out_bias == "mean" else None,
+                           out_dim=out_dim)
+  shapes = jax.eval_shape(backbone.init, jax.random.key(0), ctx.splits["train"]["x"][0])
+  return backbone, backbone.labels(shapes)
+
+
+def length_parts(ctx) -> int:
+  """Parts of a batch run by length: ``cfg.length_parts``, or by default 2 on runs of
+  at least 500 training steps, where the time saved (x1.02-1.38 per epoch idle, x1.2-1.3
+  with two jobs sharing a 2-core CPU; EXPERIMENTS.md) outweighs the longer compilation
+  (4-5 s more on that CPU, idle), and 1 on shorter runs."""
+  if ctx.cfg.length_parts is not None:
+    return ctx.cfg.length_parts
+  return 2 if ctx.num_train_steps >= 500 else 1
+
+
+def row_budgets(ctx, *, max_short: float = 0.75) -> tuple[int, ...]:
+  """Row budgets of a training batch's length-sorted parts (:func:`fast_jax.meta.row_budgets`);
+  () (whole batches) when the users are split across devices."""
+  if ctx.mesh is not None:
+    return ()
+  return meta.row_budgets(np.asarray(ctx.data.train.length), ctx.cfg.batch_size, ctx.max_len,
+                          parts=length_parts(ctx), max_short=max_short)
+
+
+def batch_runner(ctx, *, by_length: bool, max_short: float = 0.75) -> Callable:
+  """The batch runner of a training step, chosen once: by length
+  (:func:`fast_jax.meta.by_rows`) when asked and worth it (:func:`row_budgets`), whole
+  batches otherwise."""
+  return meta.length_bucketing(row_budgets(ctx, max_short=max_short) if by_length else ())

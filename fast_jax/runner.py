@@ -1,0 +1,263 @@
+"""The one runner: trains any method (:mod:`fast_jax.methods`) for one seed or as
+``vmap``-ped lanes, and evaluates it.
+
+What it owns, for every method alike: the seed's keys (epoch e always uses
+``fold_in(key(seed), e)``, so a resumed seed ends where an uninterrupted one would),
+checkpoints and resume, divergence (a non-finite step loss raises :class:`Diverged`,
+naming the epoch and step), the ``metrics.jsonl`` records, selection of the tested epoch
+(last, or lowest validation MAE, with early stopping), data parallelism (the context's
+mesh), evaluation on the fixed last-10 query in fixed-size chunks, and the attacker.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from fast_jax import attack, meta, metrics, methods, sharding
+from fast_jax.checkpoint import SeedCheckpoint
+from fast_jax.config import Config, UsageError
+from fast_jax.methods.base import Method, make_context
+
+
+class Diverged(FloatingPointError):
+  """A seed's training loss became NaN or infinite."""
+
+
+def map_chunks(fn: Callable, arrays: tuple, chunk: int) -> Any:
+  """``fn(*arrays)`` over the users (axis 0) in chunks of ``chunk`` users, the last one
+  padded by repeating the last user, so that ``fn`` compiles once. Returns ``fn``'s
+  pytree of host arrays for every user, or None when ``fn`` returns None."""
+  n = arrays[0].shape[0]
+  chunk = min(chunk, n)
+  outs = []
+  for start in range(0, n, chunk):
+    idx = np.minimum(np.arange(start, start + chunk), n - 1)
+    part = fn(*(a[idx] for a in arrays))
+    if part is None:
+      return None
+    outs.append(jax.tree.map(lambda v: np.asarray(v)[: min(chunk, n - start)], part))
+  return jax.tree.map(lambda *o: np.concatenate(o), *outs)
+
+
+class Runner:
+  """Training and evaluation of one resolved configuration on one prepared dataset."""
+
+  def __init__(self, cfg: Config, data, *, make: Callable | None = None):
+    """``make(ctx, *, by_length) -> Method`` builds the method (default: the registry's
+    ``cfg.method``, :func:`fast_jax.methods.make`)."""
+    self.cfg = cfg
+    self.ctx = make_context(cfg, data)
+    self._make = make or methods.make
+    self.method: Method = self._make(self.ctx)
+    self._lanes_method: Method | None = None
+    max_len = self.ctx.max_len
+
+    @jax.jit
+    def score(state, x, y, length, group):
+      support, query_idx = meta.last_query_split(length, max_len)
+      pred = self.method.predict(state, x, y, support, query_idx, group)
+      return metrics.user_metrics(pred, meta.take_rows(y, query_idx))
+
+    @jax.jit
+    def represent(state, x, y, length, group):
+      support, _ = meta.last_query_split(length, max_len)
+      valid = jnp.arange(max_len) < length[:, None]
+      return self.method.represent(state, x, y, support, valid, group)
+    self._score, self._represent = score, represent
+
+  # --- evaluation --------------------------------------------------------------------
+
+  def _arrays(self, split: str) -> tuple:
+    d = self.method.splits[split]
+    return d["x"], d["y"], d["length"], d["group"]
+
+  def per_user(self, state, split: str) -> dict[str, np.ndarray]:
+    """Per-user MAE, MSE, NDCG@3 of every user of a split (host arrays, float[U])."""
+    return map_chunks(lambda *a: self._score(state, *a), self._arrays(split),
+                      self.cfg.eval_chunk)
+
+  def evaluate(self, state, split: str) -> dict:
+    """The split's metrics report (overall, per group, GF)."""
+    return metrics.group_report(self.per_user(state, split),
+                                np.asarray(self.method.splits[split]["group"]),
+                                self.ctx.num_groups)
+
+  def representations(self, state, split: str) -> np.ndarray | None:
+    """float[U, D] adapted user representations of every user of a split, or None when
+    the method has none."""
+    if self.method.represent is None:
+      return None
+    return map_chunks(lambda *a: self._represent(state, *a), self._arrays(split),
+                      self.cfg.eval_chunk)
+
+  def test_report(self, state, *, selected_epoch: int, epochs_run: int) -> dict:
+    """What a finished seed reports (``results.json`` per seed): the test metrics, the
+    attacker AUC of a meta-learner's adapted user representations (docs/methods.md §6.3), and
+    a baseline's choices."""
+    m = self.method
+    report = self.evaluate(state, "test")
+    if m.represent is not None:
+      if not self.cfg.attack:
+        report.update(attack.unavailable("attacker disabled (--no-attack)"))
+      else:
+        report.update(attack.report(self.representations(state, "train"),
+                                    np.asarray(m.splits["train"]["group"]),
+                                    self.representations(state, "test"),
+                                    np.asarray(m.splits["test"]["group"])))
+    choices = m.choices(state, selected_epoch, epochs_run)
+    if choices is not None:
+      report["choices"] = choices
+    return report
+
+  # --- training ----------------------------------------------------------------------
+
+  def end_of_epoch(self, method: Method, seed: int, epoch: int, state, steps: dict,
+                   t0: float) -> tuple[Any, dict]:
+    """After an epoch's steps: check for divergence, the method's end-of-epoch update,
+    validation, and the epoch's ``metrics.jsonl`` record."""
+    bad = np.flatnonzero(~np.isfinite(steps["loss"]))
+    if bad.size:
+      raise Diverged(f"seed {seed}: the training loss became {steps['loss'][bad[0]]} at "
+                     f"epoch {epoch}, step {bad[0] + 1}; {method.hint}")
+    state, fields = method.end_of_epoch(state, self.per_user)
+    record = {"seed": seed, "epoch": epoch, **method.record(state, steps), **fields,
+              "valid": self.evaluate(state, "valid"), "seconds": time.perf_counter() - t0}
+    return state, record
+
+  def run_seed(self, seed: int, *, log: Callable[[dict], None] = lambda r: None,
+               progress: bool = True, checkpoint: SeedCheckpoint | None = None,
+               checkpoint_every: int = 5) -> tuple[Any, dict]:
+    """Train one seed for ``cfg.epochs`` epochs; return the selected state and its test
+    report.
+
+    With ``checkpoint``, the seed continues from its last checkpoint if there is one, and
+    a checkpoint is written every ``checkpoint_every`` epochs and after the last epoch.
+
+    Raises:
+      Diverged: a non-finite training loss; names the epoch and step. The last good
+        checkpoint is kept.
+    """
+    m, cfg = self.method, self.cfg
+    k_init, k_train = jax.random.split(jax.random.key(seed))
+    state = sharding.replicate(m.init(k_init), self.ctx.mesh)
+    if m.epoch is None:  # nothing to train: one record, epoch 0
+      t0 = time.perf_counter()
+      log({"seed": seed, "epoch": 0, **m.record(state, self.evaluate(state, "train")),
+           "valid": self.evaluate(state, "valid"), "seconds": time.perf_counter() - t0})
+      return state, self.test_report(state, selected_epoch=0, epochs_run=0)
+    best_score, best_state, best_epoch, start, records = np.inf, state, 0, 1, []
+    if checkpoint is not None and checkpoint.exists():
+      saved = checkpoint.restore(state)
+      state, best_state, best_score = saved["state"], saved["best_state"], saved["best_score"]
+      start, records = saved["epoch"] + 1, saved["records"]
+      for record in records:
+        log(record)
+      if records:
+        best_epoch = records[int(np.argmin([r["valid"]["mae"] for r in records]))]["epoch"]
+    epoch = start - 1
+    bar = tqdm(range(start, cfg.epochs + 1), desc=f"{cfg.method} seed {seed}",
+               disable=not progress, leave=False)
+    for epoch in bar:
+      t0 = time.perf_counter()
+      state, steps = m.epoch(state, m.splits["fit"], jax.random.fold_in(k_train, epoch))
+      state, record = self.end_of_epoch(m, seed, epoch, state, jax.device_get(steps), t0)
+      if record["valid"]["mae"] < best_score:
+        best_score, best_state, best_epoch = record["valid"]["mae"], state, epoch
+      records.append(record)
+      log(record)
+      if checkpoint is not None and (epoch % checkpoint_every == 0 or epoch == cfg.epochs):
+        checkpoint.save(state=state, best_state=best_state, best_score=best_score, epoch=epoch,
+                        records=records)
+      bar.set_postfix(loss=round(record["train_loss"], 4),
+                      val_mae=round(record["valid"]["mae"], 4))
+      if m.patience and epoch - best_epoch >= m.patience:
+        break
+    selected = epoch
+    if m.select == "best-valid":
+      state, selected = best_state, best_epoch
+    return state, self.test_report(state, selected_epoch=selected, epochs_run=epoch)
+
+  @property
+  def lanes_method(self) -> Method:
+    """The method on whole batches (under vmap the by-length parts' ``lax.cond`` would
+    run both branches)."""
+    if self._lanes_method is None:
+      self._lanes_method = self._make(self.ctx, by_length=False)
+    return self._lanes_method
+
+  def run_lanes(self, seeds: list[int], *, hypers: list[dict] | None = None,
+                log: Callable[[int, dict], None] = lambda lane, r: None,
+                progress: bool = True) -> list[dict | Diverged]:
+    """Train several lanes as one vectorised program: the epoch scan ``vmap``-ped over a
+    stack of train states and their keys. Lane i is seed ``seeds[i]`` with the
+    hyperparameters ``hypers[i]`` (e.g. ``{"gamma": 0.5, "tau": 0.1}``; default: the
+    config's), so the seeds of a configuration and the points of a sweep train together.
+
+    Keys, initial states and selection are those of :meth:`run_seed`, so each lane's
+    result matches a sequential run up to floating-point reassociation. The end of an
+    epoch (validation, FAST's epoch-mode p, logging as ``log(lane, record)``) runs per
+    lane on the host. No mid-run checkpoints.
+
+    Returns:
+      per lane, its test report, or the :class:`Diverged` error that stopped it (its
+      state keeps computing with the others but is no longer logged or selected).
+    """
+    m = self.lanes_method
+    if not m.lanes:
+      raise UsageError(f"--method {self.cfg.method} keeps its hyperparameters out of its "
+                       f"train state: it has no vectorised seeds or sweeps")
+    hypers = hypers or [{}] * len(seeds)
+    if len(hypers) != len(seeds):
+      raise ValueError(f"{len(seeds)} seeds but {len(hypers)} hyperparameter sets")
+    k_init, k_train = zip(*(jax.random.split(jax.random.key(s)) for s in seeds))
+    states = []
+    for k, h in zip(k_init, hypers):
+      state = m.init(k)
+      states.append(state.replace(hyper={**state.hyper,
+                                         **{n: jnp.float32(v) for n, v in h.items()}}))
+    states = _stack(states)
+    epoch_fn = jax.jit(jax.vmap(m.epoch, in_axes=(0, None, 0)))
+    best: list[tuple[float, Any, int]] = [(np.inf, _index(states, i), 0)
+                                          for i in range(len(seeds))]
+    failed: dict[int, Diverged] = {}
+    for epoch in tqdm(range(1, self.cfg.epochs + 1), desc=f"{len(seeds)} lanes",
+                      disable=not progress, leave=False):
+      t0 = time.perf_counter()
+      keys = jnp.stack([jax.random.fold_in(k, epoch) for k in k_train])
+      states, steps = epoch_fn(states, m.splits["fit"], keys)
+      steps = jax.device_get(steps)
+      lanes = []
+      for i, seed in enumerate(seeds):
+        state = _index(states, i)
+        if i not in failed:
+          try:
+            state, record = self.end_of_epoch(m, seed, epoch, state, _index(steps, i), t0)
+          except Diverged as e:
+            failed[i] = e
+          else:
+            if record["valid"]["mae"] < best[i][0]:
+              best[i] = (record["valid"]["mae"], state, epoch)
+            log(i, record)
+        lanes.append(state)
+      states = _stack(lanes)
+    select = m.select == "best-valid"
+    epochs = self.cfg.epochs
+    return [failed[i] if i in failed else
+            self.test_report(best[i][1], selected_epoch=best[i][2], epochs_run=epochs)
+            if select else
+            self.test_report(_index(states, i), selected_epoch=epochs, epochs_run=epochs)
+            for i in range(len(seeds))]
+
+
+def _stack(trees: list) -> Any:
+  return jax.tree.map(lambda *leaves: jnp.stack(leaves), *trees)
+
+
+def _index(tree: Any, i: int) -> Any:
+  return jax.tree.map(lambda a: a[i], tree)
