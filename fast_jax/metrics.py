@@ -1,7 +1,7 @@
 """Masked losses and the evaluation metrics shared by every method and baseline.
 
 One masked mean is used everywhere: ``sum(where(mask, v, 0)) / max(sum(mask), 1)``.
-Per-user metrics follow the FAST/CLOVER evaluation code (research/fast.md §1.5):
+Per-user metrics follow the FAST/CLOVER evaluation code (docs/methods.md §2):
 MAE and MSE over the user's query rows, NDCG@3 with gain ``r**2 - 1``, a log2
 discount and ties between equal predictions broken in favour of the later row. The gain
 must grow with the rating, which ``r**2 - 1`` does only for r >= 0: a query list holding
