@@ -312,26 +312,38 @@ def test_a_full_tmpfs_is_one_line(small, tmp_path):
 # ----------------------------------------------------------------------------- Ctrl-C
 
 
-def test_ctrl_c_prints_one_line_keeps_the_checkpoint_and_exits_130(small, tmp_path):
+@pytest.mark.parametrize("moment", ["compiling", "training"])
+def test_ctrl_c_prints_one_line_keeps_the_checkpoint_and_exits_130(small, tmp_path, moment):
+  # While compiling (1.5 s after config.json is written, with no compilation cache), an
+  # interrupt lands inside JAX's C++; the interpreter's normal teardown then segfaulted
+  # (exit -11) in 4 of 5 tries here.
   out = tmp_path / "run"
+  env = _env(tmp_path / "cache")
+  if moment == "compiling":
+    env = {k: v for k, v in env.items() if not k.startswith("JAX_")}
   proc = subprocess.Popen(
       [sys.executable, str(RUN), "--dataset", str(small), "--epochs", "100000", "--seeds", "1",
        "--checkpoint-every", "1", "--quiet", "--no-attack", "--out", str(out)], cwd=tmp_path,
-      env=_env(tmp_path / "cache"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      env={**env, "JAX_PLATFORMS": "cpu"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+      text=True)
   ckpt = SeedCheckpoint(out, 1024)
+  wait_for = out / "config.json" if moment == "compiling" else ckpt.path
   deadline = time.monotonic() + 240
-  while not ckpt.exists():
+  while not wait_for.exists():
     assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1]
-    time.sleep(0.2)
-  time.sleep(0.5)
+    time.sleep(0.1)
+  time.sleep(1.5 if moment == "compiling" else 0.5)
   proc.send_signal(signal.SIGINT)
   _, err = proc.communicate(timeout=120)
   assert proc.returncode == 130, (proc.returncode, err[-2000:])
   lines = err.splitlines()
   assert len(lines) == 1 and "Traceback" not in err, err[-2000:]
-  assert re.match(rf"interrupted: seed 1024 checkpointed at epoch \d+ in {re.escape(str(out))}"
-                  r"; continue with: python .*run\.py .*--resume$", lines[0]), lines[0]
-  assert ckpt.epoch() >= 1  # kept, and its checksum holds
+  saved = (r"(seed 1024 checkpointed at epoch \d+|no checkpoint yet \(.*\))"
+           if moment == "compiling" else r"seed 1024 checkpointed at epoch \d+")
+  assert re.match(rf"interrupted: {saved} in {re.escape(str(out))}; continue with: "
+                  r"python .*run\.py .*--resume$", lines[0]), lines[0]
+  if moment == "training":
+    assert ckpt.epoch() >= 1  # kept, and its checksum holds
 
 
 # ----------------------------------------------------------------------------- data
