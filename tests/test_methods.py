@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from fast_jax import methods
+from fast_jax.checkpoint import SeedCheckpoint
 from fast_jax.config import BASELINES, Config, resolve
 from fast_jax.experiment import train_and_evaluate
 from fast_jax.runner import Runner
@@ -76,3 +77,21 @@ def test_a_baseline_nan_is_recorded_as_divergence_not_raised(prepared, tmp_path,
   assert "epoch 1, step 2" in results["diverged"][0]["message"]
   assert "--baseline-lr" in results["diverged"][0]["message"]
   assert [r["seed"] for r in results["per_seed"]] == [3145]
+
+
+def test_a_resumed_baseline_seed_ends_where_an_uninterrupted_one_does(prepared, tmp_path):
+  """Baselines checkpoint like the meta-learners: two epochs, then a third from the
+  checkpoint, equals three epochs in one go (state, records and the selected epoch)."""
+  data = prepared("synthetic", **TINY)
+  cfg = resolve(Config(dataset="synthetic", method="nlba", epochs=3, batch_size=8,
+                       baseline_select="best-valid"), data.name)
+  full_records, cut_records = [], []
+  _, full = Runner(cfg, data).run_seed(1024, log=full_records.append, progress=False)
+  ckpt = SeedCheckpoint(tmp_path, 1024)
+  Runner(cfg.replace(epochs=2), data).run_seed(1024, progress=False, checkpoint=ckpt,
+                                               checkpoint_every=1)
+  _, resumed = Runner(cfg, data).run_seed(1024, log=cut_records.append, progress=False,
+                                          checkpoint=ckpt, checkpoint_every=1)
+  assert resumed == full
+  strip = lambda records: [{k: v for k, v in r.items() if k != "seconds"} for r in records]
+  assert strip(cut_records) == strip(full_records)

@@ -132,15 +132,6 @@ def test_batches_run_by_length_train_as_whole_batches_do(prepared):
   assert 0.05 < np.mean(halves[:, 7] <= 32) < 0.95
 
 
-def test_step_mode_fast_moves_p_and_origin_keeps_it(prepared):
-  data = prepared("synthetic")
-  for method, moves in (("fast", True), ("origin", False)):
-    ctx, _, step, state = _meta(resolve(Config(dataset="synthetic", method=method)), data)
-    state, out = jax.jit(step)(state, _batch(ctx, 32), jax.random.key(1))
-    assert (not np.allclose(state.p, 0.5)) == moves
-    np.testing.assert_allclose(np.asarray(state.p).sum(), 1.0, atol=1e-6)
-
-
 def test_static_trains_on_group_balanced_batches_with_p_fixed(prepared):
   """Static draws each batch from per-group pools with p = 1/2 whatever --p-update says:
   on data with three majority users per minority user, its batches hold both groups

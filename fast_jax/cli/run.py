@@ -215,7 +215,7 @@ _META_ONLY = ("backbone", "lr", "inner_lr", "inner_steps", "first_order", "train
               "select", "length_parts", "alpha_mode", "vmap_seeds", "out_bias")
 ONLY_FOR = {
     "gamma": ("fast",), "tau": ("fast",), "gap_loss": ("fast",),
-    "p_update": ("static", "fast"), "resample": ("static", "fast"),
+    "p_update": ("fast",), "resample": ("fast",),  # Static: pools, p fixed (methods/static.py)
     "reg_weight": ("reg",), "reg_kind": ("reg",),
     **{k: _TRAINED_BASELINES for k in ("baseline_lr", "baseline_select", "baseline_patience")},
     **{k: ("widedeep",) for k in ("interaction_batch", "wide_cross", "finetune_steps",
