@@ -6,7 +6,7 @@ import pytest
 
 from fast_jax import methods
 from fast_jax.checkpoint import SeedCheckpoint
-from fast_jax.config import BASELINES, Config, resolve
+from fast_jax.config import BASELINES, Config, UsageError, resolve
 from fast_jax.experiment import train_and_evaluate
 from fast_jax.runner import Runner
 
@@ -95,3 +95,13 @@ def test_a_resumed_baseline_seed_ends_where_an_uninterrupted_one_does(prepared, 
   assert resumed == full
   strip = lambda records: [{k: v for k, v in r.items() if k != "seconds"} for r in records]
   assert strip(cut_records) == strip(full_records)
+
+
+@pytest.mark.parametrize("setting", [{"p_update": "batch"}, {"resample": "mean"},
+                                     {"train_query": "first"}, {"select": "best"}])
+def test_a_meta_learning_setting_outside_its_choices_is_a_usage_error(prepared, setting):
+  data = prepared("synthetic", **TINY)
+  cfg = resolve(Config(dataset="synthetic", method="fast", **setting), data.name)
+  flag = "--" + next(iter(setting)).replace("_", "-")
+  with pytest.raises(UsageError, match=flag):
+    Runner(cfg, data)

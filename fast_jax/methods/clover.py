@@ -411,6 +411,7 @@ def game(ctx: Context, *, run: Callable | None = None):
   ``run``: the step's batch runner (default: by length where it pays,
   :data:`MAX_SHORT_ROWS`)."""
   cfg = ctx.cfg
+  fast.check_config(cfg)
   check_config(cfg, ctx.data)
   spec = spec_from_config(cfg, ctx.data)
   backbone, labels = learn.network(ctx, out_dim=spec.num_classes)

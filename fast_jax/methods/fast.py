@@ -32,6 +32,7 @@ import numpy as np
 import optax
 
 from fast_jax import fairness, meta
+from fast_jax.config import Config, UsageError
 from fast_jax.methods import learner as learn
 from fast_jax.methods.base import Context, Method, TrainState, present_mean, scan_epoch
 
@@ -200,11 +201,27 @@ def init_state(ctx: Context, backbone, labels, rate: learn.InnerRate, tx, key) -
                     hyper={"gamma": jnp.float32(cfg.gamma), "tau": jnp.float32(cfg.tau)})
 
 
+# The meta-learning settings with a fixed set of values (the command line offers only
+# these; a Config built in Python is checked here).
+CHOICES = {"p_update": ("step", "epoch"), "gap_loss": ("mse", "mae"),
+           "resample": ("sample", "expected"), "train_query": ("random", "last"),
+           "select": ("last", "best-valid"), "alpha_mode": ("scalar", "per-param")}
+
+
+def check_config(cfg: Config) -> None:
+  """Reject a meta-learning setting outside :data:`CHOICES`, naming the flag."""
+  for name, allowed in CHOICES.items():
+    if getattr(cfg, name) not in allowed:
+      raise UsageError(f"--{name.replace('_', '-')} {getattr(cfg, name)!r}: expected one of "
+                       f"{', '.join(allowed)}")
+
+
 def meta_method(ctx: Context, obj: Objective, *, by_length: bool = True,
                 network: Callable = learn.network) -> Method:
   """The Method of a meta-learner whose fairness is the Objective ``obj``, on the
   backbone ``network(ctx) -> (Backbone, labels)`` (default the configured MeLU/MetaCS)."""
   cfg = ctx.cfg
+  check_config(cfg)
   backbone, labels = network(ctx)
   lrn = learn.maml(backbone, labels, steps=cfg.inner_steps, first_order=cfg.first_order)
   rate, tx = learn.inner_rate(cfg), optax.adam(cfg.lr)
