@@ -199,17 +199,18 @@ def test_a_folder_holding_a_run_needs_resume_or_overwrite(run_copy, small, tmp_p
   assert _snapshot(run_copy) == before
 
 
-def test_overwrite_removes_the_old_result_files_first_and_keeps_other_files(run_copy, small):
-  from fast_jax.experiment import train_and_evaluate
+def test_overwrite_removes_the_old_result_files_first_and_keeps_other_files(run_copy, small,
+                                                                            tmp_path):
   (run_copy / "notes.txt").write_text("mine")
-  results = train_and_evaluate(Config(dataset=str(small), method="global-mean", seeds=1),
-                               run_copy, overwrite=True, progress=False, echo=lambda s: None)
+  result = _run([RUN, "--dataset", small, "--method", "global-mean", "--seeds", "1",
+                 "--quiet", "--out", run_copy, "--overwrite"], tmp_path)
+  assert result.returncode == 0, result.stderr[-3000:]
   assert (run_copy / "notes.txt").read_text() == "mine"
   assert not (run_copy / "seeds" / "seed-3145.json").exists()  # the old run's 2nd seed
   assert not (run_copy / "checkpoints" / "seed-3145.msgpack").exists()
   assert len((run_copy / "metrics.jsonl").read_text().splitlines()) == 1
   assert json.loads((run_copy / "results.json").read_text())["config"]["method"] == \
-      results["config"]["method"] == "global-mean"
+      "global-mean"
   with pytest.raises(UsageError, match="--resume and --overwrite"):
     runfolder.RunFolder(run_copy, _cfg(small), load_prepared(small), resume=True,
                         overwrite=True)
@@ -259,7 +260,7 @@ def test_a_checkpoint_with_a_flipped_byte_is_refused_naming_the_file(run_copy):
     ckpt.payload()
 
 
-def test_resume_removes_the_temporary_files_a_kill_left(run_copy, small):
+def test_resume_removes_the_temporary_files_a_kill_left(run_copy, small, tmp_path):
   left = [run_copy / ".results.json.k2j3.tmp", run_copy / ".config.json.x9.tmp",
           run_copy / "seeds" / ".seed-3145.json.ab.tmp",
           run_copy / "checkpoints" / ".seed-3145.msgpack.q7",
@@ -267,12 +268,12 @@ def test_resume_removes_the_temporary_files_a_kill_left(run_copy, small):
   for path in left:
     path.write_bytes(b"\0" * 1000)
   (run_copy / ".keep-me").write_text("a user's file")
-  folder = runfolder.RunFolder(run_copy, config_lib.resolve(_cfg(small), "synthetic"),
-                               load_prepared(small), resume=True)
-  folder.release()
+  results = (run_copy / "results.json").read_bytes()
+  result = _run([RUN, "--dataset", small, *QUICK, "--out", run_copy, "--resume"], tmp_path)
+  assert result.returncode == 0, result.stderr[-3000:]
   assert not [p for p in left if p.exists()]
   assert (run_copy / ".keep-me").read_text() == "a user's file"
-  assert (run_copy / "seeds" / "seed-1024.json").exists()
+  assert (run_copy / "results.json").read_bytes() == results  # both seeds were finished
 
 
 # ----------------------------------------------------------------------------- write failures
