@@ -64,6 +64,28 @@ def _assert_one_line_error(result, *names: str) -> str:
   return lines[0]
 
 
+def _interrupt(proc: subprocess.Popen) -> str:
+  """Send SIGINT (Ctrl-C) and wait for the end; kill a process that ignores it. -> stderr."""
+  proc.send_signal(signal.SIGINT)
+  try:
+    return proc.communicate(timeout=120)[1]
+  except subprocess.TimeoutExpired:
+    proc.kill()
+    return proc.communicate()[1] + "\n(killed: SIGINT did not stop it)"
+
+
+def _wait_for(path: pathlib.Path, proc: subprocess.Popen, seconds: float = 240) -> None:
+  """Wait until ``path`` exists while ``proc`` runs; fail (stopping it) otherwise."""
+  deadline = time.monotonic() + seconds
+  while not path.exists():
+    if proc.poll() is not None:
+      pytest.fail(f"the run ended (exit {proc.returncode}) before {path.name} appeared: "
+                  f"{proc.communicate()[1][-2000:]}")
+    if time.monotonic() > deadline:
+      pytest.fail(f"no {path.name} after {seconds} s: {_interrupt(proc)[-2000:]}")
+    time.sleep(0.1)
+
+
 def _snapshot(folder: pathlib.Path) -> dict[str, bytes]:
   return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
           if p.is_file() and p.name != runfolder.LOCK_NAME}
@@ -173,17 +195,13 @@ def test_a_second_run_on_a_folder_in_use_is_refused_and_the_first_is_untouched(s
        "--quiet", "--no-attack", "--out", str(out)], cwd=tmp_path,
       env=_env(tmp_path / "cache"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   try:
-    deadline = time.monotonic() + 240
-    while not (out / "config.json").exists():
-      assert first.poll() is None and time.monotonic() < deadline, first.communicate()[1]
-      time.sleep(0.2)
+    _wait_for(out / "config.json", first)
     second = _run([RUN, "--dataset", small, "--epochs", "1", "--seeds", "1", "--gamma", "0.5",
                    "--quiet", "--out", out], tmp_path)
     assert first.poll() is None  # the first run was still training: the lock refused
     _assert_one_line_error(second, "another run", str(out))
   finally:
-    first.send_signal(signal.SIGINT)
-    first.communicate(timeout=120)
+    _interrupt(first)
   assert json.loads((out / "config.json").read_text())["epochs"] == 100000
   records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
   assert [r["epoch"] for r in records] == list(range(1, len(records) + 1))
@@ -329,13 +347,9 @@ def test_ctrl_c_prints_one_line_keeps_the_checkpoint_and_exits_130(small, tmp_pa
       text=True)
   ckpt = SeedCheckpoint(out, 1024)
   wait_for = out / "config.json" if moment == "compiling" else ckpt.path
-  deadline = time.monotonic() + 240
-  while not wait_for.exists():
-    assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1]
-    time.sleep(0.1)
+  _wait_for(wait_for, proc)
   time.sleep(1.5 if moment == "compiling" else 0.5)
-  proc.send_signal(signal.SIGINT)
-  _, err = proc.communicate(timeout=120)
+  err = _interrupt(proc)
   assert proc.returncode == 130, (proc.returncode, err[-2000:])
   lines = err.splitlines()
   assert len(lines) == 1 and "Traceback" not in err, err[-2000:]
