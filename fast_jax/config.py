@@ -79,7 +79,7 @@ class Config:
   data_parallel: bool = True    # split each batch's users across all devices (if > 1)
   vmap_seeds: bool = False      # train all seeds as one vmapped program (no mid-run checkpoints)
   attack: bool = True           # attacker AUC on the adapted user representations after training
-  # CLOVER. None = from the preset (fast_jax.clover, research/clover.md §3-4).
+  # CLOVER. None = from the preset (fast_jax.methods.clover, docs/methods.md §6).
   clover_preset: str | None = None      # "a1" | "a1-ext" | "full" (README runs); None -> full
   adv: float | None = None              # lambda_1: weight of -L_adv in the recommender objective
   adv2: float | None = None             # lambda_2: weight of A2 (adversary sees lambda_2/lambda_1)
@@ -90,8 +90,8 @@ class Config:
   disable_inner_max: bool | None = None  # no -lambda_1 L_adv in the inner recommender step
   disable_inner_adv: bool | None = None  # no adversary adaptation in the inner loop
   loss: str | None = None               # rating loss: "mse" or "ce" (classes, argmax + min)
-  # Baselines (fast_jax.baselines, research/fast.md §5.6-5.8); `epochs`, `batch_size`,
-  # `init`, `drop_sensitive`, `local_output` and `eval_chunk` apply to them too.
+  # Baselines (fast_jax.methods.widedeep, dropoutnet, nlba; docs/methods.md §7); `epochs`,
+  # `batch_size`, `init`, `drop_sensitive`, `local_output`, `eval_chunk` apply to them too.
   baseline_lr: float = 1e-3             # Adam rate of widedeep, dropoutnet, nlba
   baseline_select: str = "best-valid"   # test the epoch with the lowest valid MAE, or "last"
   baseline_patience: int = 10           # stop after this many epochs without a lower valid MAE
@@ -154,7 +154,7 @@ def resolve_clover(cfg: Config) -> Config:
   flags given explicitly win over the preset."""
   preset = cfg.clover_preset or "full"
   if preset not in CLOVER_PRESETS:
-    return cfg  # reported by fast_jax.clover.check_config
+    return cfg  # reported by fast_jax.methods.clover.check_config
   filled = {**_CLOVER_DEFAULTS, **CLOVER_PRESETS[preset]}
   return cfg.replace(clover_preset=preset, **{
       k: filled[k] if getattr(cfg, k) is None else getattr(cfg, k) for k in CLOVER_FIELDS})
