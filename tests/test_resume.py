@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from fast_jax import experiment, runfolder
+from fast_jax import runfolder
 from fast_jax.checkpoint import SeedCheckpoint
 from fast_jax.config import Config, resolve
 from fast_jax.experiment import UsageError, sweep_and_evaluate, train_and_evaluate

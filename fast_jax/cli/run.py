@@ -5,6 +5,9 @@
 Flags only; the work is fast_jax.experiment.train_and_evaluate. Unset hyperparameters
 take the paper's value for the backbone and dataset (Table 3 for gamma/tau, the FAST
 code's run.sh for learning rates). Bad settings are reported in one line, exit code 2.
+The files go to --out, by default runs/DATASET-BACKBONE-METHOD-YYYYmmdd-HHMMSS/ (printed
+at the end); a folder that holds a run needs --resume or --overwrite. Ctrl-C prints what
+was saved and the command that resumes, and exits with 130.
 """
 
 from __future__ import annotations
