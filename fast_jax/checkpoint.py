@@ -24,6 +24,7 @@ from typing import Any
 from flax import serialization
 
 from fast_jax.config import UsageError
+from fast_jax.files import write_bytes_atomic
 
 _HEADER = re.compile(rb"fast-jax checkpoint 1 sha256=([0-9a-f]{64})\n")
 
@@ -47,7 +48,6 @@ class SeedCheckpoint:
            records: list[dict]) -> None:
     if self.read_only:
       return
-    from fast_jax.runfolder import write_bytes_atomic  # runfolder imports this module
     payload = serialization.msgpack_serialize(
         {"state": serialization.to_state_dict(state),
          "best_state": serialization.to_state_dict(best_state),

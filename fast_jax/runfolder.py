@@ -33,7 +33,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 from typing import Any
 
 import numpy as np
@@ -41,6 +40,8 @@ import numpy as np
 from fast_jax import config as config_lib
 from fast_jax.checkpoint import SeedCheckpoint
 from fast_jax.config import Config, UsageError
+from fast_jax.files import jsonable as _jsonable
+from fast_jax.files import reason, write_json_atomic, writing
 
 LOCK_NAME = ".lock"
 # What a run writes into its folder (wall_time.txt: fast_jax.cli.grid's timing note).
@@ -50,10 +51,6 @@ RUN_ENTRIES = ("config.json", "metrics.jsonl", "results.json", "seeds", "checkpo
 # and the writability probe, left behind when a run is killed mid-write.
 _TEMPORARY = re.compile(r"^\.(?:.+\.(?:json|jsonl|msgpack|csv)\..+|write_test)$")
 _HELD: dict[str, Any] = {}  # real path of a run folder -> this process's open lock file
-
-
-class WriteError(UsageError):
-  """A result file could not be written (a full disk, a lost mount); one line."""
 
 
 class RunFolder:
@@ -110,7 +107,7 @@ class RunFolder:
   def log(self, record: dict) -> None:
     if self.out is not None and self.write:
       path = self.out / "metrics.jsonl"
-      with _writing(path), open(path, "a") as f:
+      with writing(path), open(path, "a") as f:
         f.write(json.dumps(_jsonable(record)) + "\n")
 
   def finished_seed(self, seed: int) -> dict | None:
@@ -134,7 +131,7 @@ class RunFolder:
 
   def save_seed(self, entry: dict, records: list[dict]) -> None:
     if self.out is not None and self.write:
-      with _writing(self.out / "seeds"):
+      with writing(self.out / "seeds"):
         (self.out / "seeds").mkdir(exist_ok=True)
       write_json_atomic(self.out / "seeds" / f"seed-{entry['seed']}.json",
                         {"report": entry, "records": records})
@@ -180,7 +177,7 @@ def check_resumable(out: pathlib.Path, record: dict) -> dict:
     if not isinstance(before, dict):
       raise ValueError("not a JSON object")
   except (OSError, ValueError) as e:
-    raise UsageError(f"--resume: {path} is unreadable ({_reason(e)}); the run cannot be "
+    raise UsageError(f"--resume: {path} is unreadable ({reason(e)}); the run cannot be "
                      "continued: start it again with --overwrite") from None
   _check_same_settings(out, before, record)
   for seed_file in sorted((out / "seeds").glob("seed-*.json")):
@@ -215,7 +212,7 @@ def _read_seed_file(path: pathlib.Path) -> dict:
             and isinstance(saved.get("records"), list)):
       raise ValueError("expected {\"report\": {...}, \"records\": [...]}")
   except (OSError, ValueError) as e:
-    raise UsageError(f"--resume: {path} is unreadable ({_reason(e)}); delete it to train "
+    raise UsageError(f"--resume: {path} is unreadable ({reason(e)}); delete it to train "
                      "that seed again") from None
   return saved
 
@@ -266,77 +263,17 @@ def run_record(cfg: Config, data) -> dict:
   }
 
 
-def write_json_atomic(path: pathlib.Path, obj: Any) -> None:
-  """Write JSON to a temporary file beside ``path`` and rename it into place."""
-  text = json.dumps(_jsonable(obj), indent=1)
-  write_bytes_atomic(path, text.encode())
-
-
-def write_bytes_atomic(path: pathlib.Path, data: bytes) -> None:
-  """Write ``data`` to a temporary file beside ``path``, fsync it and rename it into place,
-  readable as ``open`` would make it (0666 less the umask: 0644 under the usual umask 022;
-  ``mkstemp`` alone gives 0600).
-
-  Raises:
-    WriteError: the write failed (e.g. a full disk); ``path`` keeps its old content and
-      no temporary file is left.
-  """
-  path = pathlib.Path(path)
-  with _writing(path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-      with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-      os.chmod(tmp, 0o666 & ~_umask())
-      os.replace(tmp, path)
-    except BaseException:
-      pathlib.Path(tmp).unlink(missing_ok=True)
-      raise
-
-
-class _writing:
-  """Turn an OSError while writing ``path`` into a one-line WriteError."""
-
-  def __init__(self, path: pathlib.Path):
-    self.path = path
-
-  def __enter__(self):
-    return self
-
-  def __exit__(self, kind, error, tb):
-    if isinstance(error, OSError):
-      raise WriteError(f"cannot write {self.path} ({_reason(error)}); the files already "
-                       f"in {self.path.parent} are intact") from None
-    return False
-
-
 def _write_text(path: pathlib.Path, text: str) -> None:
-  with _writing(path):
+  with writing(path):
     path.write_text(text)
 
 
 def _remove(path: pathlib.Path) -> None:
-  with _writing(path):
+  with writing(path):
     if path.is_dir() and not path.is_symlink():
       shutil.rmtree(path)
     elif path.exists() or path.is_symlink():
       path.unlink()
-
-
-def _umask() -> int:
-  mask = os.umask(0o022)
-  os.umask(mask)
-  return mask
-
-
-def _reason(e: BaseException) -> str:
-  if isinstance(e, OSError):
-    return e.strerror or str(e)
-  text = str(e).splitlines()[0] if str(e) else ""
-  return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 def _lock(out: pathlib.Path) -> None:
@@ -347,7 +284,7 @@ def _lock(out: pathlib.Path) -> None:
   if key in _HELD and not _HELD[key].closed:
     return
   path = out / LOCK_NAME
-  with _writing(path):
+  with writing(path):
     f = open(path, "a+")
   try:
     fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -385,17 +322,3 @@ def _git_commit() -> str | None:
                           text=True, timeout=5).stdout.strip() or None
   except (OSError, subprocess.SubprocessError):
     return None
-
-
-def _jsonable(obj: Any) -> Any:
-  if isinstance(obj, dict):
-    return {str(k): _jsonable(v) for k, v in obj.items()}
-  if isinstance(obj, (list, tuple)):
-    return [_jsonable(v) for v in obj]
-  if isinstance(obj, (np.floating, float)):
-    return None if not np.isfinite(obj) else float(obj)
-  if isinstance(obj, np.integer):
-    return int(obj)
-  if isinstance(obj, np.ndarray):
-    return _jsonable(obj.tolist())
-  return obj

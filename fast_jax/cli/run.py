@@ -74,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
                  help="loss of the group gap (default mse for step, mae for epoch)")
   g.add_argument("--resample", choices=("sample", "expected"), default=d.resample,
                  help="resampled batch B' as drawn counts or their expectation (step mode)")
+  g.add_argument("--p-average", action="store_true",
+                 help="a p that converges: the gap averaged over an epoch's steps and the cap "
+                      "tau / (1 + t/T) after t steps of T per epoch (epoch mode: the cap only); "
+                      "default: the paper's Eq. 9")
   m = p.add_argument_group("meta-learning")
   m.add_argument("--epochs", type=int, default=d.epochs)
   m.add_argument("--seeds", type=int, default=d.seeds, help="number of seeds (the FAST code's five first)")
@@ -219,6 +223,7 @@ _META_ONLY = ("backbone", "lr", "inner_lr", "inner_steps", "first_order", "train
 ONLY_FOR = {
     "gamma": ("fast",), "tau": ("fast",), "gap_loss": ("fast",),
     "p_update": ("fast",), "resample": ("fast",),  # Static: pools, p fixed (methods/static.py)
+    "p_average": ("fast",),
     "reg_weight": ("reg",), "reg_kind": ("reg",),
     **{k: _TRAINED_BASELINES for k in ("baseline_lr", "baseline_select", "baseline_patience")},
     **{k: ("widedeep",) for k in ("interaction_batch", "wide_cross", "finetune_steps",
@@ -295,7 +300,7 @@ def main(argv=None) -> int:
     train_and_evaluate(cfg, out, progress=not args.quiet, resume=args.resume,
                        overwrite=args.overwrite)
   except (UsageError, DataError) as e:
-    from fast_jax.runfolder import WriteError
+    from fast_jax.files import WriteError
     hint = ("; free space, then continue with --resume" if isinstance(e, WriteError) and
             out is not None and (out / "config.json").exists() else "")
     print(f"error: {e}{hint}", file=sys.stderr)
