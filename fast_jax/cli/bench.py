@@ -1,8 +1,20 @@
-"""Speed and memory of the meta-training loop.
+"""Speed and memory of the meta-training loop, of a whole run, and of a Table 2 block.
 
     python experiments/bench.py --dataset bookcrossing --data-dir ../shared/data
+    python experiments/bench.py --breakdown --dataset ml100k --epochs 50 --data-dir ../shared/data
+    python experiments/bench.py --table2 ml100k --jobs 2 --data-dir ../shared/data
 
-Prints, for MeLU+FAST (or --backbone/--method, any meta-learning method) on the
+``--breakdown`` trains one seed of the configuration as a run does and prints where its
+time goes: loading the data, compiling (the epoch scan and the evaluation pass, compiled
+ahead of time so that compilation is not counted as training), training steps, the
+end-of-epoch pass (FAST's epoch-mode p update), validation, the test pass, the attacker
+and writing the run's files (checkpoints and results). It runs on whatever backend JAX
+has. ``--table2 DATASET`` times the whole Table 2 block of one dataset (every row, its
+seeds and epochs: ``--seeds``/``--epochs``, default 5 and each method's own) through the
+Table 2 driver into a temporary folder, and prints each row's wall time.
+
+Without those flags it prints,
+for MeLU+FAST (or --backbone/--method, any meta-learning method) on the
 dataset's training users: compile time, seconds per training epoch (jitted epoch scan,
 and the epoch plus its validation pass), users per second, peak resident memory, the
 epoch by length against whole batches, and the same epoch run as a per-user Python loop
@@ -13,8 +25,11 @@ from ``--loop-steps`` steps (not for CLOVER, whose step is its own).
 from __future__ import annotations
 
 import argparse
+import json
+import pathlib
 import resource
 import sys
+import tempfile
 import time
 
 import jax
@@ -130,6 +145,84 @@ def bench_python_loop(runner: Runner, steps: int) -> dict:
   return {"epoch_s": per_step * steps_per_epoch, "users_per_s": cfg.batch_size / per_step}
 
 
+def bench_breakdown(cfg: Config, epochs: int) -> dict:
+  """Seconds per phase of one seed of a run (module docstring): ``{phase: seconds}``."""
+  from fast_jax import attack
+  from fast_jax.checkpoint import SeedCheckpoint
+  from fast_jax.files import write_json_atomic
+  t = {}
+  t0 = time.perf_counter()
+  data = load_dataset(cfg, progress=False)
+  cfg = resolve(cfg, data.meta["dataset"]).replace(epochs=epochs)
+  t["load data"] = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  runner = Runner(cfg, data)
+  m = runner.method
+  k_init, k_train = jax.random.split(jax.random.key(1024))
+  state = m.init(k_init)
+  t["build"] = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  fit = m.splits["fit"]
+  if m.epoch is not None:
+    m.epoch.lower(state, fit, k_train).compile()
+  runner.per_user(state, "valid")  # compiles the evaluation pass (one chunk shape)
+  t["compile"] = time.perf_counter() - t0
+  for k in ("train steps", "end of epoch", "validation", "checkpoints"):
+    t[k] = 0.0
+  with tempfile.TemporaryDirectory() as tmp:
+    ckpt = SeedCheckpoint(tmp, 1024)
+    for epoch in range(1, epochs + 1 if m.epoch is not None else 1):
+      t0 = time.perf_counter()
+      state, steps = m.epoch(state, fit, jax.random.fold_in(k_train, epoch))
+      jax.block_until_ready(steps)
+      t["train steps"] += time.perf_counter() - t0
+      t0 = time.perf_counter()
+      state, _ = m.end_of_epoch(state, runner.per_user)
+      jax.block_until_ready(state)
+      t["end of epoch"] += time.perf_counter() - t0
+      t0 = time.perf_counter()
+      runner.evaluate(state, "valid")
+      t["validation"] += time.perf_counter() - t0
+      if epoch % cfg.checkpoint_every == 0 or epoch == epochs:
+        t0 = time.perf_counter()
+        ckpt.save(state=state, best_state=state, best_score=0.0, epoch=epoch, records=[])
+        t["checkpoints"] += time.perf_counter() - t0
+    t0 = time.perf_counter()
+    report = runner.evaluate(state, "test")
+    t["test"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    if m.represent is not None and cfg.attack:
+      report.update(attack.report(runner.representations(state, "train"),
+                                  np.asarray(m.splits["train"]["group"]),
+                                  runner.representations(state, "test"),
+                                  np.asarray(m.splits["test"]["group"])))
+    t["attacker"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    write_json_atomic(pathlib.Path(tmp) / "results.json", report)
+    t["results file"] = time.perf_counter() - t0
+  return t
+
+
+def bench_table2(dataset: str, *, data_dir: str | None, seeds: int, epochs: int | None,
+                 jobs: int, vmap: bool) -> list[tuple[str, float]]:
+  """Wall seconds of each Table 2 row of ``dataset`` and of the whole block, trained
+  through the Table 2 driver into a temporary folder."""
+  from fast_jax.cli import grid, table2
+  runs = table2.make_runs([dataset], table2.ROWS, seeds=seeds, epochs=epochs,
+                          data_dir=data_dir, p_update="step")
+  with tempfile.TemporaryDirectory() as tmp:
+    t0 = time.perf_counter()
+    grid.run_grid(runs, pathlib.Path(tmp), vmap=vmap, jobs=jobs)
+    total = time.perf_counter() - t0
+    rows = []
+    for run in runs:
+      path = pathlib.Path(tmp) / run.name / "metrics.jsonl"
+      seconds = sum(json.loads(line).get("seconds", 0.0)
+                    for line in path.read_text().splitlines()) if path.exists() else 0.0
+      rows.append((run.row, seconds))
+  return rows + [("whole block (wall)", total)]
+
+
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -148,7 +241,34 @@ def main(argv=None) -> int:
                       "timed against whole batches")
   p.add_argument("--seeds", type=int, default=0,
                  help="also time an epoch of this many seeds vmapped vs sequential")
+  p.add_argument("--breakdown", action="store_true",
+                 help="time every phase of one seed of a whole run (--epochs epochs)")
+  p.add_argument("--table2", metavar="DATASET", default=None,
+                 help="time the whole Table 2 block of DATASET (--seeds, default 5)")
+  p.add_argument("--jobs", type=int, default=1, help="--table2: runs at once")
+  p.add_argument("--vmap", action="store_true", help="--table2: vmapped seeds")
   args = p.parse_args(argv)
+  if args.table2 is not None:
+    rows = bench_table2(args.table2, data_dir=args.data_dir, seeds=args.seeds or 5,
+                        epochs=None, jobs=args.jobs, vmap=args.vmap)
+    print(f"Table 2 block of {args.table2} on {jax.default_backend()} "
+          f"({args.seeds or 5} seeds, --jobs {args.jobs}{', --vmap' if args.vmap else ''}):")
+    for row, seconds in rows:
+      print(f"  {row:<22s} {seconds:8.1f} s" + ("" if "wall" in row else
+                                                 "  (epochs and validation)"))
+    return 0
+  if args.breakdown:
+    cfg = Config(dataset=args.dataset, data_dir=args.data_dir, backbone=args.backbone,
+                 method=args.method, p_update=args.p_update, batch_size=args.batch_size,
+                 first_order=args.first_order, length_parts=args.length_parts)
+    times = bench_breakdown(cfg, args.epochs)
+    total = sum(times.values())
+    print(f"{args.backbone}+{args.method} on {args.dataset}, one seed, {args.epochs} "
+          f"epochs, backend {jax.default_backend()}: {total:.1f} s")
+    for phase, seconds in times.items():
+      print(f"  {phase:<14s} {seconds:7.2f} s  {100 * seconds / total:5.1f}%")
+    print(f"peak RSS: {peak_rss_mb():.0f} MB")
+    return 0
   if args.method not in config_lib.META_METHODS:
     p.error(f"--method must be a meta-learning method ({', '.join(config_lib.META_METHODS)}), "
             f"got {args.method!r}")
