@@ -17,6 +17,7 @@ Network (docs/methods.md §4), for embedding size d = 32::
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Callable, Sequence
 
@@ -172,6 +173,13 @@ def merge_params(local: dict, glob: dict) -> Params:
   return traverse_util.unflatten_dict({**glob, **local})
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _init_params(module: nn.Module, key: jax.Array, x: jax.Array) -> Params:
+  # Jitted once per network (an eager Flax init compiles every initialiser op
+  # separately, and a jit made per call compiles again for every seed).
+  return module.init(key, x)["params"]
+
+
 @dataclasses.dataclass(frozen=True)
 class Backbone:
   """A network plus its local/global partition: what the meta-learner needs."""
@@ -179,8 +187,7 @@ class Backbone:
   local_modules: tuple[str, ...]
 
   def init(self, key: jax.Array, x: jax.Array) -> Params:
-    # Jitted: an eager Flax init compiles every initialiser op separately.
-    return jax.jit(lambda k, x: self.module.init(k, x)["params"])(key, x)
+    return _init_params(self.module, key, x)
 
   def apply(self, params: Params, x: jax.Array) -> jax.Array:
     """Predictions from raw inputs. x: int32[..., F]."""
