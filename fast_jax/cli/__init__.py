@@ -20,6 +20,7 @@ COMMANDS = {
     "table2": ("fast_jax.cli.table2", "the FAST paper's Table 2 (runs, then tables)"),
     "figure3": ("fast_jax.cli.figure3", "the FAST paper's Figure 3 (Origin, Static, FAST; p)"),
     "figure4": ("fast_jax.cli.figure4", "the FAST paper's Figure 4 (gamma / tau sweep)"),
+    "tune": ("fast_jax.cli.tune", "choose the inner loop on validation users (Origin grid)"),
     "collect": ("fast_jax.cli.collect", "tabulate finished run folders"),
     "bench": ("fast_jax.cli.bench", "time training on this machine"),
     "plot": ("fast_jax.cli.plots", "plots of tables and run folders"),

@@ -1,0 +1,57 @@
+"""The validated-protocol sweep picks by validation MAE, never by test."""
+
+import json
+
+import pytest
+
+from fast_jax.cli import tune
+from fast_jax.cli.grid import Run
+from fast_jax.config import Config
+
+# (inner lr, per-seed last-epoch validation MAE, test MAE): the best on test is not the
+# best on validation.
+POINTS = [(1e-4, [0.95, 0.97], 0.90), (1e-2, [0.90, 0.92], 0.93), (3e-2, [0.91, 0.91], 0.85)]
+
+
+def _fake_run(root, lr, valid, test_mae):
+  cfg = Config(dataset="ml100k", backbone="melu", method="origin", inner_lr=lr, seeds=2)
+  run = Run(name=f"ml100k/melu-ilr{lr:g}", cfg=cfg)
+  folder = root / run.name
+  folder.mkdir(parents=True)
+  lines = []
+  for seed, last in zip((1024, 3145), valid):
+    for epoch, mae in ((1, 0.5), (2, last)):  # epoch 1 lower: "last" must not use it
+      lines.append(json.dumps({"seed": seed, "epoch": epoch, "valid": {"mae": mae}}))
+  (folder / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+  mean = {"mae": test_mae, "mse": 1.0, "gf_mae": 0.1}
+  return run, {"mean": mean}
+
+
+def test_the_sweep_picks_the_lowest_validation_mae_not_the_lowest_test_mae(tmp_path):
+  runs, results = [], {}
+  for lr, valid, test_mae in POINTS:
+    run, res = _fake_run(tmp_path, lr, valid, test_mae)
+    runs.append(run)
+    results[run.name] = res
+  rows = tune.summarize(runs, tmp_path, results)
+  assert [r["valid_mae"] for r in rows] == pytest.approx([0.96, 0.91, 0.91])
+  [best] = tune.pick(rows)
+  assert best["inner_lr"] == 1e-2  # lowest validation MAE (first of the tie), not 3e-2
+  assert min(rows, key=lambda r: r["test_mae"])["inner_lr"] == 3e-2
+
+
+def test_best_valid_runs_are_judged_at_their_best_epoch(tmp_path):
+  run, _ = _fake_run(tmp_path, 1e-3, [0.9, 0.8], 0.9)
+  assert tune.validation_maes(tmp_path / run.name, "best-valid") == [0.5, 0.5]
+  assert tune.validation_maes(tmp_path / run.name, "last") == [0.9, 0.8]
+
+
+def test_the_grid_covers_the_issues_settings_for_each_backbone():
+  runs = tune.make_runs(["ml100k"], ["melu", "metacs"], seeds=3, epochs=None, data_dir=None)
+  melu = [r.cfg for r in runs if r.cfg.backbone == "melu"]
+  metacs = [r.cfg for r in runs if r.cfg.backbone == "metacs"]
+  assert len(melu) == 5 * 2 * 2 and len(metacs) == 3 * 5 * 2 * 2
+  assert {c.inner_lr for c in melu} == set(tune.INNER_LRS)
+  assert {c.lr for c in metacs} == {1e-5, 1e-4, 1e-3}
+  assert all(c.method == "origin" and c.seeds == 3 and not c.attack for c in melu + metacs)
+  assert len({r.name for r in runs}) == len(runs)
