@@ -1,12 +1,15 @@
-"""Run one configuration for N seeds and write the result files of DESIGN.md.
+"""Run one configuration for N seeds and write its result files.
 
 ``train_and_evaluate(cfg, out_dir)`` is what ``experiments/run.py`` and the notebooks
 call. It writes into ``out_dir``:
 
 * ``config.json``: every setting used, library versions and the git commit;
 * ``metrics.jsonl``: one JSON object per epoch and seed;
-* ``results.json``: per-seed test metrics with per-group values, and mean / population
-  std (ddof = 0) over seeds.
+* ``results.json``: per-seed test metrics with per-group values (each group with its
+  name; ``group_names`` lists them), a meta-learner's ``adaptation``
+  (:mod:`fast_jax.diagnostics`), and mean / population std (ddof = 0) over seeds;
+* ``predictions/seed-S.csv``: each test user's query rows with the selected state's
+  adapted and unadapted predictions.
 
 Files are written atomically (temporary file, then rename).
 """
@@ -20,8 +23,8 @@ from typing import Callable
 
 import numpy as np
 
+from fast_jax import compile_cache, diagnostics, sharding
 from fast_jax import config as config_lib
-from fast_jax import sharding
 from fast_jax.config import Config, UsageError
 from fast_jax.metrics import METRIC_KEYS
 from fast_jax.runfolder import RunFolder
@@ -89,11 +92,13 @@ def make_runner(cfg: Config, data) -> Runner:
   return Runner(cfg, data)
 
 
-def finish(folder: RunFolder, cfg: Config, per_seed: list[dict], diverged: list[dict]) -> dict:
+def finish(folder: RunFolder, cfg: Config, per_seed: list[dict], diverged: list[dict],
+           group_names: list[str]) -> dict:
   """Aggregate the seeds and write ``results.json``; return its content."""
   if not per_seed:
     raise Diverged("every seed diverged: " + "; ".join(d["message"] for d in diverged))
-  results = {"config": cfg.to_dict(), "per_seed": per_seed, **aggregate(per_seed)}
+  results = {"config": cfg.to_dict(), "group_names": list(group_names), "per_seed": per_seed,
+             **aggregate(per_seed)}
   if diverged:
     results["diverged"] = diverged
   folder.write_results(results)
@@ -121,6 +126,7 @@ def train_and_evaluate(cfg: Config, out_dir: str | os.PathLike | None = None, *,
     the content of ``results.json``.
   """
   check_config(cfg)
+  compile_cache.enable()
   if not sharding.is_writer():  # other processes of a multi-process job: quiet
     progress, echo = False, lambda text: None
   if data is None:
@@ -135,18 +141,21 @@ def train_and_evaluate(cfg: Config, out_dir: str | os.PathLike | None = None, *,
   else:
     def train(seed: int):
       records: list[dict] = []
+      rows: list[dict] = []
 
       def log_seed(r: dict) -> None:
         records.append(r)
         folder.log(r)
       try:
-        return runner.run_seed(seed, log=log_seed, progress=progress,
-                               checkpoint=folder.checkpoint(seed),
-                               checkpoint_every=cfg.checkpoint_every)[1], records
+        report = runner.run_seed(seed, log=log_seed, progress=progress,
+                                 checkpoint=folder.checkpoint(seed),
+                                 checkpoint_every=cfg.checkpoint_every,
+                                 predictions=rows.append)[1]
+        return report, records, rows[0]
       except Diverged as e:
-        return e, records
+        return e, records, None
     per_seed, diverged = _collect(folder, config_lib.seed_list(cfg.seeds), train)
-  results = finish(folder, cfg, per_seed, diverged)
+  results = finish(folder, cfg, per_seed, diverged, runner.group_names)
   echo(format_table(results, data.meta))
   return results
 
@@ -170,6 +179,7 @@ def sweep_and_evaluate(cfgs: list[Config], out_dirs: list | None = None, *, data
   """
   if not cfgs:
     return []
+  compile_cache.enable()
   out_dirs = list(out_dirs) if out_dirs is not None else [None] * len(cfgs)
   if len(out_dirs) != len(cfgs):
     raise ValueError(f"{len(cfgs)} configurations but {len(out_dirs)} output folders")
@@ -196,7 +206,7 @@ def sweep_and_evaluate(cfgs: list[Config], out_dirs: list | None = None, *, data
   outcomes = _run_lanes(runner, list(zip(cfgs, folders)), progress=progress)
   results = []
   for cfg, folder, (per_seed, diverged) in zip(cfgs, folders, outcomes):
-    results.append(finish(folder, cfg, per_seed, diverged))
+    results.append(finish(folder, cfg, per_seed, diverged, runner.group_names))
     echo(f"gamma={cfg.gamma:g} tau={cfg.tau:g}: " + format_table(results[-1], data.meta))
   return results
 
@@ -208,45 +218,49 @@ def _run_lanes(runner, runs: list[tuple[Config, RunFolder]], *,
   lanes = [(i, seed) for i, (cfg, folder) in enumerate(runs)
            for seed in config_lib.seed_list(cfg.seeds) if folder.finished_seed(seed) is None]
   records: dict[tuple[int, int], list[dict]] = {lane: [] for lane in lanes}
+  rows: dict[tuple[int, int], dict] = {}
   reports = runner.run_lanes(
       [seed for _, seed in lanes],
       hypers=[{k: getattr(runs[i][0], k) for k in SWEEPABLE} for i, _ in lanes],
       log=lambda k, record: records[lanes[k]].append(record),
-      progress=progress) if lanes else []
+      progress=progress,
+      predictions=lambda k, columns: rows.__setitem__(lanes[k], columns)) if lanes else []
   by_lane = dict(zip(lanes, reports))
 
   def collected(i: int, cfg: Config, folder: RunFolder):
     def train(seed: int):
       for r in records[(i, seed)]:
         folder.log(r)
-      return by_lane[(i, seed)], records[(i, seed)]
+      return by_lane[(i, seed)], records[(i, seed)], rows.get((i, seed))
     return _collect(folder, config_lib.seed_list(cfg.seeds), train)
   return [collected(i, cfg, folder) for i, (cfg, folder) in enumerate(runs)]
 
 
 def _collect(folder: RunFolder, seeds: list[int], train: Callable) -> tuple[list, list]:
   """Per-seed reports and diverged seeds of a run: a seed finished before a resume is
-  replayed from its folder, any other comes from ``train(seed) -> (report or Diverged,
-  epoch records)`` and is filed (its report kept in ``seeds/``)."""
+  replayed from its folder (its predictions file stays), any other comes from
+  ``train(seed) -> (report or Diverged, epoch records, test prediction columns)`` and is
+  filed (its report kept in ``seeds/``, its predictions in ``predictions/``)."""
   per_seed, diverged = [], []
   for seed in seeds:
     done = folder.replay(seed)
     if done is not None:
       per_seed.append(done)
       continue
-    outcome, records = train(seed)
+    outcome, records, predictions = train(seed)
     if isinstance(outcome, Diverged):
       print(f"warning: {outcome}", file=sys.stderr)
       diverged.append({"seed": seed, "message": str(outcome)})
       continue
     entry = {"seed": seed, **outcome}
     per_seed.append(entry)
-    folder.save_seed(entry, records)
+    folder.save_seed(entry, records, predictions)
   return per_seed, diverged
 
 
 def aggregate(per_seed: list[dict]) -> dict:
-  """Mean and population std (ddof = 0) over seeds of every metric, overall and per group."""
+  """Mean and population std (ddof = 0) over seeds of every metric, overall, per group
+  (a group's name is kept, not averaged) and of the adaptation diagnostics."""
   mean, std = {}, {}
   for key in SUMMARY_KEYS:
     values = np.array([r[key] for r in per_seed], dtype=np.float64)
@@ -257,11 +271,23 @@ def aggregate(per_seed: list[dict]) -> dict:
     values = np.array([r[key] for r in per_seed if r.get(key) is not None], dtype=np.float64)
     if values.size:
       mean[key], std[key] = float(np.mean(values)), float(np.std(values))
+  # Adaptation diagnostics: meta-learners only (seeds replayed from an older run may
+  # lack them); a value is null where it is undefined.
+  adaptation = [r["adaptation"] for r in per_seed if r.get("adaptation")]
+  if adaptation:
+    mean["adaptation"], std["adaptation"] = {}, {}
+    for key in diagnostics.ADAPTATION_KEYS:
+      values = np.array([a[key] for a in adaptation if a.get(key) is not None], np.float64)
+      mean["adaptation"][key] = float(np.mean(values)) if values.size else None
+      std["adaptation"][key] = float(np.std(values)) if values.size else None
   groups = per_seed[0].get("group", {})
   mean["group"], std["group"] = {}, {}
   for g in groups:
     mean["group"][g], std["group"][g] = {}, {}
-    for key in groups[g]:
+    for key, value in groups[g].items():
+      if isinstance(value, str):  # the group's name
+        mean["group"][g][key] = std["group"][g][key] = value
+        continue
       values = np.array([r["group"][g][key] for r in per_seed], dtype=np.float64)
       mean["group"][g][key], std["group"][g][key] = float(np.mean(values)), float(np.std(values))
   return {"mean": mean, "std": std}
@@ -282,6 +308,10 @@ def format_table(results: dict, meta: dict) -> str:
     label = names[int(g)] if int(g) < len(names) else g
     lines.append(f"group {g} ({label}, n={vals['n']:.0f}): " + ", ".join(
         f"{k} {vals[k]:.3f}" for k in METRIC_KEYS if k in vals))
+  if "adaptation" in results["mean"]:
+    summary = {k: float("nan") if v is None else v
+               for k, v in results["mean"]["adaptation"].items()}
+    lines.append(diagnostics.format_line(summary, results["mean"]["mae"]))
   if "auc_attack" in results["mean"]:
     lines.append(f"attacker AUC: {results['mean']['auc_attack']:.3f} ± "
                  f"{results['std']['auc_attack']:.3f}")

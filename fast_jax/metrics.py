@@ -79,16 +79,18 @@ METRIC_KEYS = ("mae", "mse", "ndcg3")
 
 
 def group_report(per_user: dict[str, np.ndarray], group: np.ndarray,
-                 num_groups: int) -> dict:
+                 num_groups: int, *, names: list[str] | None = None) -> dict:
   """Overall, per-group and GF values of per-user metrics (host side, NumPy).
 
   Args:
     per_user: metric name -> float[U].
     group: int[U] group of each user.
     num_groups: G; groups without users report n = 0 and NaN means.
+    names: the G group names (``meta["sensitive"]["groups"]``), kept as each group's
+      ``"name"`` beside its numbers; None: no names.
   Returns:
     ``{"mae": .., "mse": .., "ndcg3": .., "gf_mae": .., "gf_mse": .., "gf_ndcg3": ..,
-    "group": {"0": {"n": .., "mae": .., ...}, ...}}``.
+    "group": {"0": {"n": .., "mae": .., ..., "name": ..}, ...}}``.
   """
   group = np.asarray(group)
   report: dict = {}
@@ -103,6 +105,9 @@ def group_report(per_user: dict[str, np.ndarray], group: np.ndarray,
       if not np.isnan(m):
         means.append(m)
     report[f"gf_{name}"] = float(max(means) - min(means)) if len(means) >= 2 else float("nan")
+  if names is not None:
+    for g in range(num_groups):
+      groups[str(g)]["name"] = str(names[g])
   report["group"] = groups
   return report
 

@@ -3,7 +3,8 @@
 ``config.json`` (every setting, the data, library versions and the git commit),
 ``metrics.jsonl`` (one JSON object per epoch and seed), ``results.json`` (per-seed test
 metrics and their mean / std), ``seeds/seed-S.json`` (a finished seed's report and epoch
-records) and ``checkpoints/seed-S.msgpack`` (an unfinished seed, with a checksum).
+records), ``predictions/seed-S.csv`` (a finished seed's test query rows, :func:`predictions_csv`)
+and ``checkpoints/seed-S.msgpack`` (an unfinished seed, with a checksum).
 
 The rules that keep a folder from being corrupted:
 
@@ -41,7 +42,7 @@ from fast_jax import config as config_lib
 from fast_jax.checkpoint import SeedCheckpoint
 from fast_jax.config import Config, UsageError
 from fast_jax.files import jsonable as _jsonable
-from fast_jax.files import reason, write_json_atomic, writing
+from fast_jax.files import reason, write_bytes_atomic, write_json_atomic, writing
 
 LOCK_NAME = ".lock"
 # What a run writes into its folder (wall_time.txt: fast_jax.cli.grid's timing note).
@@ -129,8 +130,13 @@ class RunFolder:
     return SeedCheckpoint(self.out, seed, read_only=not self.write) if (
         self.out is not None) else None
 
-  def save_seed(self, entry: dict, records: list[dict]) -> None:
+  def save_seed(self, entry: dict, records: list[dict], predictions: dict | None = None) -> None:
+    """File a finished seed: its test predictions (``predictions/seed-S.csv``), then its
+    report and records (``seeds/seed-S.json``, which marks it finished for a resume)."""
     if self.out is not None and self.write:
+      if predictions is not None:
+        write_bytes_atomic(self.out / "predictions" / f"seed-{entry['seed']}.csv",
+                           predictions_csv(predictions))
       with writing(self.out / "seeds"):
         (self.out / "seeds").mkdir(exist_ok=True)
       write_json_atomic(self.out / "seeds" / f"seed-{entry['seed']}.json",
@@ -148,6 +154,32 @@ class RunFolder:
       f = _HELD.pop(os.path.realpath(self.out), None)
       if f is not None:
         f.close()
+
+
+PREDICTION_COLUMNS = ("user_id", "group", "item_row", "y", "y_hat", "y_hat_unadapted")
+
+
+def predictions_csv(columns: dict) -> bytes:
+  """``predictions/seed-S.csv``: a header of :data:`PREDICTION_COLUMNS`, then one line per
+  test query row (:meth:`fast_jax.runner.Runner.predictions`). Predictions are written with
+  9 significant digits, which a float32 survives exactly; ``y_hat_unadapted`` is empty
+  for a method without an inner loop."""
+  n = len(columns["y"])
+  unadapted = columns.get("y_hat_unadapted")
+  cells = {"user_id": [str(int(v)) for v in columns["user_id"]],
+           "group": [_csv_field(str(v)) for v in columns["group"]],
+           "item_row": [str(int(v)) for v in columns["item_row"]],
+           "y": [f"{float(v):.9g}" for v in columns["y"]],
+           "y_hat": [f"{float(v):.9g}" for v in columns["y_hat"]],
+           "y_hat_unadapted": ([""] * n if unadapted is None
+                               else [f"{float(v):.9g}" for v in unadapted])}
+  lines = [",".join(PREDICTION_COLUMNS)]
+  lines += [",".join(cells[c][i] for c in PREDICTION_COLUMNS) for i in range(n)]
+  return ("\n".join(lines) + "\n").encode()
+
+
+def _csv_field(text: str) -> str:
+  return '"' + text.replace('"', '""') + '"' if any(c in text for c in ',"\n') else text
 
 
 def holds_run(out: pathlib.Path) -> str | None:
@@ -234,10 +266,10 @@ def saved_state(out: pathlib.Path) -> str:
 
 
 def remove_temporary_files(out: pathlib.Path) -> list[pathlib.Path]:
-  """Delete the temporary files that killed writes left in ``out``, ``out/seeds`` and
-  ``out/checkpoints``; return them."""
+  """Delete the temporary files that killed writes left in ``out`` and its ``seeds``,
+  ``checkpoints`` and ``predictions``; return them."""
   removed = []
-  for folder in (out, out / "seeds", out / "checkpoints"):
+  for folder in (out, out / "seeds", out / "checkpoints", out / "predictions"):
     if folder.is_dir():
       for path in folder.iterdir():
         if _TEMPORARY.match(path.name) and path.is_file():

@@ -6,7 +6,9 @@ What it owns, for every method alike: the seed's keys (epoch e always uses
 checkpoints and resume, divergence (a non-finite step loss raises :class:`Diverged`,
 naming the epoch and step), the ``metrics.jsonl`` records, selection of the tested epoch
 (last, or lowest validation MAE, with early stopping), data parallelism (the context's
-mesh), evaluation on the fixed last-10 query in fixed-size chunks, and the attacker.
+mesh), evaluation on the fixed last-10 query in fixed-size chunks (with a meta-learner's
+adaptation diagnostics, :mod:`fast_jax.diagnostics`, and the test users' per-row
+predictions), and the attacker.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from fast_jax import attack, meta, metrics, methods, sharding
+from fast_jax import attack, diagnostics, meta, metrics, methods, sharding
 from fast_jax.checkpoint import SeedCheckpoint
 from fast_jax.config import Config, UsageError
 from fast_jax.methods.base import Method, make_context
@@ -60,9 +62,16 @@ class Runner:
 
     @jax.jit
     def score(state, x, y, length, group):
+      """Per-user metrics and the query predictions behind them; a meta-learner's
+      unadapted predictions come from the same pass (``pred0``)."""
       support, query_idx = meta.last_query_split(length, max_len)
       pred = self.method.predict(state, x, y, support, query_idx, group)
-      return metrics.user_metrics(pred, meta.take_rows(y, query_idx))
+      y_q = meta.take_rows(y, query_idx)
+      out = {"metrics": metrics.user_metrics(pred, y_q), "pred": pred, "y": y_q,
+             "query_idx": query_idx}
+      if self.method.predict_unadapted is not None:
+        out["pred0"] = self.method.predict_unadapted(state, x, y, support, query_idx, group)
+      return out
 
     @jax.jit
     def represent(state, x, y, length, group):
@@ -77,16 +86,49 @@ class Runner:
     d = self.method.splits[split]
     return d["x"], d["y"], d["length"], d["group"]
 
-  def per_user(self, state, split: str) -> dict[str, np.ndarray]:
-    """Per-user MAE, MSE, NDCG@3 of every user of a split (host arrays, float[U])."""
+  def scores(self, state, split: str) -> dict[str, Any]:
+    """One evaluation pass over a split's users on their last-10 query: ``metrics``
+    (per-user MAE, MSE, NDCG@3, float[U]), ``pred``, ``y`` (float[U, Q]), ``query_idx``
+    (int[U, Q]) and, for a meta-learner, ``pred0`` (float[U, Q], unadapted); host arrays."""
     return map_chunks(lambda *a: self._score(state, *a), self._arrays(split),
                       self.cfg.eval_chunk)
 
-  def evaluate(self, state, split: str) -> dict:
-    """The split's metrics report (overall, per group, GF)."""
-    return metrics.group_report(self.per_user(state, split),
-                                np.asarray(self.method.splits[split]["group"]),
-                                self.ctx.num_groups)
+  def per_user(self, state, split: str) -> dict[str, np.ndarray]:
+    """Per-user MAE, MSE, NDCG@3 of every user of a split (host arrays, float[U])."""
+    return self.scores(state, split)["metrics"]
+
+  @property
+  def group_names(self) -> list[str]:
+    return [str(n) for n in self.ctx.data.meta["sensitive"]["groups"]]
+
+  def evaluate(self, state, split: str, *, scores: dict | None = None) -> dict:
+    """The split's metrics report (overall, per group with its name, GF) and, for a
+    meta-learner, its ``adaptation`` (:func:`fast_jax.diagnostics.summarize`), from one
+    pass (``scores``: that pass, already run)."""
+    scores = self.scores(state, split) if scores is None else scores
+    report = metrics.group_report(scores["metrics"],
+                                  np.asarray(self.method.splits[split]["group"]),
+                                  self.ctx.num_groups, names=self.group_names)
+    if "pred0" in scores:
+      d = self.ctx.data.split(split)
+      support_mean = diagnostics.support_means(d.y, d.length, scores["y"].shape[1])
+      report["adaptation"] = diagnostics.summarize(diagnostics.adaptation_per_user(
+          scores["pred"], scores["pred0"], scores["y"], support_mean))
+    return report
+
+  def predictions(self, scores: dict, split: str) -> dict[str, np.ndarray]:
+    """The query rows of a split's :meth:`scores` as columns, user by user
+    (``predictions/seed-S.csv``): ``user_id``, ``group`` (its name), ``item_row`` (the
+    row within the user), ``y``, ``y_hat`` and ``y_hat_unadapted`` (None without an
+    inner loop)."""
+    d = self.ctx.data.split(split)
+    q = scores["y"].shape[1]
+    names = np.array(self.group_names, dtype=object)
+    return {"user_id": np.repeat(np.asarray(d.user_id), q),
+            "group": names[np.repeat(np.asarray(d.group), q)],
+            "item_row": scores["query_idx"].reshape(-1), "y": scores["y"].reshape(-1),
+            "y_hat": scores["pred"].reshape(-1),
+            "y_hat_unadapted": scores["pred0"].reshape(-1) if "pred0" in scores else None}
 
   def representations(self, state, split: str) -> np.ndarray | None:
     """float[U, D] adapted user representations of every user of a split, or None when
@@ -96,12 +138,17 @@ class Runner:
     return map_chunks(lambda *a: self._represent(state, *a), self._arrays(split),
                       self.cfg.eval_chunk)
 
-  def test_report(self, state, *, selected_epoch: int, epochs_run: int) -> dict:
-    """What a finished seed reports (``results.json`` per seed): the test metrics, the
-    attacker AUC of a meta-learner's adapted user representations (docs/methods.md §6.3), and
-    a baseline's choices."""
+  def test_report(self, state, *, selected_epoch: int, epochs_run: int,
+                  predictions: Callable[[dict], None] | None = None) -> dict:
+    """What a finished seed reports (``results.json`` per seed): the test metrics (with a
+    meta-learner's adaptation), the attacker AUC of a meta-learner's adapted user
+    representations (docs/methods.md §6.3), and a baseline's choices. ``predictions``
+    receives the test rows of :meth:`predictions`, from the same pass."""
     m = self.method
-    report = self.evaluate(state, "test")
+    scores = self.scores(state, "test")
+    report = self.evaluate(state, "test", scores=scores)
+    if predictions is not None:
+      predictions(self.predictions(scores, "test"))
     if m.represent is not None:
       if not self.cfg.attack:
         report.update(attack.unavailable("attacker disabled (--no-attack)"))
@@ -132,9 +179,10 @@ class Runner:
 
   def run_seed(self, seed: int, *, log: Callable[[dict], None] = lambda r: None,
                progress: bool = True, checkpoint: SeedCheckpoint | None = None,
-               checkpoint_every: int = 5) -> tuple[Any, dict]:
+               checkpoint_every: int = 5,
+               predictions: Callable[[dict], None] | None = None) -> tuple[Any, dict]:
     """Train one seed for ``cfg.epochs`` epochs; return the selected state and its test
-    report.
+    report (``predictions``: :meth:`test_report`'s).
 
     With ``checkpoint``, the seed continues from its last checkpoint if there is one, and
     a checkpoint is written every ``checkpoint_every`` epochs and after the last epoch.
@@ -150,7 +198,8 @@ class Runner:
       t0 = time.perf_counter()
       log({"seed": seed, "epoch": 0, **m.record(state, self.evaluate(state, "train")),
            "valid": self.evaluate(state, "valid"), "seconds": time.perf_counter() - t0})
-      return state, self.test_report(state, selected_epoch=0, epochs_run=0)
+      return state, self.test_report(state, selected_epoch=0, epochs_run=0,
+                                     predictions=predictions)
     best_score, best_state, best_epoch, start, records = np.inf, state, 0, 1, []
     if checkpoint is not None and checkpoint.exists():
       saved = checkpoint.restore(state)
@@ -181,7 +230,8 @@ class Runner:
     selected = epoch
     if m.select == "best-valid":
       state, selected = best_state, best_epoch
-    return state, self.test_report(state, selected_epoch=selected, epochs_run=epoch)
+    return state, self.test_report(state, selected_epoch=selected, epochs_run=epoch,
+                                   predictions=predictions)
 
   @property
   def lanes_method(self) -> Method:
@@ -193,7 +243,9 @@ class Runner:
 
   def run_lanes(self, seeds: list[int], *, hypers: list[dict] | None = None,
                 log: Callable[[int, dict], None] = lambda lane, r: None,
-                progress: bool = True) -> list[dict | Diverged]:
+                progress: bool = True,
+                predictions: Callable[[int, dict], None] | None = None
+                ) -> list[dict | Diverged]:
     """Train several lanes as one vectorised program: the epoch scan ``vmap``-ped over a
     stack of train states and their keys. Lane i is seed ``seeds[i]`` with the
     hyperparameters ``hypers[i]`` (e.g. ``{"gamma": 0.5, "tau": 0.1}``; default: the
@@ -202,7 +254,8 @@ class Runner:
     Keys, initial states and selection are those of :meth:`run_seed`, so each lane's
     result matches a sequential run up to floating-point reassociation. The end of an
     epoch (validation, FAST's epoch-mode p, logging as ``log(lane, record)``) runs per
-    lane on the host. No mid-run checkpoints.
+    lane on the host. No mid-run checkpoints. ``predictions(lane, columns)`` receives
+    each finished lane's test rows (:meth:`test_report`).
 
     Returns:
       per lane, its test report, or the :class:`Diverged` error that stopped it (its
@@ -246,13 +299,15 @@ class Runner:
             log(i, record)
         lanes.append(state)
       states = _stack(lanes)
-    select = m.select == "best-valid"
     epochs = self.cfg.epochs
-    return [failed[i] if i in failed else
-            self.test_report(best[i][1], selected_epoch=best[i][2], epochs_run=epochs)
-            if select else
-            self.test_report(_index(states, i), selected_epoch=epochs, epochs_run=epochs)
-            for i in range(len(seeds))]
+
+    def report(i: int) -> dict:
+      state, selected = ((best[i][1], best[i][2]) if m.select == "best-valid"
+                         else (_index(states, i), epochs))
+      return self.test_report(
+          state, selected_epoch=selected, epochs_run=epochs,
+          predictions=None if predictions is None else lambda rows: predictions(i, rows))
+    return [failed[i] if i in failed else report(i) for i in range(len(seeds))]
 
 
 def _stack(trees: list) -> Any:

@@ -8,6 +8,7 @@ selection, vmapped lanes, evaluation, attacker)::
     state, steps   = epoch(state, splits["fit"], key)       # one jitted scan of steps
     state, fields  = end_of_epoch(state, evaluate)          # e.g. FAST's per-epoch p
     y_hat          = predict(state, x, y, support, query_idx, group)    # float32[B, Q]
+    y_hat_0        = predict_unadapted(state, x, y, support, query_idx, group)
     h_u            = represent(state, x, y, support, valid, group)      # float32[B, D]
 
 Each method module has ``make(ctx, *, by_length=True) -> Method``; the registry in
@@ -44,6 +45,11 @@ class Method(NamedTuple):
     (what ``epoch`` reads).
   represent: ``represent(state, x, y, support, valid, group) -> float32[B, D] | None``,
     adapted user representations for the attacker; None: not a meta-learner (no attack).
+  predict_unadapted: ``predict``'s arguments -> float32[B, Q]: the query predictions of
+    the meta-parameters with the inner loop switched off (``support`` unused), through
+    the same readout as ``predict``; what the adaptation diagnostics compare ``predict``
+    with (:mod:`fast_jax.diagnostics`). None: the method has no inner loop (baselines,
+    reference predictors), and reports no adaptation.
   end_of_epoch: ``end_of_epoch(state, evaluate) -> (state, record fields)`` after an
     epoch's steps; ``evaluate(state, split) -> per-user metrics`` (host float[U]).
   select: "last" or "best-valid" (the lowest validation MAE).
@@ -60,6 +66,7 @@ class Method(NamedTuple):
   record: Callable
   splits: dict
   represent: Callable | None = None
+  predict_unadapted: Callable | None = None
   end_of_epoch: Callable = lambda state, evaluate: (state, {})
   select: str = "last"
   patience: int = 0

@@ -444,6 +444,8 @@ def make(ctx: Context, *, by_length: bool = True) -> Method:
       init=init, epoch=scan_epoch(step, fast.batches(origin.OBJECTIVE, ctx), mesh=ctx.mesh),
       predict=lambda s, x, y, support, q, group: learn.predict(lrn, both(s), s.alpha, x, y,
                                                                support, q, group),
+      predict_unadapted=lambda s, x, y, support, q, group: learn.predict(
+          lrn, both(s), s.alpha, x, y, support, q, group, adapt=False),
       represent=lambda s, x, y, support, valid, group: learn.represent(
           lrn, both(s), s.alpha, x, y, support, valid, group),
       record=fast.meta_record, splits={**ctx.splits, "fit": ctx.splits["train"]},

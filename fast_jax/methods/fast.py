@@ -232,6 +232,8 @@ def meta_method(ctx: Context, obj: Objective, *, by_length: bool = True,
       epoch=scan_epoch(step, batches(obj, ctx), mesh=ctx.mesh),
       predict=lambda s, x, y, support, q, group: learn.predict(lrn, s.params, s.alpha, x, y,
                                                                support, q, group),
+      predict_unadapted=lambda s, x, y, support, q, group: learn.predict(
+          lrn, s.params, s.alpha, x, y, support, q, group, adapt=False),
       represent=lambda s, x, y, support, valid, group: learn.represent(
           lrn, s.params, s.alpha, x, y, support, valid, group),
       record=meta_record, splits={**ctx.splits, "fit": ctx.splits["train"]},

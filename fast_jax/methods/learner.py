@@ -89,13 +89,15 @@ def maml(backbone: Backbone, labels: Params, *, steps: int, first_order: bool) -
 
 
 def predict(learner: Learner, params, alpha, x, y, support, query_idx, group, *,
-            run: Callable = meta.whole_batch) -> jax.Array:
+            run: Callable = meta.whole_batch, adapt: bool = True) -> jax.Array:
   """Adapted query predictions. x: int32[B, L, F]; y, support: [B, L]; query_idx:
   int32[B, Q]; group: int32[B] -> float32[B, Q].
 
   Embeddings are global, so they are looked up once, outside the inner loop; only the
   head runs inside each user's adaptation. ``run`` is the batch runner
-  (:func:`fast_jax.meta.length_bucketing`).
+  (:func:`fast_jax.meta.length_bucketing`). ``adapt=False`` switches the inner loop off:
+  the meta-parameters' own predictions, through the same readout (what
+  :mod:`fast_jax.diagnostics` compares the adapted ones with).
   """
   backbone, rec = learner.backbone, learner.recommender(params)
 
@@ -104,7 +106,7 @@ def predict(learner: Learner, params, alpha, x, y, support, query_idx, group, *,
     e_query = meta.take_rows(e, query_idx)
 
     def one_user(e_u, y_u, s_u, g_u, eq_u):
-      theta_u = learner.adapt(params, alpha, e_u, y_u, s_u, g_u)
+      theta_u = learner.adapt(params, alpha, e_u, y_u, s_u, g_u) if adapt else rec
       return learner.readout(backbone.head(theta_u, eq_u))
     return jax.vmap(one_user)(e, y, support, group, e_query)
   return run(part, support, query_idx, x, y, group)
