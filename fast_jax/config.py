@@ -28,7 +28,9 @@ PAPER_SEEDS = (1024, 3145, 123, 321, 1513)
 
 BACKBONES = ("melu", "metacs")
 META_METHODS = ("origin", "static", "fast", "reg", "ipw", "clover")
-BASELINES = ("widedeep", "dropoutnet", "nlba", "global-mean", "support-mean")
+# Reference predictors (fast_jax.methods.reference): nothing learned, one row each.
+REFERENCE = ("global-mean", "support-mean", "constant-mode")
+BASELINES = ("widedeep", "dropoutnet", "nlba") + REFERENCE
 METHODS = META_METHODS + BASELINES
 DATASETS = ("ml100k", "ml1m", "bookcrossing", "synthetic")
 

@@ -136,3 +136,17 @@ def test_a_reference_predictor_has_no_adaptation_and_keeps_its_predictions_on_re
                      resume=True, echo=lambda t: None)
   assert path.read_bytes() == before
   assert (tmp_path / "predictions" / "seed-3145.csv").is_file()
+
+
+def test_constant_mode_predicts_the_most_frequent_training_rating(prepared):
+  data = prepared("synthetic", **TINY)
+  mask = data.train.mask
+  pattern = np.resize(np.float32([4, 4, 3, 2, 1, 6, 7, 8]), mask.shape[1])  # 4 most often
+  y = np.where(mask, pattern[None, :], np.float32(5)).astype(np.float32)
+  assert (~mask).sum() > (y == 4).sum()  # padding rows, more numerous, do not count
+  data = dataclasses.replace(data, train=dataclasses.replace(data.train, y=y))
+  runner = Runner(resolve(_cfg("constant-mode"), data.name), data)
+  state, report = runner.run_seed(1024, progress=False)
+  assert report["choices"]["train_mode"] == 4.0
+  rows = runner.predictions(runner.scores(state, "test"), "test")
+  assert np.all(rows["y_hat"] == 4.0) and rows["y_hat_unadapted"] is None

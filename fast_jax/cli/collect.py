@@ -14,6 +14,7 @@ import json
 import pathlib
 import sys
 
+from fast_jax import config as config_lib
 from fast_jax.cli.grid import METRICS, PAPER_TABLE2, write_csv
 
 
@@ -56,7 +57,7 @@ def markdown(rows: list[dict]) -> str:
   return "\n".join(lines) + "\n"
 
 
-NO_BACKBONE = ("widedeep", "dropoutnet", "nlba", "global-mean", "support-mean")
+NO_BACKBONE = config_lib.BASELINES
 
 
 def main(argv=None) -> int:

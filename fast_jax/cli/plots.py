@@ -28,7 +28,8 @@ STRATEGY_NAMES = {"origin": "Origin", "static": "Static", "fast": "FAST"}
 KNOWN_GROUPS = {"ml100k": ["M", "F"], "ml1m": ["M", "F"],
                 "bookcrossing": ["age<40", "age>=40"]}
 # Rows that are no recommender but a yardstick: drawn apart in the scatter.
-REFERENCE_ROWS = {"global-mean": "global mean", "support-mean": "support mean"}
+REFERENCE_ROWS = {"global-mean": "global mean", "support-mean": "support mean",
+                  "constant-mode": "constant mode"}
 
 
 def _name(table: dict, key: str) -> str:
@@ -248,9 +249,10 @@ def scatter(rows, path, *, note: str = ""):
 
   Colour is the method, marker the backbone (triangles: the cold-start baselines), told
   apart in one legend instead of labels beside the points, which collide where rows are
-  close. The reference predictors (``global-mean``, ``support-mean``) are grey crosses
-  and dashed lines at their MAE: a recommender should stay left of them. ``note`` is
-  added to the title (e.g. which FAST mode the FAST rows ran).
+  close. The reference predictors (``global-mean``, ``support-mean``,
+  ``constant-mode``) are grey marks and dashed lines at their MAE: a recommender should
+  stay left of them. ``note`` is added to the title (e.g. which FAST mode the FAST rows
+  ran).
   """
   datasets = list(dict.fromkeys(r["dataset"] for r in rows))
   present = {_split_row(r["row"] or r["label"])[1] for r in rows
@@ -259,7 +261,7 @@ def scatter(rows, path, *, note: str = ""):
   spare = iter(c for c in plt.rcParams["axes.prop_cycle"].by_key()["color"] * 4
                if c not in METHOD_COLORS.values())
   color = {m: METHOD_COLORS.get(m) or next(spare) for m in methods}
-  ref_style = dict(zip(REFERENCE_ROWS, (("X", "0.35"), ("P", "0.6"))))
+  ref_style = dict(zip(REFERENCE_ROWS, (("X", "0.35"), ("P", "0.6"), ("D", "0.5"))))
   fig, axes = plt.subplots(1, len(datasets), figsize=(0.8 + 4.4 * len(datasets), 4.6),
                            squeeze=False)
   for ax, d in zip(axes[0], datasets):

@@ -22,9 +22,9 @@ from fast_jax.cli.grid import (METRICS, PAPER_DATASETS, Run, add_grid_args, prov
 
 from fast_jax.cli import plots
 
-from fast_jax.config import Config
+from fast_jax.config import BASELINES, Config
 
-BASELINE_ROWS = ("widedeep", "dropoutnet", "nlba", "global-mean", "support-mean")
+BASELINE_ROWS = BASELINES  # the cold-start baselines, then the reference predictors
 META_ROWS = tuple(f"{b}-{m}" for b in ("melu", "metacs")
                   for m in ("origin", "reg", "ipw", "clover", "fast"))
 ROWS = BASELINE_ROWS + META_ROWS

@@ -26,6 +26,7 @@ REGISTRY: dict[str, Callable[..., Method]] = {
     "nlba": nlba.make,
     "global-mean": reference.global_mean,
     "support-mean": reference.support_mean,
+    "constant-mode": reference.constant_mode,
 }
 
 
