@@ -150,3 +150,14 @@ def test_constant_mode_predicts_the_most_frequent_training_rating(prepared):
   assert report["choices"]["train_mode"] == 4.0
   rows = runner.predictions(runner.scores(state, "test"), "test")
   assert np.all(rows["y_hat"] == 4.0) and rows["y_hat_unadapted"] is None
+
+
+def test_vmapped_seeds_write_each_seeds_predictions(prepared, tmp_path):
+  data = prepared("synthetic", **TINY)
+  results = train_and_evaluate(_cfg(seeds=2, vmap_seeds=True), tmp_path, data=data,
+                               progress=False, echo=lambda t: None)
+  for seed in results["per_seed"]:
+    pred = pd.read_csv(tmp_path / "predictions" / f"seed-{seed['seed']}.csv")
+    assert _user_mae(pred, "y_hat") == pytest.approx(seed["mae"], abs=1e-4)
+    assert _user_mae(pred, "y_hat_unadapted") == pytest.approx(
+        seed["adaptation"]["mae_unadapted"], abs=1e-4)
