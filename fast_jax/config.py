@@ -51,6 +51,7 @@ class Config:
   p_update: str = "step"        # "step": paper Alg. 1; "epoch": the authors' code
   gap_loss: str | None = None   # loss of the group gap: "mse" | "mae"; None -> mse (step), mae (epoch)
   resample: str = "sample"      # B' as sampled counts ("sample") or its expectation ("expected")
+  p_average: bool = False       # cap tau / (1 + t/T): a p that converges (fairness.update_p_decaying)
   # Meta-learning.
   epochs: int = 50
   seeds: int = 5

@@ -66,6 +66,40 @@ def update_p(p: jax.Array, group_losses: jax.Array, present: jax.Array, gamma: f
   return jnp.where(n_present >= 2, new_p, p)
 
 
+def update_p_decaying(p: jax.Array, group_losses: jax.Array, present: jax.Array,
+                      gamma: float, tau: float, step: jax.Array,
+                      steps_per_epoch: int) -> jax.Array:
+  """``--p-average``: Eq. 9 with the cap ``tau_t = tau / (1 + t / T)``, a p that converges.
+
+  Theorem 2 bounds ``|p_t - p*| <= max(|p_0 - p*| - t tau, tau)`` for the update on
+  ``L_g^opt(p)``, the group losses of the model *at its optimum for p*. The paper's rule
+  moves p by up to tau every step on one batch's gap, so that premise never holds: the
+  model cannot catch up with a p that jumps by tau, and the sign of a 32-user batch's gap
+  is mostly sampling noise, so p wanders over the whole interval (between 0 and 1 within
+  a few epochs on Theorem-1 data). A cap that decays after t outer steps (T per epoch)
+  makes the update a Robbins-Monro scheme on a second, slower timescale:
+
+  * ``sum_t tau_t = inf``: p can still travel to any p*;
+  * ``sum_t tau_t^2 < inf``: the batch noise it integrates has finite variance, so p
+    settles; summing many small signed steps *is* the average of the noisy gap's sign;
+  * ``tau_t / (outer lr) -> 0``: p becomes the slow player, and the model, on the fast
+    timescale, tracks its optimum for the current p, which is what ``L^opt(p)`` assumes.
+    Theorem 2's bound becomes ``|p_t - p*| <= tau_t -> 0``.
+
+  An explicit moving average of the gap (over 2 to 32 steps) made p *less* stable on
+  Theorem-1 data: its lag turns the sign feedback into an oscillation of p around p*
+  (EXPERIMENTS.md), so the averaging is left to the decaying steps.
+
+  Args:
+    p, group_losses, present, gamma, tau: as :func:`update_p`.
+    step: t, the number of outer steps done (int32 scalar, in the train state).
+    steps_per_epoch: T.
+  Returns:
+    the new p, float[G].
+  """
+  return update_p(p, group_losses, present, gamma, tau / (1.0 + step / steps_per_epoch))
+
+
 def resample_weights(key: jax.Array, group: jax.Array, p: jax.Array,
                      num_groups: int) -> jax.Array:
   """FAST's resampled outer batch B', as integer counts over the users of the batch.

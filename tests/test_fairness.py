@@ -36,6 +36,17 @@ class UpdatePTest(chex.TestCase):
     assert p[1] > 0.5 and p[0] < 0.5  # group 1 has the larger loss: sample it more
     np.testing.assert_allclose(p, [0.3, 0.7], atol=1e-6)
 
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_p_average_caps_step_t_at_tau_over_one_plus_t_over_T(self):
+    update = self.variant(fairness.update_p_decaying, static_argnums=6)
+    p, big_gap, both = jnp.array([0.5, 0.5]), jnp.array([0.0, 3.0]), jnp.array([True, True])
+    for t, cap in [(0, 0.1), (8, 0.05), (24, 0.025)]:  # T = 8 steps per epoch
+      np.testing.assert_allclose(update(p, big_gap, both, 2.0, 0.1, jnp.int32(t), 8),
+                                 [0.5 - cap, 0.5 + cap], atol=1e-6)
+    small_gap = jnp.array([1.0, 1.01])  # gamma |gap| below the cap: Eq. 9's rate
+    np.testing.assert_allclose(update(p, small_gap, both, 1.0, 0.1, jnp.int32(24), 8),
+                               [0.49, 0.51], atol=1e-6)
+
   def test_tau_caps_the_change(self):
     p = fairness.update_p(jnp.array([0.5, 0.5]), jnp.array([0.0, 3.0]), jnp.array([True, True]),
                           gamma=2.0, tau=0.1)

@@ -171,6 +171,9 @@ def test_a_flag_without_effect_for_the_method_is_named_in_a_warning():
   assert warn(["--method", "origin", "--gamma", "1"]) == [
       "warning: --gamma has no effect with --method origin (it acts on fast)"]
   assert warn(["--method", "fast", "--gamma", "1", "--tau", "0.1"]) == []
+  assert warn(["--method", "clover", "--p-average"]) == [
+      "warning: --p-average has no effect with --method clover (it acts on fast)"]
+  assert warn(["--method", "fast", "--p-average"]) == []
   assert warn(["--method", "support-mean", "--lr", "1e-3"]) == [
       "warning: --lr has no effect with --method support-mean (it acts on the meta-learning "
       "methods)"]

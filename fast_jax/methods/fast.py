@@ -85,6 +85,10 @@ def resampled(ctx: Context) -> Callable:
   return lambda key, group, p: fairness.expected_weights(group, p, g)
 
 
+def steps_per_epoch(ctx: Context) -> int:
+  return ctx.data.train.x.shape[0] // ctx.cfg.batch_size
+
+
 def objective(ctx: Context) -> Objective:
   """FAST's objective in ``cfg.p_update`` mode (module docstring)."""
   if ctx.cfg.p_update == "epoch":  # the code's sampler draws the batch from p directly
@@ -117,7 +121,10 @@ def make_train_step(lrn: learn.Learner, obj: Objective, rate: learn.InnerRate, t
       gap_values = jax.lax.stop_gradient((mse, mae)[gap_index])
       group_loss, present = fairness.group_means(gap_values, batch["group"], num_groups)
       p = state.p
-      if obj.p_rule == "step":
+      if obj.p_rule == "step" and cfg.p_average:  # a decaying cap
+        p = fairness.update_p_decaying(p, group_loss, present, state.hyper["gamma"],
+                                       state.hyper["tau"], state.step, steps_per_epoch(ctx))
+      elif obj.p_rule == "step":
         p = fairness.update_p(p, group_loss, present, state.hyper["gamma"], state.hyper["tau"])
       # B': the batch resampled with p, as weights over its users.
       w = obj.weights(k_weights, batch["group"], p)
@@ -165,7 +172,7 @@ def batches(obj: Objective, ctx: Context) -> Callable:
 def epoch_p_update(ctx: Context) -> Callable:
   """The FAST code's per-epoch p update as an ``end_of_epoch``: the group gap of
   ``cfg.gap_loss`` (MAE by default) over all training users on their fixed last-10
-  query, then Eq. 9."""
+  query, then Eq. 9 (with ``--p-average``, its cap decays as in step mode)."""
   update = jax.jit(fairness.update_p)
   train_group = ctx.splits["train"]["group"]
 
@@ -173,7 +180,10 @@ def epoch_p_update(ctx: Context) -> Callable:
     per_user = evaluate(state, "train")
     group_loss, present = fairness.group_means(jnp.asarray(per_user[ctx.cfg.gap_loss]),
                                                train_group, ctx.num_groups)
-    p = update(state.p, group_loss, present, state.hyper["gamma"], state.hyper["tau"])
+    tau = state.hyper["tau"]
+    if ctx.cfg.p_average:  # the cap of fairness.update_p_decaying after this epoch's steps
+      tau = tau / (1.0 + state.step / steps_per_epoch(ctx))
+    p = update(state.p, group_loss, present, state.hyper["gamma"], tau)
     return state.replace(p=p), {"group_loss": np.asarray(group_loss).tolist()}
   return end_of_epoch
 
