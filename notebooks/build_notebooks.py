@@ -143,8 +143,11 @@ results = train_and_evaluate(config, OUT_DIR, data=data)'''),
 
 `results.json` holds each seed's test metrics (MAE, MSE, NDCG@3, and the group gaps
 `gf_* = |group 0 - group 1|`), the per-group values and sizes, and the mean and population
-std over seeds. The attacker AUC says how well a small classifier recovers the gender from
-the adapted user representations (0.5: not at all)."""),
+std over seeds. `adaptation` says whether meta-learning personalises at all: how far the
+inner loop moved the predictions (`shift`), the share of the gap to each user's support
+mean it closed (`closed`) and the MAE without it (`mae_unadapted`). The attacker AUC says
+how well a small classifier recovers the gender from the adapted user representations
+(0.5: not at all)."""),
     ("code", '''\
 import json
 
@@ -155,13 +158,15 @@ res = json.loads((out / "results.json").read_text())
 names = data.group_names
 
 summary = pd.DataFrame({key: {"mean": res["mean"][key], "std": res["std"][key]}
-                        for key in res["mean"] if key != "group"}).T
+                        for key in res["mean"] if key not in ("group", "adaptation")}).T
+adaptation = pd.DataFrame({"mean": res["mean"]["adaptation"], "std": res["std"]["adaptation"]})
 per_seed = pd.DataFrame([{k: v for k, v in r.items() if isinstance(v, (int, float))}
                          for r in res["per_seed"]]).set_index("seed")
-per_group = pd.DataFrame([{"seed": r["seed"], "group": names[int(g)], **values}
+per_group = pd.DataFrame([{"seed": r["seed"], "group": values["name"],
+                           **{k: v for k, v in values.items() if k != "name"}}
                           for r in res["per_seed"] for g, values in r["group"].items()])
 per_group = per_group.set_index(["seed", "group"])
-display(summary.round(4), per_seed.round(4), per_group.round(4))'''),
+display(summary.round(4), adaptation.round(4), per_seed.round(4), per_group.round(4))'''),
     ("md", """\
 ## p and the group losses over the epochs
 
