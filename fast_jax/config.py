@@ -93,6 +93,7 @@ class Config:
   disable_inner_max: bool | None = None  # no -lambda_1 L_adv in the inner recommender step
   disable_inner_adv: bool | None = None  # no adversary adaptation in the inner loop
   loss: str | None = None               # rating loss: "mse" or "ce" (classes, argmax + min)
+  decode: str | None = None             # ce prediction: "argmax" (+ min) or "expected" rating
   # Baselines (fast_jax.methods.widedeep, dropoutnet, nlba; docs/methods.md §7); `epochs`,
   # `batch_size`, `init`, `drop_sensitive`, `local_output`, `eval_chunk` apply to them too.
   baseline_lr: float = 1e-3             # Adam rate of widedeep, dropoutnet, nlba
@@ -147,9 +148,10 @@ CLOVER_PRESETS = {
                  item_adv=True),                                # A1 + A2
 }
 CLOVER_FIELDS = ("adv", "adv2", "out1", "out2", "item_adv", "normalize", "disable_inner_max",
-                 "disable_inner_adv", "loss")
+                 "disable_inner_adv", "loss", "decode")
 _CLOVER_DEFAULTS = dict(adv2=0.0, out2=-1, item_adv=False, normalize=False,
-                        disable_inner_max=False, disable_inner_adv=False, loss="ce")
+                        disable_inner_max=False, disable_inner_adv=False, loss="ce",
+                        decode="argmax")
 
 
 def resolve_clover(cfg: Config) -> Config:

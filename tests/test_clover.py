@@ -163,6 +163,40 @@ class OneUserTest(chex.TestCase):
                                jax.nn.logsumexp(logits, -1) - 3.0, rtol=1e-6)
 
 
+@pytest.mark.parametrize("how", clover.DECODES)
+def test_decode_gives_the_numpy_argmax_or_expected_rating(how):
+  logits = np.array([[0.0, 0.1, 0.2, 0.3, 0.25],     # nearly flat: argmax 4, mean near 3
+                     [5.0, 0.0, 0.0, 0.0, 0.0],
+                     [0.0, 0.0, 1.0, 1.0, -2.0]], np.float32)
+  ratings = 1.0 + np.arange(5)
+  prob = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+  want = {"argmax": ratings[logits.argmax(-1)], "expected": prob @ ratings}[how]
+  for fn in (clover.decode, jax.jit(clover.decode, static_argnums=(1, 2))):
+    np.testing.assert_allclose(fn(jnp.asarray(logits), 1.0, how), want, rtol=1e-6)
+
+
+def test_expected_decode_predicts_more_than_two_ratings_after_a_short_run(preset_runs,
+                                                                         prepared):
+  """The full preset after 3 steps on 16 ML-100K users: the argmax decode predicts at most
+  two distinct ratings on their last-10 queries, the expected decode many, inside [1, 5]."""
+  players, step, state, batch = preset_runs("full")
+  for i in range(3):
+    state, _ = step(state, batch, jax.random.key(i))
+  ctx = make_context(_cfg(decode="expected"), prepared("ml100k"))
+  expected, _, _ = clover.game(ctx)
+  support, query = meta.last_query_split(batch["length"], ctx.max_len)
+  params = {"rec": state.params, "adv": state.extra["adv"]}
+
+  @quick_jit
+  def predict(params, alpha):
+    return [learn.predict(p.learner(), params, alpha, batch["x"], batch["y"], support, query,
+                          batch["group"]) for p in (players, expected)]
+  by_argmax, by_expectation = map(np.asarray, predict(params, state.alpha))
+  assert np.unique(by_argmax).size <= 2
+  assert np.unique(by_expectation.round(3)).size > 2
+  assert by_expectation.min() >= 1.0 and by_expectation.max() <= 5.0
+
+
 def test_explicit_flags_win_over_the_preset():
   cfg = _cfg(clover_preset="full", adv=0.5, item_adv=False)
   assert (cfg.adv, cfg.adv2, cfg.out1, cfg.out2, cfg.item_adv, cfg.loss) == (0.5, 1.0, 5, 2,
@@ -180,6 +214,8 @@ def test_explicit_flags_win_over_the_preset():
     (dict(clover_preset="a1", normalize=True), "--normalize"),
     (dict(clover_preset="a1", item_adv=True), "--item-adv"),
     (dict(clover_preset="a1", out1=4), "--loss mse"),
+    (dict(decode="mode"), "--decode"),
+    (dict(clover_preset="a1-ext", loss="mse", decode="expected"), "--decode expected"),
 ])
 def test_bad_flag_combinations_are_rejected_naming_the_flag(overrides, flag):
   with pytest.raises(UsageError, match=flag):

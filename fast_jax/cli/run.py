@@ -126,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
                  help="no adversary adaptation in the inner loop")
   c.add_argument("--loss", choices=("mse", "ce"), default=None,
                  help="rating loss: mse, or ce over rating classes (prediction argmax + min)")
+  c.add_argument("--decode", choices=("argmax", "expected"), default=None,
+                 help="--loss ce prediction: the most probable rating (argmax, the authors' "
+                      "code, default) or the expected rating under the class probabilities")
   b = p.add_argument_group("baselines", "widedeep, dropoutnet, nlba (research/fast.md §5.6-5.8); "
                            "--epochs, --batch-size (users per step of dropoutnet and nlba), "
                            "--init and --drop-sensitive apply to them too")

@@ -28,8 +28,10 @@ group. Inputs per row (``--out1`` for A1 = CLOVER's ``--out``; ``--out2`` for A2
 
 ``--item-adv`` adds the item branch to the adversaries of type 1, 2 and 4.
 The rating loss is MSE or (``--loss ce``) cross-entropy over the C rating classes, whose
-prediction is argmax + the lowest rating (docs/methods.md §6.1); the learner's readout turns
-logits into ratings so that evaluation, GF and the attacker are the framework's.
+prediction is argmax + the lowest rating (docs/methods.md §6.1) or, with ``--decode
+expected``, the expected rating under the class probabilities (:func:`decode`); the
+learner's readout turns logits into ratings so that evaluation, GF and the attacker are
+the framework's.
 
 Where the authors' code has a bug, this module implements the evident intent:
 
@@ -100,6 +102,7 @@ class CloverSpec:
   inner_max: bool
   inner_adv: bool
   loss: str
+  decode: str           # ce prediction: "argmax" or "expected"
   num_classes: int      # rating classes C (ce), 1 (mse)
   rating_min: float
   num_groups: int
@@ -114,7 +117,7 @@ def spec_from_config(cfg: Config, data) -> CloverSpec:
   return CloverSpec(lam1=float(cfg.adv), lam2=float(cfg.adv2), out1=int(cfg.out1),
                     out2=int(cfg.out2), item_adv=bool(cfg.item_adv),
                     normalize=bool(cfg.normalize), inner_max=not cfg.disable_inner_max,
-                    inner_adv=not cfg.disable_inner_adv, loss=cfg.loss,
+                    inner_adv=not cfg.disable_inner_adv, loss=cfg.loss, decode=cfg.decode,
                     num_classes=int(round(rmax - rmin)) + 1 if cfg.loss == "ce" else 1,
                     rating_min=rmin, num_groups=len(data.meta["sensitive"]["groups"]))
 
@@ -126,6 +129,10 @@ def check_config(cfg: Config, data) -> None:
                      f"{', '.join(config_lib.CLOVER_PRESETS)}")
   if cfg.loss not in ("mse", "ce"):
     raise UsageError(f"--loss {cfg.loss!r}: expected mse or ce")
+  if cfg.decode not in DECODES:
+    raise UsageError(f"--decode {cfg.decode!r}: expected one of {', '.join(DECODES)}")
+  if cfg.decode != "argmax" and cfg.loss != "ce":
+    raise UsageError(f"--decode {cfg.decode} reads rating classes and needs --loss ce")
   if not cfg.adv > 0:
     raise UsageError(f"--adv must be > 0 for --method clover (it weights the adversarial "
                      f"loss; use --method origin for the plain backbone), got {cfg.adv}")
@@ -180,6 +187,23 @@ def _preset_hint(cfg: Config, field: str) -> str:
   flag = field.replace("_", "-")
   return (f" (--clover-preset {cfg.clover_preset} turns --{flag} on unless you pass "
           f"--no-{flag})")
+
+
+DECODES = ("argmax", "expected")
+
+
+def decode(logits: jax.Array, rating_min: float, how: str) -> jax.Array:
+  """Ratings from class logits ``float[..., C]`` (class c is rating ``rating_min + c``).
+
+  ``argmax`` (the authors' code): the most probable class. ``expected``: the mean rating
+  under ``softmax(logits)``. When the logits barely vary from row to row, the argmax is
+  the same class for every row (the mode of the training ratings, docs/methods.md §6.5),
+  while the expectation still moves with them. Returns float32[...].
+  """
+  ratings = rating_min + jnp.arange(logits.shape[-1], dtype=jnp.float32)
+  if how == "expected":
+    return jax.nn.softmax(logits, -1) @ ratings
+  return ratings[jnp.argmax(logits, -1)]
 
 
 class Adversary(nn.Module):
@@ -266,10 +290,10 @@ class Players:
     return optax.softmax_cross_entropy_with_integer_labels(out, label.astype(jnp.int32))
 
   def to_rating(self, out: jax.Array) -> jax.Array:
-    """Predicted rating: the output (mse) or argmax + min (ce)."""
+    """Predicted rating: the output (mse) or the classes decoded (ce, :func:`decode`)."""
     if self.spec.loss == "mse":
       return out
-    return jnp.argmax(out, -1).astype(jnp.float32) + self.spec.rating_min
+    return decode(out, self.spec.rating_min, self.spec.decode)
 
   def losses(self, rec: Params, adv: Params, e: jax.Array, y: jax.Array, mask: jax.Array,
              group: jax.Array) -> tuple[jax.Array, jax.Array]:
