@@ -5,7 +5,7 @@ each with its ``_y`` ratings; users with ``min..max`` interactions (13..100) are
 the state file's key order, and each user's rows keep the stored order, so the query
 (the last 10 valid rows) is the last 10 entries of the state file.
 
-Features (research/fast.md §2.2-2.5, research/clover.md §1):
+Features (docs/data.md, the clover protocol):
 
 * ML-100K: item year (70), genre (19 flags -> a multi field); user age>=40 (2),
   gender (2, sensitive), occupation (21), zip (522); from the shipped profile JSON.
