@@ -3,7 +3,7 @@
 Every setting of a run lives in one frozen :class:`Config`; ``experiments/run.py`` only
 parses flags into it. Unset values (``None``) are filled by :func:`resolve` from
 :data:`PAPER_GAMMA_TAU` (paper Table 3) and :data:`LEARNING_RATES` (the FAST code's
-run.sh, research/fast.md §1.6).
+run.sh, docs/methods.md §3).
 """
 
 from __future__ import annotations
@@ -139,7 +139,7 @@ def resolve(cfg: Config, dataset_name: str | None = None) -> Config:
       "mean" if cfg.backbone == "metacs" and rating_output else "init"))
 
 
-# CLOVER's README configurations (research/clover.md §4.5), all with --loss 1 (ce). Only
+# CLOVER's README configurations (docs/methods.md §6.4), all with --loss 1 (ce). Only
 # the CLOVER flags; the backbone and meta-learning settings stay those of the framework.
 CLOVER_PRESETS = {
     "a1": dict(adv=1.0, out1=0, disable_inner_max=True),       # A1, no external info
