@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
   r = p.add_argument_group("Reg")
   r.add_argument("--reg-weight", type=float, default=d.reg_weight)
   r.add_argument("--reg-kind", choices=("loss", "value"), default=d.reg_kind)
-  c = p.add_argument_group("CLOVER", "unset flags come from --clover-preset (research/clover.md)")
+  c = p.add_argument_group("CLOVER", "unset flags come from --clover-preset (docs/methods.md §6.4)")
   c.add_argument("--clover-preset", choices=tuple(config_lib.CLOVER_PRESETS), default=None,
                  help="the README's runs: a1 (A1 on h_u), a1-ext (A1 on [h_u, rating]), "
                       "full (A1 + A2, default)")
@@ -129,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
   c.add_argument("--decode", choices=("argmax", "expected"), default=None,
                  help="--loss ce prediction: the most probable rating (argmax, the authors' "
                       "code, default) or the expected rating under the class probabilities")
-  b = p.add_argument_group("baselines", "widedeep, dropoutnet, nlba (research/fast.md §5.6-5.8); "
+  b = p.add_argument_group("baselines", "widedeep, dropoutnet, nlba (docs/methods.md §7); "
                            "--epochs, --batch-size (users per step of dropoutnet and nlba), "
                            "--init and --drop-sensitive apply to them too")
   b.add_argument("--baseline-lr", type=float, default=d.baseline_lr, help="Adam learning rate")
