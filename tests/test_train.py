@@ -15,7 +15,7 @@ from fast_jax.config import Config, resolve
 from fast_jax.experiment import train_and_evaluate
 from fast_jax.methods import fast, origin, static
 from fast_jax.methods import learner as learn
-from fast_jax.methods.base import make_context, scan_epoch
+from fast_jax.methods.base import TrainState, make_context, scan_epoch
 from fast_jax.models import LOCAL, make_backbone
 from fast_jax.runner import Runner
 
@@ -213,3 +213,18 @@ def test_p_average_converges_and_closes_half_of_origins_gap_at_every_outer_lr(pr
       assert gf["fast"] <= 0.5 * gf["origin"], (lr, gf)
   finally:
     jax.config.update("jax_disable_most_optimizations", before)
+
+
+@pytest.mark.parametrize("p_average, cap", [(False, 0.1), (True, 0.1 / 4)])
+def test_epoch_mode_p_average_decays_the_cap_with_the_epochs_done(prepared, p_average, cap):
+  """Epoch mode: after 3 epochs of T steps, --p-average caps the update at tau / (1 + 3)."""
+  data = prepared("synthetic", num_minority=12, num_majority=36)
+  cfg = resolve(Config(dataset="synthetic", method="fast", p_update="epoch", batch_size=8,
+                       gamma=1.0, tau=0.1, p_average=p_average), data.name)
+  ctx = make_context(cfg, data)
+  group = np.asarray(data.train.group)
+  state = TrainState(params=(), opt_state=(), step=jnp.int32(3 * fast.steps_per_epoch(ctx)),
+                     p=jnp.array([0.5, 0.5]), hyper={"gamma": 1.0, "tau": 0.1})
+  evaluate = lambda state, split: {"mae": np.where(group == 0, 2.0, 0.0)}  # group 0 worse
+  state, _ = fast.epoch_p_update(ctx)(state, evaluate)
+  np.testing.assert_allclose(state.p, [0.5 + cap, 0.5 - cap], atol=1e-6)
