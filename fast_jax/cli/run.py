@@ -75,9 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
   g.add_argument("--resample", choices=("sample", "expected"), default=d.resample,
                  help="resampled batch B' as drawn counts or their expectation (step mode)")
   g.add_argument("--p-average", action="store_true",
-                 help="a p that converges: the gap averaged over an epoch's steps and the cap "
-                      "tau / (1 + t/T) after t steps of T per epoch (epoch mode: the cap only); "
-                      "default: the paper's Eq. 9")
+                 help="a p that converges: Eq. 9 with the cap tau / (1 + t/T) after t outer "
+                      "steps of T per epoch (docs/methods.md 1.5); default: the paper's Eq. 9")
   m = p.add_argument_group("meta-learning")
   m.add_argument("--epochs", type=int, default=d.epochs)
   m.add_argument("--seeds", type=int, default=d.seeds, help="number of seeds (the FAST code's five first)")
