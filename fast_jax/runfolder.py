@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import dataclasses
 import json
 import os
 import pathlib
@@ -229,11 +230,30 @@ def _check_same_settings(out: pathlib.Path, before: dict, record: dict) -> None:
   old_seeds = before.get("seed_list")
   if old_seeds is not None and _jsonable(record["seed_list"])[:len(old_seeds)] == old_seeds:
     skip |= {"seeds", "seed_list"}  # the same seeds first, maybe more after them
-  changed = [k for k in record if k not in skip and _jsonable(record[k]) != before.get(k)]
+  # A setting missing from an older config.json did not exist when that run was made: it
+  # ran with what is now the setting's default, so that value continues it.
+  defaults = _defaults_for(before, record)
+  changed = [k for k in record if k not in skip and _jsonable(record[k]) != (
+      before[k] if k in before else defaults.get(k))]
   if changed:
     k = changed[0]
     raise UsageError(f"--resume: the run in {out} used {k}={before.get(k)!r}, not "
                      f"{_jsonable(record[k])!r}; resume with the same settings or use a new --out")
+
+
+def _defaults_for(before: dict, record: dict) -> dict:
+  """The resolved defaults of the settings ``before`` (an older config.json) lacks, given
+  the settings it has."""
+  missing = [k for k in record if k not in before]
+  if not missing:
+    return {}
+  fields = {f.name for f in dataclasses.fields(Config)}
+  try:
+    cfg = config_lib.resolve(Config(**{k: v for k, v in before.items() if k in fields}),
+                             (before.get("data") or {}).get("dataset"))
+  except (TypeError, ValueError):
+    return {}
+  return {k: _jsonable(getattr(cfg, k)) for k in missing if k in fields}
 
 
 def _read_seed_file(path: pathlib.Path) -> dict:

@@ -90,6 +90,21 @@ def test_more_seeds_extend_a_finished_run_without_retraining_its_seeds(prepared,
                        **QUIET)
 
 
+def test_a_run_recorded_before_a_setting_existed_resumes_with_its_default(prepared, tmp_path):
+  data = prepared("synthetic")
+  done = train_and_evaluate(_cfg(epochs=1, seeds=1), tmp_path, data=data, **QUIET)
+  path = tmp_path / "config.json"
+  old = json.loads(path.read_text())
+  del old["p_average"]  # an older fast-jax wrote no such key
+  path.write_text(json.dumps(old))
+  more = train_and_evaluate(_cfg(epochs=1, seeds=2), tmp_path, data=data, resume=True, **QUIET)
+  assert more["per_seed"][0] == done["per_seed"][0]
+  path.write_text(json.dumps(old))
+  with pytest.raises(UsageError, match="used p_average=None, not True"):
+    train_and_evaluate(_cfg(epochs=1, seeds=2, p_average=True), tmp_path, data=data,
+                       resume=True, **QUIET)
+
+
 def test_resume_refuses_a_run_with_other_settings(prepared, tmp_path):
   data = prepared("synthetic")
   train_and_evaluate(_cfg(epochs=1, seeds=1), tmp_path, data=data, **QUIET)
