@@ -8,6 +8,7 @@ training, and the fairness-utility scatter.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import pathlib
 import sys
@@ -261,7 +262,8 @@ def scatter(rows, path, *, note: str = ""):
   spare = iter(c for c in plt.rcParams["axes.prop_cycle"].by_key()["color"] * 4
                if c not in METHOD_COLORS.values())
   color = {m: METHOD_COLORS.get(m) or next(spare) for m in methods}
-  ref_style = dict(zip(REFERENCE_ROWS, (("X", "0.35"), ("P", "0.6"), ("D", "0.5"))))
+  styles = (("X", "0.35"), ("P", "0.6"), ("D", "0.5"), ("*", "0.45"), ("v", "0.65"))
+  ref_style = dict(zip(REFERENCE_ROWS, itertools.cycle(styles)))  # any number of them
   fig, axes = plt.subplots(1, len(datasets), figsize=(0.8 + 4.4 * len(datasets), 4.6),
                            squeeze=False)
   for ax, d in zip(axes[0], datasets):
