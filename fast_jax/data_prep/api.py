@@ -6,12 +6,14 @@ import hashlib
 import json
 import pathlib
 
+from fast_jax import config
 from fast_jax.dataset import DataError, load_prepared, save_prepared
 
 from fast_jax.data_prep import clover, custom, raw, sources, synthetic
 from fast_jax.data_prep.common import check_interaction_bounds, md5_file
 
-DATASETS = ("ml100k", "ml1m", "bookcrossing", "custom", "synthetic")
+# The named datasets (fast_jax.config.DATASETS) and your own CSV files.
+DATASETS = config.DATASETS[:3] + ("custom",) + config.DATASETS[3:]
 PROTOCOLS = {"ml100k": ("clover", "raw"), "ml1m": ("clover", "raw"), "bookcrossing": ("clover",),
              "custom": ("custom",), "synthetic": ("synthetic",)}
 # Keyword options each route accepts beyond the common arguments.

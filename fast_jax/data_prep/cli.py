@@ -32,7 +32,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def parser() -> argparse.ArgumentParser:
-  p = _Parser(prog="python -m data_prep", description=__doc__.split("\n\n")[0],
+  p = _Parser(prog="fast-jax prep" if "fast-jax" in sys.argv[0] else "python -m data_prep", description=__doc__.split("\n\n")[0],
               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--dataset", required=True, choices=api.DATASETS)
   p.add_argument("--protocol", choices=("clover", "raw"),
