@@ -64,6 +64,13 @@ def _assert_one_line_error(result, *names: str) -> str:
   return lines[0]
 
 
+def _as_in_a_terminal() -> None:
+  """Ctrl-C handling as a shell's foreground command has it: a process inherits an
+  ignored SIGINT (a background job, or a test worker that some code set to ignore it),
+  and Python then leaves it ignored."""
+  signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _interrupt(proc: subprocess.Popen) -> str:
   """Send SIGINT (Ctrl-C) and wait for the end; kill a process that ignores it. -> stderr."""
   proc.send_signal(signal.SIGINT)
@@ -347,7 +354,7 @@ def test_ctrl_c_prints_one_line_keeps_the_checkpoint_and_exits_130(small, tmp_pa
       [sys.executable, str(RUN), "--dataset", str(small), "--epochs", "100000", "--seeds", "1",
        "--checkpoint-every", "1", "--quiet", "--no-attack", "--out", str(out)], cwd=tmp_path,
       env={**env, "JAX_PLATFORMS": "cpu"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-      text=True)
+      text=True, preexec_fn=_as_in_a_terminal)
   ckpt = SeedCheckpoint(out, 1024)
   wait_for = out / "config.json" if moment == "compiling" else ckpt.path
   _wait_for(wait_for, proc)
