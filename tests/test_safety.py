@@ -64,11 +64,12 @@ def _assert_one_line_error(result, *names: str) -> str:
   return lines[0]
 
 
-def _as_in_a_terminal() -> None:
-  """Ctrl-C handling as a shell's foreground command has it: a process inherits an
-  ignored SIGINT (a background job, or a test worker that some code set to ignore it),
-  and Python then leaves it ignored."""
-  signal.signal(signal.SIGINT, signal.SIG_DFL)
+# Runs the CLI with Ctrl-C handled as a shell's foreground command has it: a process
+# started from a background job (nohup, a non-interactive runner) inherits an ignored
+# SIGINT, and Python then leaves it ignored.
+AS_IN_A_TERMINAL = ("import runpy, signal, sys; signal.signal(signal.SIGINT, "
+                    "signal.default_int_handler); sys.argv = sys.argv[1:]; "
+                    "runpy.run_path(sys.argv[0], run_name='__main__')")
 
 
 def _interrupt(proc: subprocess.Popen) -> str:
@@ -201,7 +202,8 @@ def test_a_second_run_on_a_folder_in_use_is_refused_and_the_first_is_untouched(s
                                                                                tmp_path):
   out = tmp_path / "shared"
   first = subprocess.Popen(
-      [sys.executable, str(RUN), "--dataset", str(small), "--epochs", "100000", "--seeds", "1",
+      [sys.executable, "-c", AS_IN_A_TERMINAL, str(RUN), "--dataset", str(small), "--epochs",
+       "100000", "--seeds", "1",
        "--quiet", "--no-attack", "--out", str(out)], cwd=tmp_path,
       env=_env(tmp_path / "cache"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   try:
@@ -351,10 +353,11 @@ def test_ctrl_c_prints_one_line_keeps_the_checkpoint_and_exits_130(small, tmp_pa
   if moment == "compiling":
     env = {k: v for k, v in env.items() if not k.startswith("JAX_")}
   proc = subprocess.Popen(
-      [sys.executable, str(RUN), "--dataset", str(small), "--epochs", "100000", "--seeds", "1",
+      [sys.executable, "-c", AS_IN_A_TERMINAL, str(RUN), "--dataset", str(small), "--epochs",
+       "100000", "--seeds", "1",
        "--checkpoint-every", "1", "--quiet", "--no-attack", "--out", str(out)], cwd=tmp_path,
       env={**env, "JAX_PLATFORMS": "cpu"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-      text=True, preexec_fn=_as_in_a_terminal)
+      text=True)
   ckpt = SeedCheckpoint(out, 1024)
   wait_for = out / "config.json" if moment == "compiling" else ckpt.path
   _wait_for(wait_for, proc)
