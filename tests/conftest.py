@@ -86,3 +86,28 @@ def prepared(data_cache):
     return memo[key]
 
   return get
+
+
+# A small synthetic dataset for runs through the whole runner.
+TINY = dict(num_minority=12, num_majority=36)
+
+
+@pytest.fixture
+def fast_compilation():
+  """XLA without most optimisations: on tiny runs compiling, not running, dominates."""
+  import jax
+  before = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", True)
+  yield
+  jax.config.update("jax_disable_most_optimizations", before)
+
+
+def assert_one_line_error(result, *names: str) -> str:
+  """Exit code 2 and exactly one stderr line `error: ...` naming each of ``names``."""
+  lines = result.stderr.splitlines()
+  assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
+  assert "Traceback" not in result.stderr, result.stderr[-2000:]
+  assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-2000:]
+  for name in names:
+    assert name in lines[0], (name, lines[0])
+  return lines[0]

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from data_prep import prepare
+from conftest import assert_one_line_error
 
 PROJECT_ROOT = pathlib.Path(__file__).resolve().parents[1]
 RUN = PROJECT_ROOT / "experiments" / "run.py"
@@ -39,14 +40,6 @@ def _run(args, env, cwd, timeout=300) -> subprocess.CompletedProcess:
                         capture_output=True, text=True, timeout=timeout)
 
 
-def _assert_usage_error(result: subprocess.CompletedProcess, *names: str) -> None:
-  """Exit code 2 and exactly one stderr line `error: ...` that names each of ``names``."""
-  lines = result.stderr.splitlines()
-  assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
-  assert "Traceback" not in result.stderr, result.stderr[-2000:]
-  assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-2000:]
-  for name in names:
-    assert name in lines[0], (name, lines[0])
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +128,7 @@ def test_run_py_reports_bad_input_in_one_line(folders, tmp_path, case, args, nam
   base = ["--dataset", folders["good"], "--out", tmp_path / "out", "--epochs", "1",
           "--seeds", "1", "--quiet"]
   result = _run([RUN, *base, *_fill(args, folders)], _env(tmp_path / "cache"), tmp_path)
-  _assert_usage_error(result, *names)
+  assert_one_line_error(result, *names)
   assert not (tmp_path / "out" / "results.json").exists()
 
 
@@ -147,7 +140,7 @@ def test_flag_errors_come_before_any_data_is_read(folders, tmp_path, flag, value
   # flag must be reported, not the data.
   result = _run([RUN, flag, value, "--dataset", *_fill([dataset], folders), "--quiet"],
                 _env(tmp_path / "empty-cache"), tmp_path)
-  _assert_usage_error(result, flag)
+  assert_one_line_error(result, flag)
   assert not (tmp_path / "empty-cache").exists()
 
 
@@ -194,7 +187,7 @@ def test_data_prep_reports_bad_input_in_one_line(folders, tmp_path, case, args, 
     args += ["--out", str(tmp_path / "out")]
   result = _run(["-m", "data_prep", *args, "--no-progress"], _env(tmp_path / "cache"),
                 PROJECT_ROOT)
-  _assert_usage_error(result, *names)
+  assert_one_line_error(result, *names)
   assert not (tmp_path / "out").exists()
 
 

@@ -9,6 +9,7 @@ from fast_jax.checkpoint import SeedCheckpoint
 from fast_jax.config import BASELINES, REFERENCE, Config, UsageError, resolve
 from fast_jax.experiment import train_and_evaluate
 from fast_jax.runner import Runner
+from conftest import TINY
 
 META = ("origin", "static", "fast", "reg", "ipw", "clover")
 BACKBONES = ("melu", "metacs")
@@ -19,15 +20,11 @@ SETTINGS = {"clover": {"clover_preset": "a1-ext", "loss": "mse"}}
 CASES = ([(m, b, SETTINGS.get(m, {})) for m in META for b in BACKBONES]
          + [("fast", b, {"p_update": "epoch"}) for b in BACKBONES]
          + [(m, "melu", {}) for m in BASELINES])
-TINY = dict(num_minority=12, num_majority=36)
 
 
 @pytest.fixture(autouse=True)
-def _fast_compilation():
-  before = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)  # tiny runs: compiling dominates
+def _fast_compilation(fast_compilation):
   yield
-  jax.config.update("jax_disable_most_optimizations", before)
 
 
 def test_every_method_is_registered():

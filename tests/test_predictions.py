@@ -15,17 +15,14 @@ from fast_jax import meta, metrics
 from fast_jax.config import Config, resolve
 from fast_jax.experiment import format_table, train_and_evaluate
 from fast_jax.runner import Runner
+from conftest import TINY
 
-TINY = dict(num_minority=12, num_majority=36)
 COLUMNS = ["user_id", "group", "item_row", "y", "y_hat", "y_hat_unadapted"]
 
 
 @pytest.fixture(autouse=True)
-def _fast_compilation():
-  before = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)  # tiny runs: compiling dominates
+def _fast_compilation(fast_compilation):
   yield
-  jax.config.update("jax_disable_most_optimizations", before)
 
 
 def _cfg(method="origin", **kw):

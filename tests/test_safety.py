@@ -29,6 +29,7 @@ from fast_jax.cli import run as run_cli
 from fast_jax.config import Config, UsageError
 from fast_jax.data_prep import sources
 from fast_jax.dataset import DataError, load_prepared
+from conftest import assert_one_line_error
 
 PROJECT_ROOT = pathlib.Path(__file__).resolve().parents[1]
 RUN = PROJECT_ROOT / "experiments" / "run.py"
@@ -53,15 +54,6 @@ def _run(args, cwd, timeout=300, **env) -> subprocess.CompletedProcess:
                         text=True, timeout=timeout)
 
 
-def _assert_one_line_error(result, *names: str) -> str:
-  """Exit code 2 and exactly one stderr line `error: ...` naming each of ``names``."""
-  lines = result.stderr.splitlines()
-  assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
-  assert "Traceback" not in result.stderr, result.stderr[-2000:]
-  assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-2000:]
-  for name in names:
-    assert name in lines[0], (name, lines[0])
-  return lines[0]
 
 
 # Runs the CLI with Ctrl-C handled as a shell's foreground command has it: a process
@@ -192,7 +184,7 @@ def test_a_flag_without_effect_for_the_method_is_named_in_a_warning():
 def test_a_bad_config_file_is_one_line(tmp_path):
   (tmp_path / "config.json").write_text("{not json")
   result = _run([RUN, "--config", tmp_path / "config.json"], tmp_path)
-  _assert_one_line_error(result, "--config", "config.json")
+  assert_one_line_error(result, "--config", "config.json")
 
 
 # ----------------------------------------------------------------------------- one run per folder
@@ -211,7 +203,7 @@ def test_a_second_run_on_a_folder_in_use_is_refused_and_the_first_is_untouched(s
     second = _run([RUN, "--dataset", small, "--epochs", "1", "--seeds", "1", "--gamma", "0.5",
                    "--quiet", "--out", out], tmp_path)
     assert first.poll() is None  # the first run was still training: the lock refused
-    _assert_one_line_error(second, "another run", str(out))
+    assert_one_line_error(second, "another run", str(out))
   finally:
     _interrupt(first)
   assert json.loads((out / "config.json").read_text())["epochs"] == 100000
@@ -225,7 +217,7 @@ def test_a_second_run_on_a_folder_in_use_is_refused_and_the_first_is_untouched(s
 def test_a_folder_holding_a_run_needs_resume_or_overwrite(run_copy, small, tmp_path):
   before = _snapshot(run_copy)
   result = _run([RUN, "--dataset", small, *QUICK, "--out", run_copy], tmp_path)
-  _assert_one_line_error(result, str(run_copy), "--resume", "--overwrite")
+  assert_one_line_error(result, str(run_copy), "--resume", "--overwrite")
   assert _snapshot(run_copy) == before
 
 
@@ -278,7 +270,7 @@ def test_a_failed_resume_is_one_line_and_changes_nothing_on_disk(run_copy, small
   breaks(run_copy)
   before = _snapshot(run_copy)
   result = _run([RUN, "--dataset", small, *QUICK, "--out", run_copy, "--resume"], tmp_path)
-  _assert_one_line_error(result, name)
+  assert_one_line_error(result, name)
   assert _snapshot(run_copy) == before
 
 
@@ -333,7 +325,7 @@ def test_a_full_tmpfs_is_one_line(small, tmp_path):
   try:
     result = _run([RUN, "--dataset", small, "--epochs", "1", "--seeds", "1", "--quiet",
                    "--no-attack", "--out", mount / "run"], tmp_path)
-    line = _assert_one_line_error(result, "No space left on device", str(mount / "run"))
+    line = assert_one_line_error(result, "No space left on device", str(mount / "run"))
     assert "continue with --resume" in line
     assert json.loads((mount / "run" / "config.json").read_text())["epochs"] == 1
   finally:
@@ -397,7 +389,7 @@ def test_a_repeated_user_item_pair_is_an_error_naming_file_and_line(tmp_path):
   result = _run(["-m", "data_prep", "--dataset", "custom", "--ratings", files["ratings"],
                  "--users", files["users"], "--sensitive", "gender", "--out", tmp_path / "o",
                  "--no-progress"], tmp_path)
-  _assert_one_line_error(result, "ratings.csv:602", "first on line 2", "--duplicates")
+  assert_one_line_error(result, "ratings.csv:602", "first on line 2", "--duplicates")
 
 
 @pytest.mark.parametrize("policy", ["last", "mean"])
@@ -475,7 +467,7 @@ def test_data_dir_comes_from_fast_jax_data_dir(monkeypatch, tmp_path):
 
 def test_the_offline_error_names_data_dir_the_variable_and_the_files(tmp_path):
   result = _run([RUN, "--dataset", "ml100k", "--quiet"], tmp_path)
-  line = _assert_one_line_error(result, "--data-dir", "FAST_JAX_DATA_DIR", "ml-100k-clover/",
+  line = assert_one_line_error(result, "--data-dir", "FAST_JAX_DATA_DIR", "ml-100k-clover/",
                                 "user_warm_state.json", "user_cold_state_test_y.json")
   assert "DIR/ml-100k-clover/" in line
   assert not (tmp_path / "cache").exists()  # nothing, empty or not, left in the cache
