@@ -160,15 +160,15 @@ def train_and_evaluate(cfg: Config, out_dir: str | os.PathLike | None = None, *,
   return results
 
 
-# Config fields a vectorised sweep may vary: they live in the train state (``state.hyper``),
-# not the program.
-SWEEPABLE = ("gamma", "tau")
+# Config fields a vectorised sweep may vary: they live in the train state (FAST's gamma
+# and tau in ``state.hyper``, the inner learning rate as the initial alpha), not the program.
+SWEEPABLE = ("gamma", "tau", "inner_lr")
 
 
 def sweep_and_evaluate(cfgs: list[Config], out_dirs: list | None = None, *, data=None,
                        progress: bool = True, echo: Callable[[str], None] = print) -> list[dict]:
-  """Train configurations that differ only in FAST's ``gamma`` and ``tau`` as one
-  vectorised program: each (configuration, seed) is a lane of a ``vmap``-ped epoch.
+  """Train configurations that differ only in :data:`SWEEPABLE` settings (FAST's ``gamma``
+  and ``tau``, the inner learning rate) as one vectorised program: each (configuration, seed) is a lane of a ``vmap``-ped epoch.
 
   Each configuration gets the files of :func:`train_and_evaluate` in its ``out_dirs``
   entry (None: no files); results match running them one by one. A folder holding part
@@ -194,7 +194,7 @@ def sweep_and_evaluate(cfgs: list[Config], out_dirs: list | None = None, *, data
     other = {k: v for k, v in cfg.to_dict().items() if k not in SWEEPABLE and v != base[k]}
     if other:
       k = next(iter(other))
-      raise UsageError(f"a vectorised sweep varies only {' and '.join(SWEEPABLE)}; "
+      raise UsageError(f"a vectorised sweep varies only {', '.join(SWEEPABLE)}; "
                        f"{k} is {base[k]!r} in one configuration and {other[k]!r} in another")
   runner = make_runner(cfgs[0], data)
   if not runner.method.lanes:
@@ -207,7 +207,8 @@ def sweep_and_evaluate(cfgs: list[Config], out_dirs: list | None = None, *, data
   results = []
   for cfg, folder, (per_seed, diverged) in zip(cfgs, folders, outcomes):
     results.append(finish(folder, cfg, per_seed, diverged, runner.group_names))
-    echo(f"gamma={cfg.gamma:g} tau={cfg.tau:g}: " + format_table(results[-1], data.meta))
+    echo(f"gamma={cfg.gamma:g} tau={cfg.tau:g} inner_lr={cfg.inner_lr:g}: "
+         + format_table(results[-1], data.meta))
   return results
 
 

@@ -248,8 +248,9 @@ class Runner:
                 ) -> list[dict | Diverged]:
     """Train several lanes as one vectorised program: the epoch scan ``vmap``-ped over a
     stack of train states and their keys. Lane i is seed ``seeds[i]`` with the
-    hyperparameters ``hypers[i]`` (e.g. ``{"gamma": 0.5, "tau": 0.1}``; default: the
-    config's), so the seeds of a configuration and the points of a sweep train together.
+    hyperparameters ``hypers[i]`` (e.g. ``{"gamma": 0.5, "tau": 0.1, "inner_lr": 0.01}``,
+    :func:`with_hypers`; default: the config's), so the seeds of a configuration and the
+    points of a sweep train together.
 
     Keys, initial states and selection are those of :meth:`run_seed`, so each lane's
     result matches a sequential run up to floating-point reassociation. The end of an
@@ -269,12 +270,7 @@ class Runner:
     if len(hypers) != len(seeds):
       raise ValueError(f"{len(seeds)} seeds but {len(hypers)} hyperparameter sets")
     k_init, k_train = zip(*(jax.random.split(jax.random.key(s)) for s in seeds))
-    states = []
-    for k, h in zip(k_init, hypers):
-      state = m.init(k)
-      states.append(state.replace(hyper={**state.hyper,
-                                         **{n: jnp.float32(v) for n, v in h.items()}}))
-    states = _stack(states)
+    states = _stack([with_hypers(m.init(k), h) for k, h in zip(k_init, hypers)])
     epoch_fn = jax.jit(jax.vmap(m.epoch, in_axes=(0, None, 0)))
     best: list[tuple[float, Any, int]] = [(np.inf, _index(states, i), 0)
                                           for i in range(len(seeds))]
@@ -308,6 +304,16 @@ class Runner:
           state, selected_epoch=selected, epochs_run=epochs,
           predictions=None if predictions is None else lambda rows: predictions(i, rows))
     return [failed[i] if i in failed else report(i) for i in range(len(seeds))]
+
+
+def with_hypers(state, hypers: dict):
+  """``state`` with a lane's hyperparameters: ``inner_lr`` sets the (initial) inner
+  learning rate alpha, every other key its entry of ``state.hyper`` (float32 scalars)."""
+  hypers = dict(hypers)
+  if "inner_lr" in hypers:
+    rate = hypers.pop("inner_lr")
+    state = state.replace(alpha=jax.tree.map(lambda a: jnp.full_like(a, rate), state.alpha))
+  return state.replace(hyper={**state.hyper, **{n: jnp.float32(v) for n, v in hypers.items()}})
 
 
 def _stack(trees: list) -> Any:

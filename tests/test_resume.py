@@ -168,5 +168,24 @@ def test_vmapped_seeds_and_sweep_points_match_sequential_runs(prepared, tmp_path
   assert not np.allclose(p["vec-a"], p["vec-b"])  # the lanes really had their own gamma/tau
   assert (tmp_path / "vec-a" / "seeds" / "seed-1024.json").exists()
 
-  with pytest.raises(UsageError, match="varies only gamma and tau; lr"):
+  with pytest.raises(UsageError, match="varies only gamma, tau, inner_lr; lr"):
     sweep_and_evaluate([cfgs[0], Config(**{**base, "lr": 1e-2})], data=data, **QUIET)
+
+
+# Backbones whose inner learning rate a sweep varies per lane: fixed (MeLU) and learned
+# from its initial value (MetaCS).
+INNER_LR_BACKBONES = ["melu", "metacs"]
+
+
+@pytest.mark.parametrize("backbone", INNER_LR_BACKBONES)
+def test_inner_lr_lanes_match_sequential_runs(prepared, tmp_path, backbone):
+  data = prepared("synthetic")
+  base = dict(dataset="synthetic", backbone=backbone, method="origin", epochs=1, seeds=1,
+              lr=1e-3, attack=False)
+  cfgs = [Config(**base, inner_lr=1e-3), Config(**base, inner_lr=5e-2)]
+  vec = sweep_and_evaluate(cfgs, data=data, **QUIET)
+  seq = [train_and_evaluate(c, data=data, **QUIET) for c in cfgs]
+  for v, s in zip(vec, seq):
+    for k in ("mae", "mse", "gf_mae"):
+      np.testing.assert_allclose(v["per_seed"][0][k], s["per_seed"][0][k], rtol=1e-4)
+  assert abs(vec[0]["mean"]["mae"] - vec[1]["mean"]["mae"]) > 1e-4  # the lanes' own rates

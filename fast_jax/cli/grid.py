@@ -70,8 +70,8 @@ def run_grid(runs: list[Run], root: pathlib.Path, *, progress: bool = False,
              vmap: bool = False, jobs: int = 1, log=print) -> dict[str, dict]:
   """Run every configuration that has no results yet; return name -> results.
 
-  With ``vmap``, the unfinished meta-learning runs that differ only in gamma and tau
-  (and each run's seeds) train together as one vectorised program
+  With ``vmap``, the unfinished meta-learning runs that differ only in gamma, tau and
+  the inner lr (and each run's seeds) train together as one vectorised program
   (:func:`fast_jax.experiment.sweep_and_evaluate`); the others run one by one. With
   ``jobs > 1``, that many runs (or vectorised groups) train at once, each in its own
   process, CLOVER's (the slowest) first.
@@ -223,7 +223,7 @@ def add_grid_args(parser, *, out_name: str) -> None:
                       help="runs training at once, each in its own process (2 suits a 2-core "
                            "CPU: one run keeps about 1.4 cores busy)")
   parser.add_argument("--vmap", action="store_true",
-                      help="train each run's seeds, and the gamma/tau points of a sweep, as one "
+                      help="train each run's seeds, and the gamma/tau/inner-lr points of a sweep, as one "
                            "vectorised program (no mid-run checkpoints)")
 
 

@@ -114,6 +114,9 @@ def main(argv=None) -> int:
   p.add_argument("--out", type=pathlib.Path, default=pathlib.Path("results") / "tune")
   p.add_argument("--collect-only", action="store_true", help="only pick from finished runs")
   p.add_argument("--jobs", type=int, default=1, help="runs training at once")
+  p.add_argument("--no-vmap", dest="vmap", action="store_false",
+                 help="train every point on its own (default: the inner lrs of a point and "
+                      "its seeds train as lanes of one vectorised program)")
   args = p.parse_args(argv)
   if args.seeds < 1 or args.jobs < 1:
     p.error("--seeds and --jobs must be at least 1")
@@ -121,7 +124,7 @@ def main(argv=None) -> int:
                    data_dir=args.data_dir)
   try:
     results = (load_results(args.root, runs) if args.collect_only
-               else run_grid(runs, args.root, jobs=args.jobs))
+               else run_grid(runs, args.root, vmap=args.vmap, jobs=args.jobs))
   except UsageError as e:
     print(f"fast-jax tune: error: {e}", file=sys.stderr)
     return 2
