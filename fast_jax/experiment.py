@@ -56,6 +56,8 @@ def check_config(cfg: Config) -> None:
     raise UsageError(f"--backbone {cfg.backbone!r}: expected one of {config_lib.BACKBONES}")
   if cfg.method not in config_lib.METHODS:
     raise UsageError(f"--method {cfg.method!r}: expected one of {config_lib.METHODS}")
+  if cfg.preset not in config_lib.PRESETS:
+    raise UsageError(f"--preset {cfg.preset!r}: expected one of {config_lib.PRESETS}")
   for name in ("gamma", "tau"):
     value = getattr(cfg, name)
     if value is not None and not value >= 0:  # also NaN

@@ -249,7 +249,9 @@ def _defaults_for(before: dict, record: dict) -> dict:
     return {}
   fields = {f.name for f in dataclasses.fields(Config)}
   try:
-    cfg = config_lib.resolve(Config(**{k: v for k, v in before.items() if k in fields}),
+    # Runs recorded before presets existed all used the FAST code's settings.
+    cfg = config_lib.resolve(Config(**{"preset": "code", **{k: v for k, v in before.items()
+                                                           if k in fields}}),
                              (before.get("data") or {}).get("dataset"))
   except (TypeError, ValueError):
     return {}

@@ -1,4 +1,5 @@
-"""The table/figure drivers tabulate finished runs (the committed results/runs) correctly."""
+"""The table/figure drivers tabulate finished runs (the committed code-preset runs in
+results/runs_code) correctly."""
 
 import csv
 import json
@@ -20,7 +21,8 @@ def _run(script, *args):
 
 def test_table2_collects_runs_beside_the_paper_values(tmp_path):
   out = tmp_path / "table2"
-  proc = _run("table2.py", "--collect-only", "--datasets", "bookcrossing", "--out", str(out))
+  proc = _run("table2.py", "--collect-only", "--preset", "code", "--datasets", "bookcrossing",
+              "--out", str(out))
   assert proc.returncode == 0, proc.stderr
   rows = {r["row"]: r for r in csv.DictReader(open(out.with_suffix(".csv")))}
   assert float(rows["global-mean"]["mae"]) == pytest.approx(1.484, abs=5e-4)
@@ -32,8 +34,8 @@ def test_table2_collects_runs_beside_the_paper_values(tmp_path):
 
 def test_figure3_plots_finished_runs(tmp_path):
   out = tmp_path / "figure3"
-  proc = _run("figure3.py", "--collect-only", "--datasets", "ml100k", "--backbones", "melu",
-              "--out", str(out))
+  proc = _run("figure3.py", "--collect-only", "--preset", "code", "--datasets", "ml100k",
+              "--backbones", "melu", "--out", str(out))
   assert proc.returncode == 0, proc.stderr
   labels = {r["label"] for r in csv.DictReader(open(out.with_suffix(".csv")))}
   assert labels == {"origin", "static", "fast"}
@@ -45,12 +47,12 @@ def test_figure4_compares_each_point_with_origin_seed_by_seed(tmp_path):
   """The *_vs_origin columns are the per-seed differences from Table 2's Origin run,
   recomputed here from the committed results.json files."""
   out = tmp_path / "figure4"
-  proc = _run("figure4.py", "--collect-only", "--backbones", "metacs", "--gammas", "0.1",
-              "--taus", "0.01", "--out", str(out))
+  proc = _run("figure4.py", "--collect-only", "--preset", "code", "--backbones", "metacs",
+              "--gammas", "0.1", "--taus", "0.01", "--out", str(out))
   assert proc.returncode == 0, proc.stderr
   rows = {r["label"]: r for r in csv.DictReader(open(out.with_suffix(".csv")))}
   assert sorted(rows) == ["gamma=0.1", "tau=0.01"]
-  runs = ROOT / "results" / "runs" / "bookcrossing"
+  runs = ROOT / "results" / "runs_code" / "bookcrossing"
   origin = {r["seed"]: r for r in
             json.loads((runs / "metacs-origin" / "results.json").read_text())["per_seed"]}
   for label, folder in (("gamma=0.1", "metacs-g0.1-t0.8"), ("tau=0.01", "metacs-g0.3-t0.01")):
@@ -122,7 +124,7 @@ def test_table2_trains_runs_two_at_a_time_in_their_own_processes(tmp_path, share
   assert "2 runs in" in proc.stdout and "(2 jobs at once)" in proc.stdout
   for row in ("global-mean", "support-mean"):
     ours = json.loads((tmp_path / "runs" / "ml100k" / row / "results.json").read_text())
-    committed = json.loads((ROOT / "results" / "runs" / "ml100k" / row / "results.json")
+    committed = json.loads((ROOT / "results" / "runs_code" / "ml100k" / row / "results.json")
                            .read_text())
     assert ours["mean"]["mae"] == pytest.approx(committed["mean"]["mae"], abs=1e-9)
     assert (tmp_path / "runs" / "ml100k" / row / "wall_time.txt").exists()
@@ -133,6 +135,25 @@ def test_table2_trains_runs_two_at_a_time_in_their_own_processes(tmp_path, share
              "--out", str(tmp_path / "bad" / "table2"))
   assert bad.returncode == 2 and "Traceback" not in bad.stderr
   assert bad.stderr.strip() == "table2.py: error: --seeds must be >= 1, got 0"
+
+
+def test_grid_refuses_a_finished_meta_learner_run_of_another_preset(tmp_path):
+  from fast_jax.cli import grid
+  from fast_jax.config import Config, UsageError
+  for name, record in (("old", {"method": "origin"}),  # before presets: the code's
+                       ("code", {"method": "origin", "preset": "code"}),
+                       ("ref", {"method": "global-mean"})):
+    (tmp_path / name).mkdir()
+    (tmp_path / name / "results.json").write_text(json.dumps(
+        {"config": {**record, "seeds": 1}, "mean": {k: 0.0 for k in grid.METRICS}}))
+  for name in ("old", "code"):
+    with pytest.raises(UsageError, match=f"{name} holds a run of --preset code, not validated"):
+      grid.run_grid([grid.Run(name, Config(method="origin", seeds=1))], tmp_path,
+                    log=lambda s: None)
+  same = grid.run_grid([grid.Run("code", Config(method="origin", seeds=1, preset="code")),
+                        grid.Run("ref", Config(method="global-mean", seeds=1))], tmp_path,
+                       log=lambda s: None)
+  assert sorted(same) == ["code", "ref"]  # finished: nothing retrained
 
 
 def test_grid_resumes_a_run_finished_with_fewer_seeds(tmp_path, monkeypatch):
@@ -157,7 +178,7 @@ def test_grid_resumes_a_run_finished_with_fewer_seeds(tmp_path, monkeypatch):
 
 def test_plot_p_reads_every_seed_of_a_run_and_names_its_groups(tmp_path):
   from fast_jax.cli import plots
-  run = ROOT / "results" / "runs" / "bookcrossing" / "melu-fast-epoch"
+  run = ROOT / "results" / "runs_code" / "bookcrossing" / "melu-fast-epoch"
   epochs, p, loss = plots.read_p(run)
   assert epochs.tolist() == list(range(1, 51))
   assert p.shape == loss.shape == (5, 50, 2)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from fast_jax.cli.grid import METRICS, Run, add_grid_args, run_and_collect
+from fast_jax.cli.grid import METRICS, Run, add_grid_args, parse_grid_args, run_and_collect
 from fast_jax.cli import plots
 
 from fast_jax.config import Config
@@ -24,14 +24,15 @@ from fast_jax.config import Config
 STRATEGIES = ("origin", "static", "fast")
 
 
-def make_runs(datasets, backbones, *, seeds, epochs, data_dir, p_update) -> list[Run]:
+def make_runs(datasets, backbones, *, seeds, epochs, data_dir, p_update,
+              preset: str = "validated") -> list[Run]:
   runs = []
   for d in datasets:
     for b in backbones:
       for s in STRATEGIES:
         # Static is the FAST code's sampler with p fixed (docs/methods.md §5).
         mode = "epoch" if s == "static" else p_update
-        cfg = Config(dataset=d, backbone=b, method=s, p_update=mode, seeds=seeds,
+        cfg = Config(dataset=d, backbone=b, method=s, p_update=mode, seeds=seeds, preset=preset,
                      data_dir=data_dir, **({"epochs": epochs} if epochs else {}))
         runs.append(Run(name=f"{d}/{b}-{s}" + ("" if s != "fast" else f"-{p_update}"),
                         cfg=cfg, row=f"{b}-{s}", label=s))
@@ -44,9 +45,9 @@ def main(argv=None) -> int:
   p.add_argument("--datasets", nargs="+", default=["ml1m", "bookcrossing"])
   p.add_argument("--backbones", nargs="+", default=["melu", "metacs"])
   add_grid_args(p, out_name="figure3")
-  args = p.parse_args(argv)
+  args = parse_grid_args(p, argv)
   runs = make_runs(args.datasets, args.backbones, seeds=args.seeds, epochs=args.epochs,
-                   data_dir=args.data_dir, p_update=args.p_update)
+                   data_dir=args.data_dir, p_update=args.p_update, preset=args.preset)
   rows = run_and_collect(runs, args)
   seeds = sorted({int(r["seeds"]) for r in rows})
   plots.grouped_bars(rows, METRICS, panel_keys=("dataset", "backbone"), bar_key="label",

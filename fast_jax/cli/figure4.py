@@ -24,7 +24,8 @@ import sys
 
 import numpy as np
 
-from fast_jax.cli.grid import Run, add_grid_args, run_and_collect, write_csv
+from fast_jax.cli.grid import (Run, add_grid_args, paired_vs_origin, parse_grid_args,
+                               run_and_collect, write_csv)
 from fast_jax.cli import plots
 
 from fast_jax.config import PAPER_GAMMA_TAU, Config, seed_list
@@ -34,14 +35,14 @@ TAUS = (0.01, 0.03, 0.05, 0.1, 0.2, 0.5, 0.8, 1.0)
 
 
 def make_runs(dataset, backbones, gammas, taus, *, seeds, epochs, data_dir,
-              p_update) -> list[Run]:
+              p_update, preset: str = "validated") -> list[Run]:
   runs = []
   for b in backbones:
     gamma0, tau0 = PAPER_GAMMA_TAU.get((b, dataset), (1.0, 0.1))
     points = [("gamma", g, g, tau0) for g in gammas] + [("tau", t, gamma0, t) for t in taus]
     for swept, value, gamma, tau in points:
       cfg = Config(dataset=dataset, backbone=b, method="fast", gamma=gamma, tau=tau,
-                   p_update=p_update, seeds=seeds, data_dir=data_dir,
+                   p_update=p_update, seeds=seeds, data_dir=data_dir, preset=preset,
                    **({"epochs": epochs} if epochs else {}))
       runs.append(Run(name=f"{dataset}/sweep-{p_update}/{b}-g{gamma:g}-t{tau:g}", cfg=cfg,
                       row=f"{b}-fast", label=f"{swept}={value:g}"))
@@ -72,15 +73,11 @@ def add_paired_differences(rows: list[dict], origin: dict, root: pathlib.Path) -
   (``seeds_fairer``). The seed-to-seed spread that a point shares with Origin cancels in
   these differences. Points with a seed Origin lacks get no such columns."""
   for row in rows:
-    base = origin.get(row["backbone"], {})
-    point = {r["seed"]: r for r in
-             json.loads((root / row["name"] / "results.json").read_text())["per_seed"]}
-    if not point.keys() <= base.keys():
+    point = json.loads((root / row["name"] / "results.json").read_text())["per_seed"]
+    paired = paired_vs_origin(point, list(origin.get(row["backbone"], {}).values()))
+    if paired is None:
       continue
-    for m in ("mae", "gf_mae"):
-      d = np.array([point[s][m] - base[s][m] for s in point])
-      row[f"{m}_vs_origin"], row[f"{m}_vs_origin_std"] = float(d.mean()), float(d.std())
-    row["seeds_fairer"] = sum(point[s]["gf_mae"] < base[s]["gf_mae"] for s in point)
+    row.update(paired)
     print(f"{row['backbone']} {row['label']}: against Origin seed by seed, "
           f"MAE {row['mae_vs_origin']:+.4f} ± {row['mae_vs_origin_std']:.4f}, "
           f"GF(MAE) {row['gf_mae_vs_origin']:+.4f} ± {row['gf_mae_vs_origin_std']:.4f} "
@@ -95,9 +92,10 @@ def main(argv=None) -> int:
   p.add_argument("--gammas", nargs="+", type=float, default=list(GAMMAS))
   p.add_argument("--taus", nargs="+", type=float, default=list(TAUS))
   add_grid_args(p, out_name="figure4")
-  args = p.parse_args(argv)
+  args = parse_grid_args(p, argv)
   runs = make_runs(args.dataset, args.backbones, args.gammas, args.taus, seeds=args.seeds,
-                   epochs=args.epochs, data_dir=args.data_dir, p_update=args.p_update)
+                   epochs=args.epochs, data_dir=args.data_dir, p_update=args.p_update,
+                   preset=args.preset)
   rows = run_and_collect(runs, args)
   for r in rows:
     r["swept"], r["value"] = r["label"].split("=")[0], float(r["label"].split("=")[1])

@@ -82,6 +82,13 @@ def run_grid(runs: list[Run], root: pathlib.Path, *, progress: bool = False,
   out, todo = {}, []
   for run in runs:
     done = _finished(root / run.name)
+    # A meta-learner's run of another preset is another experiment (runs recorded before
+    # presets existed used the code's); the baselines do not depend on it.
+    preset = (done or {}).get("config", {}).get("preset", "code")
+    if done is not None and preset != run.cfg.preset and run.cfg.method not in BASELINES:
+      from fast_jax.config import UsageError
+      raise UsageError(f"{root / run.name} holds a run of --preset {preset}, not "
+                       f"{run.cfg.preset}; use another --root")
     if done is not None and done.get("config", {}).get("seeds", run.cfg.seeds) >= run.cfg.seeds:
       out[run.name] = done
     else:  # not run, interrupted, or run with fewer seeds: (re)start or resume it
@@ -178,7 +185,52 @@ def summary_rows(runs: list[Run], results: dict[str, dict]) -> list[dict]:
       row[f"g{g}_mae"], row[f"g{g}_n"] = vals.get("mae", np.nan), vals.get("n", np.nan)
     row["auc_attack"] = res["mean"].get("auc_attack", np.nan)
     rows.append(row)
+  origins = {(results[r.name]["config"]["dataset"], results[r.name]["config"]["backbone"]):
+             results[r.name]["per_seed"] for r in runs
+             if r.name in results and results[r.name]["config"]["method"] == "origin"}
+  for row in rows:
+    origin = origins.get((row["dataset"], row["backbone"]))
+    if row["method"] in META_ROWS_METHODS and row["method"] != "origin" and origin:
+      row.update(paired_vs_origin(results[row["name"]]["per_seed"], origin) or {})
   return rows
+
+
+META_ROWS_METHODS = ("static", "fast", "reg", "ipw", "clover")
+
+
+def paired_vs_origin(point: list[dict], origin: list[dict]) -> dict | None:
+  """A run against the same backbone's Origin, seed by seed (the seed-to-seed spread the
+  two share cancels): over the run's seeds, the mean and population std of its
+  per-seed MAE and GF(MAE) minus Origin's (``mae_vs_origin``, ``..._std``), on how many
+  seeds each is lower (``seeds_lower_mae``, ``seeds_fairer``), the mean change of each
+  group's MAE (``g0_mae_vs_origin``, ...), and ``levelling_down``: the mean GF(MAE) is
+  lower while the group Origin serves better (lower mean MAE) got worse on average, so
+  the gap closed at that group's cost. None when Origin lacks one of the run's seeds.
+
+  point, origin: ``results.json["per_seed"]`` entries (``seed``, ``mae``, ``gf_mae``,
+  optionally ``group``).
+  """
+  base = {r["seed"]: r for r in origin}
+  runs = {r["seed"]: r for r in point}
+  if not runs or not runs.keys() <= base.keys():
+    return None
+  seeds = list(runs)
+  out: dict = {}
+  for m in ("mae", "gf_mae"):
+    d = np.array([runs[s][m] - base[s][m] for s in seeds])
+    out[f"{m}_vs_origin"], out[f"{m}_vs_origin_std"] = float(d.mean()), float(d.std())
+  out["seeds_lower_mae"] = int(sum(runs[s]["mae"] < base[s]["mae"] for s in seeds))
+  out["seeds_fairer"] = int(sum(runs[s]["gf_mae"] < base[s]["gf_mae"] for s in seeds))
+  groups = [g for g in base[seeds[0]].get("group", {}) if all(
+      g in runs[s].get("group", {}) for s in seeds)]
+  if groups:
+    for g in groups:
+      out[f"g{g}_mae_vs_origin"] = float(np.mean(
+          [runs[s]["group"][g]["mae"] - base[s]["group"][g]["mae"] for s in seeds]))
+    better = min(groups, key=lambda g: np.mean([base[s]["group"][g]["mae"] for s in seeds]))
+    out["levelling_down"] = bool(out["gf_mae_vs_origin"] < 0
+                                 and out[f"g{better}_mae_vs_origin"] > 0)
+  return out
 
 
 def write_csv(rows: list[dict], path: pathlib.Path) -> None:
@@ -210,14 +262,24 @@ def _at_least_one(text: str) -> int:
 
 
 def add_grid_args(parser, *, out_name: str) -> None:
-  """The flags every driver shares: seeds, epochs, FAST mode, data, run root, output."""
+  """The flags every driver shares: seeds, epochs, FAST mode, preset, data, run root,
+  output (read them with :func:`parse_grid_args`)."""
+  from fast_jax.config import PRESETS
+  parser.add_argument("--preset", choices=PRESETS, default="validated",
+                      help="the meta-learners' defaults (run.py --preset); the code preset's "
+                           "runs default to results/runs_code and files named *_code")
   parser.add_argument("--seeds", type=int, default=5)
   parser.add_argument("--epochs", type=int, default=None, help="default: each method's own")
   parser.add_argument("--p-update", default="step", choices=("step", "epoch"),
                       help="FAST mode of the FAST runs")
   parser.add_argument("--data-dir", default=None)
-  parser.add_argument("--root", type=pathlib.Path, default=ROOT / "results" / "runs")
-  parser.add_argument("--out", type=pathlib.Path, default=ROOT / "results" / out_name)
+  parser.add_argument("--root", type=pathlib.Path, default=None,
+                      help="run folders (default: results/runs, results/runs_code with "
+                           "--preset code)")
+  parser.add_argument("--out", type=pathlib.Path, default=None,
+                      help=f"output files without suffix (default: results/{out_name}, "
+                           f"results/{out_name}_code with --preset code)")
+  parser.set_defaults(out_name=out_name)
   parser.add_argument("--collect-only", action="store_true", help="only tabulate finished runs")
   parser.add_argument("--jobs", type=_at_least_one, default=1,
                       help="runs training at once, each in its own process (2 suits a 2-core "
@@ -225,6 +287,18 @@ def add_grid_args(parser, *, out_name: str) -> None:
   parser.add_argument("--vmap", action="store_true",
                       help="train each run's seeds, and the gamma/tau/inner-lr points of a sweep, as one "
                            "vectorised program (no mid-run checkpoints)")
+
+
+def parse_grid_args(parser, argv=None):
+  """``parser``'s arguments with the defaults of ``--root`` and ``--out`` filled for the
+  preset: the validated protocol's runs and files, or the code preset's (``*_code``)."""
+  args = parser.parse_args(argv)
+  code = args.preset == "code"
+  if args.root is None:
+    args.root = ROOT / "results" / ("runs_code" if code else "runs")
+  if args.out is None:
+    args.out = ROOT / "results" / (args.out_name + ("_code" if code else ""))
+  return args
 
 
 def run_and_collect(runs: list[Run], args) -> list[dict]:

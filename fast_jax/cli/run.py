@@ -3,8 +3,9 @@
     python experiments/run.py --backbone melu --dataset ml100k --gamma 2 --tau 0.2
 
 Flags only; the work is fast_jax.experiment.train_and_evaluate. Unset hyperparameters
-take the paper's value for the backbone and dataset (Table 3 for gamma/tau, the FAST
-code's run.sh for learning rates). Bad settings are reported in one line, exit code 2.
+take their default for the backbone and dataset: gamma/tau from the paper's Table 3, the
+learning rates, inner steps and output bias from --preset (validated: chosen on
+validation users by `fast-jax tune`; code: the FAST code's run.sh). Bad settings are reported in one line, exit code 2.
 The files go to --out, by default runs/DATASET-BACKBONE-METHOD-YYYYmmdd-HHMMSS/ (printed
 at the end); a folder that holds a run needs --resume or --overwrite. Ctrl-C prints what
 was saved and the command that resumes, and exits with 130.
@@ -78,11 +79,16 @@ def build_parser() -> argparse.ArgumentParser:
                  help="a p that converges: Eq. 9 with the cap tau / (1 + t/T) after t outer "
                       "steps of T per epoch (docs/methods.md 1.5); default: the paper's Eq. 9")
   m = p.add_argument_group("meta-learning")
+  m.add_argument("--preset", choices=config_lib.PRESETS, default=d.preset,
+                 help="defaults of --lr, --inner-lr, --inner-steps, --out-bias: validated "
+                      "(chosen on validation users, fast_jax.config.VALIDATED) or code (the "
+                      "FAST code's run.sh: inner lr 1e-4, one inner step)")
   m.add_argument("--epochs", type=int, default=d.epochs)
   m.add_argument("--seeds", type=int, default=d.seeds, help="number of seeds (the FAST code's five first)")
   m.add_argument("--lr", type=float, default=None, help="outer Adam learning rate")
   m.add_argument("--inner-lr", type=float, default=None, help="inner SGD rate (MetaCS: its initial value)")
-  m.add_argument("--inner-steps", type=int, default=d.inner_steps)
+  m.add_argument("--inner-steps", type=int, default=d.inner_steps,
+                 help="inner SGD steps (default: from --preset)")
   m.add_argument("--first-order", action="store_true", help="first-order meta-gradient (FOMAML)")
   m.add_argument("--batch-size", type=int, default=d.batch_size)
   m.add_argument("--length-parts", type=int, default=d.length_parts,
@@ -101,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
   n.add_argument("--init", choices=("torch", "flax"), default=d.init)
   n.add_argument("--out-bias", choices=("init", "mean"), default=d.out_bias,
                  help="output bias from the initialiser or at the training mean rating "
-                      "(default: init for MeLU, mean for MetaCS)")
+                      "(default: from --preset)")
   r = p.add_argument_group("Reg")
   r.add_argument("--reg-weight", type=float, default=d.reg_weight)
   r.add_argument("--reg-kind", choices=("loss", "value"), default=d.reg_kind)
@@ -221,7 +227,7 @@ def given_flags(argv: list[str]) -> set[str]:
 # another method they do nothing, which a one-line warning says.
 _TRAINED_BASELINES = ("widedeep", "dropoutnet", "nlba")
 _META_ONLY = ("backbone", "lr", "inner_lr", "inner_steps", "first_order", "train_query",
-              "select", "length_parts", "alpha_mode", "vmap_seeds", "out_bias")
+              "select", "length_parts", "alpha_mode", "vmap_seeds", "out_bias", "preset")
 ONLY_FOR = {
     "gamma": ("fast",), "tau": ("fast",), "gap_loss": ("fast",),
     "p_update": ("fast",), "resample": ("fast",),  # Static: pools, p fixed (methods/static.py)

@@ -17,8 +17,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from fast_jax.cli.grid import (METRICS, PAPER_DATASETS, Run, add_grid_args, provenance,
-                  run_and_collect)
+from fast_jax.cli.grid import (METRICS, PAPER_DATASETS, Run, add_grid_args, parse_grid_args,
+                               provenance, run_and_collect)
 
 from fast_jax.cli import plots
 
@@ -31,7 +31,7 @@ ROWS = BASELINE_ROWS + META_ROWS
 
 
 def make_runs(datasets, rows, *, seeds: int, epochs: int | None, data_dir: str | None,
-              p_update: str) -> list[Run]:
+              p_update: str, preset: str = "validated") -> list[Run]:
   runs = []
   for dataset in datasets:
     for row in rows:
@@ -42,7 +42,7 @@ def make_runs(datasets, rows, *, seeds: int, epochs: int | None, data_dir: str |
         cfg = Config(method=row, **kw)
       else:
         backbone, method = row.split("-", 1)
-        cfg = Config(backbone=backbone, method=method, p_update=p_update, **kw)
+        cfg = Config(backbone=backbone, method=method, p_update=p_update, preset=preset, **kw)
       # FAST runs carry their mode in the folder name (shared with figure3.py).
       name = f"{dataset}/{row}" + (f"-{p_update}" if row.endswith("-fast") else "")
       runs.append(Run(name=name, cfg=cfg, row=row))
@@ -72,7 +72,36 @@ def markdown(rows: list[dict], datasets) -> str:
         ref = "—" if paper != paper else f"{paper:.3f}, {r[m] - paper:+.3f}"
         cells.append(f"{ours} ({ref})")
       out.append(f"| {r['row']} | {r['seeds']} | " + " | ".join(cells) + " |")
+    out.extend(_paired_table(part))
   return "\n".join(out) + "\n"
+
+
+def _paired_table(rows: list[dict]) -> list[str]:
+  """Per-group MAE of every row and, for each fairness method, its change against the
+  same backbone's Origin seed by seed (:func:`fast_jax.cli.grid.paired_vs_origin`)."""
+  groups = sorted(k[1:-4] for k in rows[0] if k.startswith("g") and k.endswith("_mae")
+                  and k[1:-4].isdigit())
+  if not groups:
+    return []
+  names = " / ".join(f"G{g}" for g in groups)
+  out = [f"\nPer group, and against Origin seed by seed (mean ± std of the per-seed "
+         f"difference; on how many seeds it is lower). *Levelling down*: GF(MAE) fell "
+         f"while the group Origin serves better got worse.\n",
+         f"| method | MAE {names} | Δ MAE | Δ GF(MAE) | Δ MAE {names} | |",
+         "|---|---|---|---|---|---|"]
+  for r in rows:
+    per_group = " / ".join(f"{r.get(f'g{g}_mae', float('nan')):.3f}" for g in groups)
+    if "mae_vs_origin" in r and r["mae_vs_origin"] == r["mae_vs_origin"]:
+      n = r["seeds"]
+      d_mae = f"{r['mae_vs_origin']:+.3f} ± {r['mae_vs_origin_std']:.3f} ({r['seeds_lower_mae']}/{n})"
+      d_gf = (f"{r['gf_mae_vs_origin']:+.3f} ± {r['gf_mae_vs_origin_std']:.3f} "
+              f"({r['seeds_fairer']}/{n})")
+      d_groups = " / ".join(f"{r.get(f'g{g}_mae_vs_origin', float('nan')):+.3f}" for g in groups)
+      mark = "levelling down" if r.get("levelling_down") is True else ""
+    else:
+      d_mae = d_gf = d_groups = mark = ""
+    out.append(f"| {r['row']} | {per_group} | {d_mae} | {d_gf} | {d_groups} | {mark} |")
+  return out
 
 
 def _marks(rows: list[dict]) -> dict:
@@ -93,9 +122,9 @@ def main(argv=None) -> int:
   p.add_argument("--datasets", nargs="+", default=list(PAPER_DATASETS))
   p.add_argument("--rows", nargs="+", default=list(ROWS), choices=ROWS)
   add_grid_args(p, out_name="table2")
-  args = p.parse_args(argv)
+  args = parse_grid_args(p, argv)
   runs = make_runs(args.datasets, args.rows, seeds=args.seeds, epochs=args.epochs,
-                   data_dir=args.data_dir, p_update=args.p_update)
+                   data_dir=args.data_dir, p_update=args.p_update, preset=args.preset)
   rows = run_and_collect(runs, args)
   text = (f"# Table 2 reproduction\n\n{provenance(sys.argv)}\n\n"
           "Ours: mean ± population std over seeds; in brackets the paper's mean and our "
