@@ -85,6 +85,7 @@ class Config:
   gap_loss: str | None = None   # loss of the group gap: "mse" | "mae"; None -> mse (step), mae (epoch)
   resample: str = "sample"      # B' as sampled counts ("sample") or its expectation ("expected")
   p_average: bool = False       # cap tau / (1 + t/T): a p that converges (fairness.update_p_decaying)
+  gap_users: str = "train"      # whose group gap drives p: "train" (paper) or "valid" users
   # Meta-learning.
   preset: str = "validated"     # unset lr, inner_lr, inner_steps, out_bias: "validated"
                                 # (VALIDATED, chosen on validation users) or "code" (run.sh)

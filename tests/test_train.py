@@ -228,3 +228,49 @@ def test_epoch_mode_p_average_decays_the_cap_with_the_epochs_done(prepared, p_av
   evaluate = lambda state, split: {"mae": np.where(group == 0, 2.0, 0.0)}  # group 0 worse
   state, _ = fast.epoch_p_update(ctx)(state, evaluate)
   np.testing.assert_allclose(state.p, [0.5 + cap, 0.5 - cap], atol=1e-6)
+
+
+# Whose group gap drives FAST's p (--gap-users).
+GAP_USERS = ["train", "valid"]
+
+
+@pytest.mark.parametrize("gap_users", GAP_USERS)
+def test_epoch_mode_p_moves_on_the_gap_of_the_chosen_users(prepared, gap_users):
+  """Epoch mode: the end-of-epoch gap is read from the chosen split's users, with their
+  own groups (here group 0 is worse only on that split, so p0 must rise)."""
+  data = prepared("synthetic", num_minority=12, num_majority=36)
+  cfg = resolve(Config(dataset="synthetic", method="fast", p_update="epoch", batch_size=8,
+                       gamma=1.0, tau=0.1, gap_users=gap_users), data.name)
+  ctx = make_context(cfg, data)
+  asked = []
+
+  def evaluate(state, split):
+    asked.append(split)
+    group = np.asarray(data.split(split).group)
+    return {"mae": np.where(group == 0, 2.0, 0.0)}
+  state = TrainState(params=(), opt_state=(), step=jnp.int32(0), p=jnp.array([0.5, 0.5]),
+                     hyper={"gamma": 1.0, "tau": 0.1})
+  state, _ = fast.epoch_p_update(ctx)(state, evaluate)
+  assert asked == [gap_users]
+  np.testing.assert_allclose(state.p, [0.6, 0.4], atol=1e-6)
+
+
+def test_step_mode_valid_gap_is_the_validation_users_adapted_query_loss(prepared):
+  """--gap-users valid, step mode: with a batch at least as large as the validation
+  split every validation user is drawn, so the step's group losses equal the group means
+  of the evaluator's per-user query MSE under the state before the step."""
+  data = prepared("synthetic", num_minority=20, num_majority=60)
+  n_valid = data.valid.x.shape[0]
+  cfg = resolve(Config(dataset="synthetic", method="fast", gamma=1.0, tau=0.2, lr=1e-3,
+                       batch_size=max(16, n_valid), gap_users="valid", epochs=1), data.name)
+  runner = Runner(cfg, data)
+  m = runner.method
+  state = m.init(jax.random.key(0))
+  per_user = runner.per_user(state, "valid")["mse"]
+  group = np.asarray(data.valid.group)
+  expected = [per_user[group == g].mean() for g in range(2)]
+  steps = m.epoch(state, m.splits["fit"], jax.random.key(1))[1]
+  np.testing.assert_allclose(np.asarray(steps["group_loss"])[0], expected, rtol=1e-4)
+  train = Runner(cfg.replace(gap_users="train"), data)
+  steps_train = train.method.epoch(state, train.method.splits["fit"], jax.random.key(1))[1]
+  assert not np.allclose(np.asarray(steps_train["group_loss"])[0], expected, rtol=1e-3)

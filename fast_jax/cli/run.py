@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
   g.add_argument("--p-average", action="store_true",
                  help="a p that converges: Eq. 9 with the cap tau / (1 + t/T) after t outer "
                       "steps of T per epoch (docs/methods.md 1.5); default: the paper's Eq. 9")
+  g.add_argument("--gap-users", choices=("train", "valid"), default=d.gap_users,
+                 help="whose group gap drives p: the training users (the paper) or the "
+                      "validation users' adapted query losses (docs/methods.md 1.6)")
   m = p.add_argument_group("meta-learning")
   m.add_argument("--preset", choices=config_lib.PRESETS, default=d.preset,
                  help="defaults of --lr, --inner-lr, --inner-steps, --out-bias: validated "
@@ -231,7 +234,7 @@ _META_ONLY = ("backbone", "lr", "inner_lr", "inner_steps", "first_order", "train
 ONLY_FOR = {
     "gamma": ("fast",), "tau": ("fast",), "gap_loss": ("fast",),
     "p_update": ("fast",), "resample": ("fast",),  # Static: pools, p fixed (methods/static.py)
-    "p_average": ("fast",),
+    "p_average": ("fast",), "gap_users": ("fast",),
     "reg_weight": ("reg",), "reg_kind": ("reg",),
     **{k: _TRAINED_BASELINES for k in ("baseline_lr", "baseline_select", "baseline_patience")},
     **{k: ("widedeep",) for k in ("interaction_batch", "wide_cross", "finetune_steps",
@@ -252,6 +255,9 @@ def ineffective_flags(cfg: Config, given: set[str]) -> list[str]:
                else ", ".join(methods))
       lines.append(f"warning: --{name.replace('_', '-')} has no effect with --method "
                    f"{cfg.method} (it acts on {where})")
+    elif name == "gap_users" and cfg.gap_users == "valid" and cfg.select == "best-valid":
+      lines.append("warning: --gap-users valid feeds the validation users into training, so "
+                   "--select best-valid no longer selects on held-out users (docs/methods.md 1.6)")
     elif name == "alpha_mode" and cfg.backbone != "metacs":
       lines.append(f"warning: --alpha-mode has no effect with --backbone {cfg.backbone} "
                    "(it acts on metacs)")

@@ -134,15 +134,21 @@ def scan_epoch(step: Callable, batches: Callable, *, mesh=None) -> Callable:
       step folds in its counter).
     batches: ``batches(state, data, key) -> int32[steps, B]`` rows of ``data`` per step.
     mesh: split each batch's users across its devices (:mod:`fast_jax.sharding`).
+
+  ``data["held_out"]``, when present (a split's arrays, e.g. FAST's ``--gap-users
+  valid``), reaches every step whole as ``batch["held_out"]``.
   """
 
   def epoch(state, data: dict, key: jax.Array):
     k_batches, k_steps = jax.random.split(key)
+    rows = {k: v for k, v in data.items() if k != "held_out"}
 
     def body(state, idx):
-      batch = sharding.split_users(jax.tree.map(lambda a: a[idx], data), mesh)
+      batch = sharding.split_users(jax.tree.map(lambda a: a[idx], rows), mesh)
+      if "held_out" in data:
+        batch = {**batch, "held_out": data["held_out"]}
       return step(state, batch, k_steps)
-    return jax.lax.scan(body, state, batches(state, data, k_batches))
+    return jax.lax.scan(body, state, batches(state, rows, k_batches))
 
   return jax.jit(epoch)
 

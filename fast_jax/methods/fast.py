@@ -111,6 +111,10 @@ def make_train_step(lrn: learn.Learner, obj: Objective, rate: learn.InnerRate, t
     k_split, k_weights, k_split2 = jax.random.split(key, 3)
     support, query = meta.query_split(k_split, batch["length"], max_len, cfg.train_query)
     y_q = meta.take_rows(batch["y"], query)
+    if cfg.gap_users == "valid":  # the gap of held-out users (--gap-users valid)
+      held_loss, held_group = held_out_losses(lrn, state, batch["held_out"],
+                                              jax.random.fold_in(key, 7), batch["y"].shape[0],
+                                              max_len)
 
     def loss_fn(params):
       # Inner loop: every user of B adapted on its support set, scored on its query.
@@ -118,8 +122,11 @@ def make_train_step(lrn: learn.Learner, obj: Objective, rate: learn.InnerRate, t
                            batch["group"], run=run)
       mse, mae = learn.query_errors(pred, y_q)
       # Group losses (Eq. 6-7) and, in step mode, the p update (Eq. 9).
-      gap_values = jax.lax.stop_gradient((mse, mae)[gap_index])
-      group_loss, present = fairness.group_means(gap_values, batch["group"], num_groups)
+      if cfg.gap_users == "valid":
+        gap_values, gap_group = held_loss[gap_index], held_group
+      else:
+        gap_values, gap_group = jax.lax.stop_gradient((mse, mae)[gap_index]), batch["group"]
+      group_loss, present = fairness.group_means(gap_values, gap_group, num_groups)
       p = state.p
       if obj.p_rule == "step" and cfg.p_average:  # a decaying cap
         p = fairness.update_p_decaying(p, group_loss, present, state.hyper["gamma"],
@@ -160,6 +167,22 @@ def make_train_step(lrn: learn.Learner, obj: Objective, rate: learn.InnerRate, t
   return train_step
 
 
+def held_out_losses(lrn: learn.Learner, state: TrainState, split: dict, key: jax.Array,
+                    size: int, max_len: int) -> tuple[tuple[jax.Array, jax.Array], jax.Array]:
+  """``--gap-users valid`` in step mode: ``size`` held-out users drawn without
+  replacement from ``split`` (all of them if fewer), adapted on their support and scored
+  on their fixed last-10 query (the evaluation protocol), with the step's meta-parameters
+  and no gradient. Returns ((mse float[size], mae float[size]), group int[size])."""
+  n = split["group"].shape[0]
+  idx = jax.random.choice(key, n, (min(size, n),), replace=False)
+  users = jax.tree.map(lambda a: a[idx], split)
+  support, query = meta.last_query_split(users["length"], max_len)
+  pred = learn.predict(lrn, jax.lax.stop_gradient(state.params), state.alpha, users["x"],
+                       users["y"], support, query, users["group"])
+  errors = learn.query_errors(jax.lax.stop_gradient(pred), meta.take_rows(users["y"], query))
+  return errors, users["group"]
+
+
 def batches(obj: Objective, ctx: Context) -> Callable:
   """``batches(state, data, key) -> int32[steps, B]``: the objective's sampler."""
   num_users, b = ctx.data.train.x.shape[0], ctx.cfg.batch_size
@@ -171,15 +194,17 @@ def batches(obj: Objective, ctx: Context) -> Callable:
 
 def epoch_p_update(ctx: Context) -> Callable:
   """The FAST code's per-epoch p update as an ``end_of_epoch``: the group gap of
-  ``cfg.gap_loss`` (MAE by default) over all training users on their fixed last-10
-  query, then Eq. 9 (with ``--p-average``, its cap decays as in step mode)."""
+  ``cfg.gap_loss`` (MAE by default) over all training users (``--gap-users valid``: all
+  validation users) on their fixed last-10 query, then Eq. 9 (with ``--p-average``, its
+  cap decays as in step mode)."""
   update = jax.jit(fairness.update_p)
-  train_group = ctx.splits["train"]["group"]
+  users = "valid" if ctx.cfg.gap_users == "valid" else "train"
+  users_group = ctx.splits[users]["group"]
 
   def end_of_epoch(state: TrainState, evaluate: Callable):
-    per_user = evaluate(state, "train")
+    per_user = evaluate(state, users)
     group_loss, present = fairness.group_means(jnp.asarray(per_user[ctx.cfg.gap_loss]),
-                                               train_group, ctx.num_groups)
+                                               users_group, ctx.num_groups)
     tau = state.hyper["tau"]
     if ctx.cfg.p_average:  # the cap of fairness.update_p_decaying after this epoch's steps
       tau = tau / (1.0 + state.step / steps_per_epoch(ctx))
@@ -214,6 +239,7 @@ def init_state(ctx: Context, backbone, labels, rate: learn.InnerRate, tx, key) -
 # The meta-learning settings with a fixed set of values (the command line offers only
 # these; a Config built in Python is checked here).
 CHOICES = {"p_update": ("step", "epoch"), "gap_loss": ("mse", "mae"),
+           "gap_users": ("train", "valid"),
            "resample": ("sample", "expected"), "train_query": ("random", "last"),
            "select": ("last", "best-valid"), "alpha_mode": ("scalar", "per-param")}
 
@@ -246,10 +272,18 @@ def meta_method(ctx: Context, obj: Objective, *, by_length: bool = True,
           lrn, s.params, s.alpha, x, y, support, q, group, adapt=False),
       represent=lambda s, x, y, support, valid, group: learn.represent(
           lrn, s.params, s.alpha, x, y, support, valid, group),
-      record=meta_record, splits={**ctx.splits, "fit": ctx.splits["train"]},
+      record=meta_record, splits={**ctx.splits, "fit": fit_split(ctx, obj)},
       end_of_epoch=epoch_p_update(ctx) if obj.p_rule == "epoch" else (
           lambda state, evaluate: (state, {})),
       select=cfg.select, lanes=True)
+
+
+def fit_split(ctx: Context, obj: Objective) -> dict:
+  """What the epoch trains on: the training users, plus the validation users whole
+  (``held_out``) when the step-mode gap comes from them (``--gap-users valid``)."""
+  if obj.p_rule == "step" and ctx.cfg.gap_users == "valid":
+    return {**ctx.splits["train"], "held_out": ctx.splits["valid"]}
+  return ctx.splits["train"]
 
 
 def make(ctx: Context, *, by_length: bool = True) -> Method:
