@@ -169,14 +169,12 @@ def resolve(cfg: Config, dataset_name: str | None = None) -> Config:
   )
   if cfg.method == "clover":
     cfg = resolve_clover(cfg)
-  # CLOVER's classification output (--loss ce) has no rating-valued bias: "init".
-  rating_output = cfg.method != "clover" or cfg.loss == "mse"
   if cfg.out_bias is not None:
     return cfg
-  if not rating_output:
+  if meta["out_bias"] is not None:  # validated; for CLOVER's class logits (--loss ce)
+    return cfg.replace(out_bias=meta["out_bias"])  # "mean" is the log class frequencies
+  if cfg.method == "clover" and cfg.loss == "ce":  # code: the classes' bias from the init
     return cfg.replace(out_bias="init")
-  if meta["out_bias"] is not None:
-    return cfg.replace(out_bias=meta["out_bias"])
   # Code preset: MetaCS's outer lr (1e-5) cannot lift a zero-initialised output to the
   # rating level in 50 epochs on the small datasets (MAE 3.0 on ML-100K), so its output
   # bias starts at the training mean rating; MeLU keeps the initialiser's, as the code.
@@ -204,7 +202,11 @@ def resolve_clover(cfg: Config) -> Config:
   preset = cfg.clover_preset or "full"
   if preset not in CLOVER_PRESETS:
     return cfg  # reported by fast_jax.methods.clover.check_config
+  # The validated protocol reads the classes as their expected rating: the argmax of the
+  # authors' code is the mode for every row on ML-100K (docs/methods.md 6.5).
   filled = {**_CLOVER_DEFAULTS, **CLOVER_PRESETS[preset]}
+  if cfg.preset == "validated" and (cfg.loss or filled["loss"]) == "ce":
+    filled["decode"] = "expected"
   return cfg.replace(clover_preset=preset, **{
       k: filled[k] if getattr(cfg, k) is None else getattr(cfg, k) for k in CLOVER_FIELDS})
 

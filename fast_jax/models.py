@@ -24,6 +24,7 @@ from typing import Any, Callable, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import traverse_util
 
 from fast_jax.dataset import Field
@@ -46,14 +47,14 @@ def _torch_uniform(fan_in: int) -> Callable:
 
 
 def dense(features: int, fan_in: int, torch_init: bool, *, use_bias: bool = True,
-          bias: float | None = None, name: str | None = None) -> nn.Dense:
+          bias: float | tuple[float, ...] | None = None, name: str | None = None) -> nn.Dense:
   """A Dense layer initialised like the authors' (PyTorch defaults when ``torch_init``),
-  its bias starting at ``bias`` when given."""
+  its bias starting at ``bias`` when given (a scalar, or one value per output)."""
   kw = {}
   if torch_init:
     kw = dict(kernel_init=_torch_uniform(fan_in), bias_init=_torch_uniform(fan_in))
   if bias is not None:
-    kw["bias_init"] = nn.initializers.constant(bias)
+    kw["bias_init"] = nn.initializers.constant(np.asarray(bias, np.float32))
   return nn.Dense(features, use_bias=use_bias, name=name, **kw)
 
 
@@ -81,7 +82,8 @@ class MeLU(nn.Module):
     drop_fields: names of fields not fed to the network (e.g. the sensitive attribute).
     torch_init: PyTorch default initialisation (N(0,1) embeddings, U(+-1/sqrt(fan_in))
       dense weights and biases) as in the authors' code; Flax defaults otherwise.
-    out_bias: if set, the output bias starts at this value (e.g. the training mean).
+    out_bias: if set, the output bias starts at this value (e.g. the training mean), or
+      at these values, one per output (e.g. log class frequencies).
   """
   fields: Sequence[Field]
   embed_dim: int = 32
@@ -90,12 +92,13 @@ class MeLU(nn.Module):
   out_dim: int = 1
   drop_fields: Sequence[str] = ()
   torch_init: bool = True
-  out_bias: float | None = None
+  out_bias: float | tuple[float, ...] | None = None
 
   def _used(self, side: str) -> list[Field]:
     return [f for f in self.fields if f.side == side and f.name not in self.drop_fields]
 
-  def _dense(self, features: int, fan_in: int, bias_value: float | None = None):
+  def _dense(self, features: int, fan_in: int,
+             bias_value: float | tuple[float, ...] | None = None):
     return dense(features, fan_in, self.torch_init, bias=bias_value)
 
   def setup(self):
@@ -210,7 +213,8 @@ class Backbone:
 
 
 def make_backbone(meta: dict, *, local_output: bool = False, drop_sensitive: bool = False,
-                  torch_init: bool = True, out_bias: float | None = None, out_dim: int = 1,
+                  torch_init: bool = True, out_bias: float | tuple[float, ...] | None = None,
+                  out_dim: int = 1,
                   embed_dim: int = 32, hidden: int = 64) -> Backbone:
   """The MeLU/MetaCS network for a prepared dataset's ``meta.json``."""
   fields = fields_from_meta(meta)

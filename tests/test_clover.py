@@ -22,7 +22,10 @@ quick_jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimizati
 
 
 def _cfg(**kw):
-  return resolve(Config(dataset="ml100k", method="clover", **kw), "ml100k")
+  """CLOVER on ML-100K; the code preset (argmax decode, output bias from the init) unless
+  ``preset`` is given."""
+  return resolve(Config(dataset="ml100k", method="clover", **{"preset": "code", **kw}),
+                 "ml100k")
 
 
 @pytest.fixture(scope="module")
@@ -195,6 +198,30 @@ def test_expected_decode_predicts_more_than_two_ratings_after_a_short_run(preset
   assert np.unique(by_argmax).size <= 2
   assert np.unique(by_expectation.round(3)).size > 2
   assert by_expectation.min() >= 1.0 and by_expectation.max() <= 5.0
+
+
+# What each preset fills in for CLOVER's rating classes: (decode, output bias).
+CLASS_DEFAULTS = [("code", "argmax", "init"), ("validated", "expected", "mean")]
+
+
+@pytest.mark.parametrize("preset, decode, out_bias", CLASS_DEFAULTS)
+def test_presets_fill_the_decode_and_the_class_bias(preset, decode, out_bias):
+  cfg = _cfg(preset=preset)
+  assert (cfg.loss, cfg.decode, cfg.out_bias) == ("ce", decode, out_bias)
+  assert _cfg(preset=preset, clover_preset="a1-ext", loss="mse").decode == "argmax"  # unused
+
+
+def test_class_bias_starts_the_logits_at_the_training_rating_distribution(prepared):
+  """--out-bias mean with --loss ce: the output bias is the log training class
+  frequencies (NumPy reference), so the softmax of the bias is that distribution."""
+  data = prepared("ml100k")
+  ctx = make_context(_cfg(preset="validated"), data)
+  backbone, _ = learn.network(ctx, out_dim=5)
+  params = backbone.init(jax.random.key(0), ctx.splits["train"]["x"][0])
+  ys = data.train.y[data.train.mask]
+  freq = np.bincount(ys.astype(int) - 1, minlength=5) / ys.size
+  np.testing.assert_allclose(np.exp(np.asarray(params["out"]["bias"])), freq, rtol=1e-5)
+  assert np.argmax(freq) == 3  # the mode, "4"
 
 
 def test_explicit_flags_win_over_the_preset():

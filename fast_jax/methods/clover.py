@@ -164,8 +164,6 @@ def check_config(cfg: Config, data) -> None:
   if cfg.item_adv and not any(t in ITEM_BRANCH_TYPES for t in types):
     raise UsageError("--item-adv has no effect: it adds the item branch to adversaries of "
                      "type 1, 2 or 4 (--out1/--out2)" + _preset_hint(cfg, "item_adv"))
-  if cfg.loss == "ce" and cfg.out_bias == "mean":
-    raise UsageError("--out-bias mean sets a rating-valued output bias; it needs --loss mse")
   if data is None:
     return
   dropped = sensitive_fields(data.meta) if cfg.drop_sensitive else ()

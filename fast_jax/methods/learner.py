@@ -137,14 +137,31 @@ def query_errors(pred: jax.Array, y: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 def network(ctx, *, out_dim: int = 1) -> tuple[Backbone, Params]:
   """The configured MeLU/MetaCS network of the context's dataset and its local/global
-  labels."""
+  labels. ``--out-bias mean`` starts the output at the training ratings: the bias at
+  their mean for a rating output, at the log of each rating class's training frequency
+  for ``out_dim`` > 1 class logits (:func:`class_log_priors`)."""
   cfg = ctx.cfg
+  bias = None
+  if cfg.out_bias == "mean":
+    bias = ctx.train_mean if out_dim == 1 else class_log_priors(ctx, out_dim)
   backbone = make_backbone(ctx.data.meta, local_output=cfg.local_output,
                            drop_sensitive=cfg.drop_sensitive, torch_init=cfg.init == "torch",
-                           out_bias=ctx.train_mean if cfg.out_bias == "mean" else None,
-                           out_dim=out_dim)
+                           out_bias=bias, out_dim=out_dim)
   shapes = jax.eval_shape(backbone.init, jax.random.key(0), ctx.splits["train"]["x"][0])
   return backbone, backbone.labels(shapes)
+
+
+def class_log_priors(ctx, num_classes: int) -> tuple[float, ...]:
+  """log of the share of each rating class (class c is the rating ``min + c`` of the
+  dataset's scale) among the training users' ratings, a class never seen counted as half
+  a rating: softmax of these logits is the training distribution, whose argmax is its mode
+  and whose expectation is its mean (up to that smoothing)."""
+  train = ctx.data.train
+  rmin = float(ctx.data.meta["rating"]["min"])
+  classes = np.clip(np.round(train.y[train.mask] - rmin), 0, num_classes - 1).astype(int)
+  counts = np.bincount(classes, minlength=num_classes).astype(np.float64)
+  counts = np.where(counts > 0, counts, 0.5)
+  return tuple(float(v) for v in np.log(counts / counts.sum()))
 
 
 def length_parts(ctx) -> int:
