@@ -281,20 +281,23 @@ class Runner:
       keys = jnp.stack([jax.random.fold_in(k, epoch) for k in k_train])
       states, steps = epoch_fn(states, m.splits["fit"], keys)
       steps = jax.device_get(steps)
-      lanes = []
+      changed = {}
       for i, seed in enumerate(seeds):
+        if i in failed:
+          continue
         state = _index(states, i)
-        if i not in failed:
-          try:
-            state, record = self.end_of_epoch(m, seed, epoch, state, _index(steps, i), t0)
-          except Diverged as e:
-            failed[i] = e
-          else:
-            if record["valid"]["mae"] < best[i][0]:
-              best[i] = (record["valid"]["mae"], state, epoch)
-            log(i, record)
-        lanes.append(state)
-      states = _stack(lanes)
+        try:
+          new, record = self.end_of_epoch(m, seed, epoch, state, _index(steps, i), t0)
+        except Diverged as e:
+          failed[i] = e
+          continue
+        if new is not state:  # the method's end of epoch moved it (FAST's epoch-mode p)
+          changed[i] = (state, new)
+        if record["valid"]["mae"] < best[i][0]:
+          best[i] = (record["valid"]["mae"], new, epoch)
+        log(i, record)
+      if changed:  # write back only the lanes and leaves that changed
+        states = _set_lanes(states, changed)
     epochs = self.cfg.epochs
 
     def report(i: int) -> dict:
@@ -314,6 +317,23 @@ def with_hypers(state, hypers: dict):
     rate = hypers.pop("inner_lr")
     state = state.replace(alpha=jax.tree.map(lambda a: jnp.full_like(a, rate), state.alpha))
   return state.replace(hyper={**state.hyper, **{n: jnp.float32(v) for n, v in hypers.items()}})
+
+
+def _set_lanes(stacked: Any, lanes: dict[int, tuple[Any, Any]]) -> Any:
+  """``stacked`` with lane i set to ``lanes[i] = (old, new)``'s new state; only the leaves
+  that are not the very objects of the old state (what an end of epoch replaced, e.g.
+  FAST's p) are written, so the parameters are not restacked every epoch."""
+  rows = sorted(lanes)
+  old = {i: jax.tree.leaves(lanes[i][0]) for i in rows}
+  new = {i: jax.tree.leaves(lanes[i][1]) for i in rows}
+  leaves, treedef = jax.tree.flatten(stacked)
+  out = []
+  for k, leaf in enumerate(leaves):
+    moved = [i for i in rows if new[i][k] is not old[i][k]]
+    if moved:
+      leaf = leaf.at[np.array(moved)].set(jnp.stack([new[i][k] for i in moved]))
+    out.append(leaf)
+  return jax.tree.unflatten(treedef, out)
 
 
 def _stack(trees: list) -> Any:

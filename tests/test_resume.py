@@ -189,3 +189,20 @@ def test_inner_lr_lanes_match_sequential_runs(prepared, tmp_path, backbone):
     for k in ("mae", "mse", "gf_mae"):
       np.testing.assert_allclose(v["per_seed"][0][k], s["per_seed"][0][k], rtol=1e-4)
   assert abs(vec[0]["mean"]["mae"] - vec[1]["mean"]["mae"]) > 1e-4  # the lanes' own rates
+
+
+def test_vmapped_epoch_mode_lanes_carry_their_own_end_of_epoch_p(prepared, tmp_path):
+  """FAST's epoch mode moves p after each epoch on the host: written back lane by lane,
+  every lane's p per epoch equals its sequential run's."""
+  data = prepared("synthetic")
+  base = dict(dataset="synthetic", method="fast", p_update="epoch", epochs=3, seeds=1,
+              lr=1e-3, tau=0.05, attack=False)
+  cfgs = [Config(**base, gamma=0.5), Config(**base, gamma=5.0)]
+  sweep_and_evaluate(cfgs, [tmp_path / "vec-a", tmp_path / "vec-b"], data=data, **QUIET)
+  for c, n in zip(cfgs, "ab"):
+    train_and_evaluate(c, tmp_path / f"seq-{n}", data=data, **QUIET)
+  p = {n: [r["p"] for r in _records(tmp_path / n)] for n in ("vec-a", "vec-b", "seq-a", "seq-b")}
+  # Up to float reassociation (whole batches under vmap), which gamma amplifies.
+  np.testing.assert_allclose(p["vec-a"], p["seq-a"], atol=5e-4)
+  np.testing.assert_allclose(p["vec-b"], p["seq-b"], atol=5e-4)
+  assert abs(p["vec-a"][-1][0] - p["vec-b"][-1][0]) > 2e-3  # each lane its own p
