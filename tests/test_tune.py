@@ -55,3 +55,18 @@ def test_the_grid_covers_the_issues_settings_for_each_backbone():
   assert {c.lr for c in metacs} == {1e-5, 1e-4, 1e-3}
   assert all(c.method == "origin" and c.seeds == 3 and not c.attack for c in melu + metacs)
   assert len({r.name for r in runs}) == len(runs)
+
+
+def test_a_second_stage_keeps_the_best_points_of_the_screen_by_validation():
+  rows = [{"dataset": "ml100k", "backbone": "metacs", "name": n, "valid_mae": v,
+           "test_mae": t} for n, v, t in (("a", 0.90, 0.99), ("b", 0.85, 0.80), ("c", 0.88, 0.70),
+                                          ("d", 0.95, 0.60))]
+  rows.append({"dataset": "ml100k", "backbone": "melu", "name": "e", "valid_mae": 0.99,
+               "test_mae": 0.5})
+  assert tune.top_points(rows, 2) == {"b", "c", "e"}
+
+
+def test_the_grid_can_be_restricted_to_some_values():
+  runs = tune.make_runs(["ml100k"], ["metacs"], seeds=1, epochs=None, data_dir=None,
+                        grid={"lr": [1e-3], "inner_steps": [3]})
+  assert len(runs) == 5 * 2 and {(r.cfg.lr, r.cfg.inner_steps) for r in runs} == {(1e-3, 3)}

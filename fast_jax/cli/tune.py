@@ -3,6 +3,10 @@
     fast-jax tune --datasets ml100k --data-dir ../shared/data --jobs 2
     fast-jax tune --datasets ml100k ml1m bookcrossing --backbones melu metacs --seeds 3
     fast-jax tune --collect-only                     # pick from finished runs
+    # two stages: every point with 1 seed, then the 4 best per backbone x dataset with 3
+    fast-jax tune --datasets ml100k --backbones metacs --seeds 1 --out results/tune_screen
+    fast-jax tune --datasets ml100k --backbones metacs --seeds 3 \
+        --screen results/tune_screen.csv --top 4 --out results/tune
 
 At the authors' run.sh settings (inner lr 1e-4, one inner step) the inner step barely
 moves a prediction, so the meta-learners do not personalise. This driver trains Origin
@@ -45,12 +49,15 @@ SETTINGS = ("lr", "inner_lr", "out_bias", "inner_steps")
 
 
 def make_runs(datasets, backbones, *, seeds: int, epochs: int | None,
-              data_dir: str | None) -> list[Run]:
-  """Origin at every point of the grid (module docstring), per backbone and dataset."""
+              data_dir: str | None, grid: dict | None = None) -> list[Run]:
+  """Origin at every point of the grid (module docstring), per backbone and dataset;
+  ``grid`` restricts a setting to some of its values ({"inner_lr": (1e-2, 3e-2)}, ...)."""
+  grid = grid or {}
   runs = []
   for dataset, backbone in itertools.product(datasets, backbones):
-    for lr, inner_lr, out_bias, steps in itertools.product(
-        OUTER_LRS[backbone], INNER_LRS, OUT_BIASES, INNER_STEPS):
+    values = [grid.get("lr") or OUTER_LRS[backbone], grid.get("inner_lr") or INNER_LRS,
+              grid.get("out_bias") or OUT_BIASES, grid.get("inner_steps") or INNER_STEPS]
+    for lr, inner_lr, out_bias, steps in itertools.product(*values):
       kw = dict(epochs=epochs) if epochs is not None else {}
       cfg = Config(dataset=dataset, backbone=backbone, method="origin", seeds=seeds,
                    data_dir=data_dir, lr=lr, inner_lr=inner_lr, out_bias=out_bias,
@@ -101,6 +108,17 @@ def pick(rows: list[dict]) -> list[dict]:
   return list(best.values())
 
 
+def top_points(rows: list[dict], k: int) -> set[str]:
+  """The names of the ``k`` points with the lowest validation MAE per (dataset,
+  backbone) among ``rows`` (a screening stage's CSV)."""
+  keep = set()
+  for key in {(r["dataset"], r["backbone"]) for r in rows}:
+    part = sorted((r for r in rows if (r["dataset"], r["backbone"]) == key),
+                  key=lambda r: float(r["valid_mae"]))
+    keep |= {r["name"] for r in part[:k]}
+  return keep
+
+
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(prog="fast-jax tune", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -113,6 +131,18 @@ def main(argv=None) -> int:
   p.add_argument("--root", type=pathlib.Path, default=pathlib.Path("runs") / "tune")
   p.add_argument("--out", type=pathlib.Path, default=pathlib.Path("results") / "tune")
   p.add_argument("--collect-only", action="store_true", help="only pick from finished runs")
+  p.add_argument("--outer-lrs", nargs="+", type=float, default=None,
+                 help="only these outer lrs (default: 1e-4 for MeLU, 1e-5 1e-4 1e-3 for MetaCS)")
+  p.add_argument("--inner-lrs", nargs="+", type=float, default=None,
+                 help=f"only these inner lrs (default: {' '.join(map(str, INNER_LRS))})")
+  p.add_argument("--out-biases", nargs="+", choices=OUT_BIASES, default=None)
+  p.add_argument("--inner-steps", nargs="+", type=int, default=None)
+  p.add_argument("--top", type=int, default=None, metavar="K",
+                 help="with --screen: only the K points of lowest validation MAE per backbone "
+                      "x dataset in that CSV (a second stage with more --seeds; finished "
+                      "seeds are kept)")
+  p.add_argument("--screen", type=pathlib.Path, default=None,
+                 help="a first stage's <out>.csv (see --top)")
   p.add_argument("--jobs", type=int, default=1, help="runs training at once")
   p.add_argument("--no-vmap", dest="vmap", action="store_false",
                  help="train every point on its own (default: the inner lrs of a point and "
@@ -120,8 +150,18 @@ def main(argv=None) -> int:
   args = p.parse_args(argv)
   if args.seeds < 1 or args.jobs < 1:
     p.error("--seeds and --jobs must be at least 1")
+  if (args.top is None) != (args.screen is None):
+    p.error("--top and --screen go together")
+  grid = {"lr": args.outer_lrs, "inner_lr": args.inner_lrs, "out_bias": args.out_biases,
+          "inner_steps": args.inner_steps}
   runs = make_runs(args.datasets, args.backbones, seeds=args.seeds, epochs=args.epochs,
-                   data_dir=args.data_dir)
+                   data_dir=args.data_dir, grid=grid)
+  if args.screen is not None:
+    import pandas as pd
+    if not args.screen.is_file():
+      p.error(f"--screen {args.screen}: no such file")
+    keep = top_points(pd.read_csv(args.screen).to_dict("records"), args.top)
+    runs = [r for r in runs if r.name in keep]
   try:
     results = (load_results(args.root, runs) if args.collect_only
                else run_grid(runs, args.root, vmap=args.vmap, jobs=args.jobs))
