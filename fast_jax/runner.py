@@ -82,6 +82,15 @@ class Runner:
 
   # --- evaluation --------------------------------------------------------------------
 
+  @property
+  def eval_chunk(self) -> int:
+    """Users per evaluation call, the same for every split so that the evaluator and
+    the attacker's representations compile once per run rather than once per split
+    size: ``cfg.eval_chunk``, or the smallest split when it is smaller (at least 64
+    users, so a tiny split does not cut a large one into many calls)."""
+    sizes = [self.method.splits[s]["group"].shape[0] for s in ("train", "valid", "test")]
+    return min(self.cfg.eval_chunk, max(min(sizes), 64))
+
   def _arrays(self, split: str) -> tuple:
     d = self.method.splits[split]
     return d["x"], d["y"], d["length"], d["group"]
@@ -91,7 +100,7 @@ class Runner:
     (per-user MAE, MSE, NDCG@3, float[U]), ``pred``, ``y`` (float[U, Q]), ``query_idx``
     (int[U, Q]) and, for a meta-learner, ``pred0`` (float[U, Q], unadapted); host arrays."""
     return map_chunks(lambda *a: self._score(state, *a), self._arrays(split),
-                      self.cfg.eval_chunk)
+                      self.eval_chunk)
 
   def per_user(self, state, split: str) -> dict[str, np.ndarray]:
     """Per-user MAE, MSE, NDCG@3 of every user of a split (host arrays, float[U])."""
@@ -136,7 +145,7 @@ class Runner:
     if self.method.represent is None:
       return None
     return map_chunks(lambda *a: self._represent(state, *a), self._arrays(split),
-                      self.cfg.eval_chunk)
+                      self.eval_chunk)
 
   def test_report(self, state, *, selected_epoch: int, epochs_run: int,
                   predictions: Callable[[dict], None] | None = None) -> dict:

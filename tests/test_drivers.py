@@ -238,3 +238,28 @@ def test_the_fast_jax_command_dispatches_to_every_driver(capsys):
   assert cli.main(["--version"]) == 0 and "fast-jax " in capsys.readouterr().out
   assert cli.main(["trian"]) == 2
   assert "unknown command 'trian'" in capsys.readouterr().err
+
+
+def _seed(seed, mae, g0, g1):
+  return {"seed": seed, "mae": mae, "gf_mae": abs(g0 - g1),
+          "group": {"0": {"mae": g0}, "1": {"mae": g1}}}
+
+
+# (Origin's groups, the method's groups, levelling down?) on one seed: group 0 is the
+# better served under Origin.
+LEVELLING = [((0.80, 0.90), (0.84, 0.90), True),    # the gap closed by group 0 rising
+             ((0.80, 0.90), (0.80, 0.86), False),   # by group 1 falling
+             ((0.80, 0.90), (0.81, 0.87), False),   # mostly by group 1 falling
+             ((0.80, 0.90), (0.83, 0.89), True),    # mostly by group 0 rising
+             ((0.80, 0.90), (0.79, 0.92), False)]   # no GF drop
+
+
+@pytest.mark.parametrize("origin, method, expected", LEVELLING)
+def test_levelling_down_marks_a_gap_closed_at_the_better_served_groups_cost(
+    origin, method, expected):
+  from fast_jax.cli.grid import paired_vs_origin
+  out = paired_vs_origin([_seed(1, sum(method) / 2, *method)],
+                         [_seed(1, sum(origin) / 2, *origin)])
+  assert out["levelling_down"] is expected
+  assert out["g0_mae_vs_origin"] == pytest.approx(method[0] - origin[0])
+  assert out["gf_mae_vs_origin"] == pytest.approx(abs(method[0] - method[1]) - 0.1)

@@ -204,8 +204,9 @@ def paired_vs_origin(point: list[dict], origin: list[dict]) -> dict | None:
   per-seed MAE and GF(MAE) minus Origin's (``mae_vs_origin``, ``..._std``), on how many
   seeds each is lower (``seeds_lower_mae``, ``seeds_fairer``), the mean change of each
   group's MAE (``g0_mae_vs_origin``, ...), and ``levelling_down``: the mean GF(MAE) is
-  lower while the group Origin serves better (lower mean MAE) got worse on average, so
-  the gap closed at that group's cost. None when Origin lacks one of the run's seeds.
+  lower and most of that came from the group Origin serves best (lowest mean MAE)
+  getting worse, i.e. its MAE rose by more than the worst-served group's fell. None when
+  Origin lacks one of the run's seeds.
 
   point, origin: ``results.json["per_seed"]`` entries (``seed``, ``mae``, ``gf_mae``,
   optionally ``group``).
@@ -227,9 +228,9 @@ def paired_vs_origin(point: list[dict], origin: list[dict]) -> dict | None:
     for g in groups:
       out[f"g{g}_mae_vs_origin"] = float(np.mean(
           [runs[s]["group"][g]["mae"] - base[s]["group"][g]["mae"] for s in seeds]))
-    better = min(groups, key=lambda g: np.mean([base[s]["group"][g]["mae"] for s in seeds]))
-    out["levelling_down"] = bool(out["gf_mae_vs_origin"] < 0
-                                 and out[f"g{better}_mae_vs_origin"] > 0)
+    served = sorted(groups, key=lambda g: np.mean([base[s]["group"][g]["mae"] for s in seeds]))
+    rise, fall = out[f"g{served[0]}_mae_vs_origin"], -out[f"g{served[-1]}_mae_vs_origin"]
+    out["levelling_down"] = bool(out["gf_mae_vs_origin"] < 0 and rise > max(fall, 0.0))
   return out
 
 

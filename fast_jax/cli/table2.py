@@ -85,8 +85,9 @@ def _paired_table(rows: list[dict]) -> list[str]:
     return []
   names = " / ".join(f"G{g}" for g in groups)
   out = [f"\nPer group, and against Origin seed by seed (mean ± std of the per-seed "
-         f"difference; on how many seeds it is lower). *Levelling down*: GF(MAE) fell "
-         f"while the group Origin serves better got worse.\n",
+         f"difference; on how many seeds it is lower). *Levelling down*: GF(MAE) fell, "
+         f"mostly because the group Origin serves better got worse (its MAE rose by more "
+         f"than the other group's fell).\n",
          f"| method | MAE {names} | Δ MAE | Δ GF(MAE) | Δ MAE {names} | |",
          "|---|---|---|---|---|---|"]
   for r in rows:
