@@ -1,0 +1,59 @@
+"""Presets: where the meta-learners' unset settings come from, and that the code preset
+still reproduces the committed run.sh-regime results."""
+
+import json
+import pathlib
+
+import numpy as np
+import pytest
+
+from fast_jax import config as config_lib
+from fast_jax.config import Config, resolve
+from fast_jax.experiment import train_and_evaluate
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SETTINGS = ("lr", "inner_lr", "inner_steps", "out_bias")
+# (backbone, dataset) pairs the presets are checked on: swept ones and a fallback.
+PAIRS = [("melu", "ml100k"), ("metacs", "ml100k"), ("melu", "bookcrossing"),
+         ("metacs", "ml1m")]
+
+
+@pytest.mark.parametrize("backbone, dataset", PAIRS)
+def test_the_validated_preset_fills_the_table_and_the_code_preset_runsh(backbone, dataset):
+  validated = resolve(Config(backbone=backbone, dataset=dataset, method="origin"))
+  table = config_lib.VALIDATED.get((backbone, dataset),
+                                   config_lib.VALIDATED[(backbone, "ml100k")])
+  assert {k: getattr(validated, k) for k in SETTINGS} == table
+  code = resolve(Config(backbone=backbone, dataset=dataset, method="origin", preset="code"))
+  assert (code.lr, code.inner_lr) == config_lib.LEARNING_RATES[backbone]
+  assert code.inner_steps == 1
+  assert code.out_bias == ("mean" if backbone == "metacs" else "init")
+  explicit = resolve(Config(backbone=backbone, dataset=dataset, inner_lr=0.5, inner_steps=2))
+  assert (explicit.inner_lr, explicit.inner_steps) == (0.5, 2)  # flags win
+
+
+def test_every_swept_entry_names_its_sweep_file():
+  for key in config_lib.VALIDATED:
+    assert (ROOT / config_lib.VALIDATED_SOURCE[key]).is_file(), key
+
+
+def test_an_older_run_without_a_preset_reads_as_the_code_preset():
+  record = json.loads((ROOT / "results" / "runs_code" / "ml100k" / "melu-origin" /
+                       "config.json").read_text())
+  assert "preset" not in record
+  assert config_lib.from_record(record).preset == "code"
+
+
+def test_the_code_preset_reproduces_a_committed_per_seed_result(prepared, tmp_path):
+  """MeLU Origin on ML-100K, seed 1024, 50 epochs, --preset code and nothing else: the
+  committed run.sh-regime result (results/runs_code), to float32 accumulation noise."""
+  committed = json.loads((ROOT / "results" / "runs_code" / "ml100k" / "melu-origin" /
+                          "results.json").read_text())["per_seed"][0]
+  assert committed["seed"] == 1024
+  results = train_and_evaluate(
+      Config(dataset="ml100k", method="origin", preset="code", seeds=1, attack=False),
+      tmp_path, data=prepared("ml100k"), progress=False, echo=lambda s: None)
+  ours = results["per_seed"][0]
+  for key in ("mae", "mse", "gf_mae", "gf_mse", "ndcg3"):
+    np.testing.assert_allclose(ours[key], committed[key], atol=1e-6, err_msg=key)
+  assert json.loads((tmp_path / "config.json").read_text())["preset"] == "code"
