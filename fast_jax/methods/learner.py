@@ -164,13 +164,18 @@ def class_log_priors(ctx, num_classes: int) -> tuple[float, ...]:
   return tuple(float(v) for v in np.log(counts / counts.sum()))
 
 
-def length_parts(ctx) -> int:
-  """Parts of a batch run by length: ``cfg.length_parts``, or by default 2 on runs of
-  at least 500 training steps, where the time saved (x1.02-1.38 per epoch idle, x1.2-1.3
-  with two jobs sharing a 2-core CPU; EXPERIMENTS.md) outweighs the longer compilation
-  (4-5 s more on that CPU, idle), and 1 on shorter runs."""
+def length_parts(ctx, *, backend: str | None = None) -> int:
+  """Parts of a batch run by length: ``cfg.length_parts``, or by default, on a CPU,
+  2 on runs of at least 500 training steps, where the time saved (x1.02-1.38 per epoch
+  idle, x1.2-1.3 with two jobs sharing a 2-core CPU; EXPERIMENTS.md) outweighs the
+  longer compilation (4-5 s more on that CPU, idle), and 1 on shorter runs. On a GPU or
+  TPU (``backend``: default JAX's) whole batches: there the parts cost more than the
+  padded rows they save (a Book-Crossing MeLU+FAST epoch on an H200: 0.034 s in parts,
+  0.021 s whole)."""
   if ctx.cfg.length_parts is not None:
     return ctx.cfg.length_parts
+  if (backend or jax.default_backend()) != "cpu":
+    return 1
   return 2 if ctx.num_train_steps >= 500 else 1
 
 
