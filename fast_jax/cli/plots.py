@@ -108,7 +108,7 @@ def grouped_bars(rows, metrics, *, panel_keys, bar_key, path, title=""):
       if j == 0:  # bars of MAE and MSE start at the cut axis, not at 0: say so
         ax.set_ylabel(LABELS.get(m, m) + ("" if from_zero else "  (axis from above 0)"),
                       fontsize=9)
-  fig.suptitle(title, fontsize=11)
+  _suptitle(fig, title)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
@@ -176,6 +176,14 @@ def _plain_log_axis(ax):
   ax.yaxis.set_minor_formatter(fmt)
 
 
+def _suptitle(fig, title: str, *, fontsize: int = 11) -> None:
+  """The figure's title, wrapped to the figure's width (a one-column figure is narrower
+  than a long title)."""
+  import textwrap
+  width = max(20, int(fig.get_figwidth() * 72 / (0.6 * fontsize)))  # characters that fit
+  fig.suptitle(textwrap.fill(title, width), fontsize=fontsize)
+
+
 def p_trajectories(run_dirs, path, *, titles=None, ncols=None, losses=True, title=""):
   """FAST's sampling probability over training, one panel per run (``metrics.jsonl``).
 
@@ -220,9 +228,11 @@ def p_trajectories(run_dirs, path, *, titles=None, ncols=None, losses=True, titl
     for k in range(rows_per_run):
       axes[(j // ncols) * rows_per_run + k][j % ncols].set_visible(False)
   handles, labels = axes[0][0].get_legend_handles_labels()
-  fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=9, frameon=False)
-  fig.suptitle(title, fontsize=11)
-  fig.tight_layout(rect=(0, 0.05, 1, 1))
+  one_column = ncols == 1  # a narrow figure: the legend's entries one under the other
+  fig.legend(handles, labels, loc="lower center", ncol=1 if one_column else 2, fontsize=9,
+             frameon=False)
+  _suptitle(fig, title)
+  fig.tight_layout(rect=(0, 0.09 if one_column else 0.05, 1, 1))
   fig.savefig(path, dpi=120)
   plt.close(fig)
 
