@@ -42,9 +42,9 @@ LEARNING_RATES = {"melu": (1e-4, 1e-4), "metacs": (1e-5, 1e-4)}  # (outer lr, in
 #
 # Its points are in results/tune_*.csv (the MetaCS screen leaves out the outer lr 1e-5
 # with the initialiser's bias and 3 steps: at that lr every such point with 1 step is
-# at MAE 1.8-2.9 on test, the bias never reaching the rating level). A dataset not listed (Book-Crossing, ML-1M until
-# swept there, custom data) takes the backbone's ML-100K setting: VALIDATED_SOURCE says
-# where each entry comes from.
+# at MAE 1.8-2.9 on test, the bias never reaching the rating level). A dataset not
+# listed (Book-Crossing, ML-1M until swept there, custom data) takes the backbone's
+# ML-100K setting; VALIDATED_SOURCE names each entry's sweep.
 VALIDATED = {
     ("melu", "ml100k"): dict(lr=1e-4, inner_lr=3e-2, out_bias="mean", inner_steps=3),
     ("metacs", "ml100k"): dict(lr=1e-3, inner_lr=3e-3, out_bias="mean", inner_steps=1),
@@ -54,6 +54,7 @@ VALIDATED_SOURCE = {
     ("metacs", "ml100k"): "results/tune_ml100k_metacs.csv",
 }
 PRESETS = ("validated", "code")
+LEGACY_PRESET = "code"  # what runs recorded before presets existed used
 
 
 def meta_defaults(backbone: str, dataset: str, preset: str) -> dict:
@@ -63,6 +64,14 @@ def meta_defaults(backbone: str, dataset: str, preset: str) -> dict:
     lr, inner_lr = LEARNING_RATES[backbone]
     return dict(lr=lr, inner_lr=inner_lr, out_bias=None, inner_steps=1)
   return dict(VALIDATED.get((backbone, dataset), VALIDATED[(backbone, "ml100k")]))
+
+
+def preset_of(record: dict) -> str:
+  """The preset of a recorded run's settings (``config.json``, ``results.json["config"]``);
+  :data:`LEGACY_PRESET` for a run recorded before presets existed."""
+  return record.get("preset", LEGACY_PRESET)
+
+
 # The FAST code's five seeds; further seeds continue deterministically.
 PAPER_SEEDS = (1024, 3145, 123, 321, 1513)
 
@@ -284,5 +293,5 @@ def from_record(record: dict, *, source: str = "config.json") -> Config:
   if unknown:
     raise UsageError(f"{source}: unknown setting {unknown[0]!r} (from another fast-jax "
                      "version?)")
-  # Runs recorded before presets existed all used the FAST code's settings.
-  return Config(**{"preset": "code", **{k: v for k, v in record.items() if k in fields}})
+  return Config(**{**{k: v for k, v in record.items() if k in fields},
+                   "preset": preset_of(record)})

@@ -249,9 +249,8 @@ def _defaults_for(before: dict, record: dict) -> dict:
     return {}
   fields = {f.name for f in dataclasses.fields(Config)}
   try:
-    # Runs recorded before presets existed all used the FAST code's settings.
-    cfg = config_lib.resolve(Config(**{"preset": "code", **{k: v for k, v in before.items()
-                                                           if k in fields}}),
+    settings = {k: v for k, v in before.items() if k in fields}
+    cfg = config_lib.resolve(Config(**{**settings, "preset": config_lib.preset_of(before)}),
                              (before.get("data") or {}).get("dataset"))
   except (TypeError, ValueError):
     return {}

@@ -21,7 +21,7 @@ import time
 
 import numpy as np
 
-from fast_jax.config import Config
+from fast_jax.config import BASELINES, META_METHODS, PRESETS, Config, UsageError, preset_of
 
 METRICS = ("mae", "mse", "gf_mae", "gf_mse")
 
@@ -76,17 +76,15 @@ def run_grid(runs: list[Run], root: pathlib.Path, *, progress: bool = False,
   ``jobs > 1``, that many runs (or vectorised groups) train at once, each in its own
   process, CLOVER's (the slowest) first.
   """
-  from fast_jax.config import BASELINES
   from fast_jax.experiment import SWEEPABLE
   root.mkdir(parents=True, exist_ok=True)
   out, todo = {}, []
   for run in runs:
     done = _finished(root / run.name)
-    # A meta-learner's run of another preset is another experiment (runs recorded before
-    # presets existed used the code's); the baselines do not depend on it.
-    preset = (done or {}).get("config", {}).get("preset", "code")
+    # A meta-learner's run of another preset is another experiment; the baselines do not
+    # depend on it.
+    preset = preset_of((done or {}).get("config", {}))
     if done is not None and preset != run.cfg.preset and run.cfg.method not in BASELINES:
-      from fast_jax.config import UsageError
       raise UsageError(f"{root / run.name} holds a run of --preset {preset}, not "
                        f"{run.cfg.preset}; use another --root")
     if done is not None and done.get("config", {}).get("seeds", run.cfg.seeds) >= run.cfg.seeds:
@@ -190,12 +188,9 @@ def summary_rows(runs: list[Run], results: dict[str, dict]) -> list[dict]:
              if r.name in results and results[r.name]["config"]["method"] == "origin"}
   for row in rows:
     origin = origins.get((row["dataset"], row["backbone"]))
-    if row["method"] in META_ROWS_METHODS and row["method"] != "origin" and origin:
+    if row["method"] in META_METHODS and row["method"] != "origin" and origin:
       row.update(paired_vs_origin(results[row["name"]]["per_seed"], origin) or {})
   return rows
-
-
-META_ROWS_METHODS = ("static", "fast", "reg", "ipw", "clover")
 
 
 def paired_vs_origin(point: list[dict], origin: list[dict]) -> dict | None:
@@ -265,7 +260,6 @@ def _at_least_one(text: str) -> int:
 def add_grid_args(parser, *, out_name: str) -> None:
   """The flags every driver shares: seeds, epochs, FAST mode, preset, data, run root,
   output (read them with :func:`parse_grid_args`)."""
-  from fast_jax.config import PRESETS
   parser.add_argument("--preset", choices=PRESETS, default="validated",
                       help="the meta-learners' defaults (run.py --preset); the code preset's "
                            "runs default to results/runs_code and files named *_code")
@@ -304,7 +298,6 @@ def parse_grid_args(parser, argv=None):
 
 def run_and_collect(runs: list[Run], args) -> list[dict]:
   """Run (or, with --collect-only, just load) the grid; write ``<out>.csv``; return rows."""
-  from fast_jax.config import UsageError
   try:
     results = (load_results(args.root, runs) if args.collect_only
                else run_grid(runs, args.root, vmap=args.vmap, jobs=args.jobs))

@@ -5,7 +5,8 @@
 Flags only; the work is fast_jax.experiment.train_and_evaluate. Unset hyperparameters
 take their default for the backbone and dataset: gamma/tau from the paper's Table 3, the
 learning rates, inner steps and output bias from --preset (validated: chosen on
-validation users by `fast-jax tune`; code: the FAST code's run.sh). Bad settings are reported in one line, exit code 2.
+validation users by `fast-jax tune`; code: the FAST code's run.sh). Bad settings are
+reported in one line, exit code 2.
 The files go to --out, by default runs/DATASET-BACKBONE-METHOD-YYYYmmdd-HHMMSS/ (printed
 at the end); a folder that holds a run needs --resume or --overwrite. Ctrl-C prints what
 was saved and the command that resumes, and exits with 130.

@@ -172,15 +172,15 @@ def held_out_losses(lrn: learn.Learner, state: TrainState, split: dict, key: jax
   """``--gap-users valid`` in step mode: ``size`` held-out users drawn without
   replacement from ``split`` (all of them if fewer), adapted on their support and scored
   on their fixed last-10 query (the evaluation protocol), with the step's meta-parameters
-  and no gradient. Returns ((mse float[size], mae float[size]), group int[size])."""
+  (called outside the differentiated loss: no gradient flows through it). Returns
+  ((mse float[size], mae float[size]), group int[size])."""
   n = split["group"].shape[0]
   idx = jax.random.choice(key, n, (min(size, n),), replace=False)
   users = jax.tree.map(lambda a: a[idx], split)
   support, query = meta.last_query_split(users["length"], max_len)
-  pred = learn.predict(lrn, jax.lax.stop_gradient(state.params), state.alpha, users["x"],
-                       users["y"], support, query, users["group"])
-  errors = learn.query_errors(jax.lax.stop_gradient(pred), meta.take_rows(users["y"], query))
-  return errors, users["group"]
+  pred = learn.predict(lrn, state.params, state.alpha, users["x"], users["y"], support,
+                       query, users["group"])
+  return learn.query_errors(pred, meta.take_rows(users["y"], query)), users["group"]
 
 
 def batches(obj: Objective, ctx: Context) -> Callable:
