@@ -263,3 +263,13 @@ def test_levelling_down_marks_a_gap_closed_at_the_better_served_groups_cost(
   assert out["levelling_down"] is expected
   assert out["g0_mae_vs_origin"] == pytest.approx(method[0] - origin[0])
   assert out["gf_mae_vs_origin"] == pytest.approx(abs(method[0] - method[1]) - 0.1)
+
+
+def test_csv_files_keep_small_learning_rates_and_round_metrics(tmp_path):
+  """A sweep's outer lr of 1e-5 must not be written as 0.0000."""
+  from fast_jax.cli.grid import write_csv
+  write_csv([{"lr": 1e-5, "inner_lr": 0.03, "valid_mae": 0.812345678},
+             {"lr": 1e-3, "inner_lr": 3e-3, "valid_mae": 1.0}], tmp_path / "t.csv")
+  rows = list(csv.DictReader(open(tmp_path / "t.csv")))
+  assert [(float(r["lr"]), float(r["inner_lr"])) for r in rows] == [(1e-5, 0.03), (1e-3, 3e-3)]
+  assert rows[0]["valid_mae"] == "0.8123"

@@ -229,10 +229,19 @@ def paired_vs_origin(point: list[dict], origin: list[dict]) -> dict | None:
   return out
 
 
+# Settings, written exactly (``%g``): at 4 decimals an outer lr of 1e-5 would read 0.0000.
+SETTING_COLUMNS = ("lr", "inner_lr", "gamma", "tau", "value", "reg_weight")
+
+
 def write_csv(rows: list[dict], path: pathlib.Path) -> None:
+  """``rows`` as a CSV: metrics to 4 decimals, :data:`SETTING_COLUMNS` exactly."""
   import pandas as pd
   path.parent.mkdir(parents=True, exist_ok=True)
-  pd.DataFrame(rows).to_csv(path, index=False, float_format="%.4f")
+  frame = pd.DataFrame(rows)
+  for col in SETTING_COLUMNS:
+    if col in frame and pd.api.types.is_float_dtype(frame[col]):
+      frame[col] = frame[col].map(lambda v: "" if pd.isna(v) else f"{v:g}")
+  frame.to_csv(path, index=False, float_format="%.4f")
 
 
 def provenance(argv: list[str]) -> str:
