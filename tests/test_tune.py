@@ -13,18 +13,19 @@ from fast_jax.config import Config
 POINTS = [(1e-4, [0.95, 0.97], 0.90), (1e-2, [0.90, 0.92], 0.93), (3e-2, [0.91, 0.91], 0.85)]
 
 
-def _fake_run(root, lr, valid, test_mae):
-  cfg = Config(dataset="ml100k", backbone="melu", method="origin", inner_lr=lr, seeds=2)
+def _fake_run(root, lr, valid, test_mae, seeds=2):
+  """A finished point with ``len(valid)`` seeds, of a stage that asked for ``seeds``."""
+  cfg = Config(dataset="ml100k", backbone="melu", method="origin", inner_lr=lr, seeds=seeds)
   run = Run(name=f"ml100k/melu-ilr{lr:g}", cfg=cfg)
   folder = root / run.name
   folder.mkdir(parents=True)
-  lines = []
-  for seed, last in zip((1024, 3145), valid):
+  lines, per_seed = [], []
+  for seed, last in zip((1024, 3145, 123), valid):
     for epoch, mae in ((1, 0.5), (2, last)):  # epoch 1 lower: "last" must not use it
       lines.append(json.dumps({"seed": seed, "epoch": epoch, "valid": {"mae": mae}}))
+    per_seed.append({"seed": seed, "mae": test_mae, "mse": 1.0, "gf_mae": 0.1})
   (folder / "metrics.jsonl").write_text("\n".join(lines) + "\n")
-  mean = {"mae": test_mae, "mse": 1.0, "gf_mae": 0.1}
-  return run, {"mean": mean}
+  return run, {"per_seed": per_seed}
 
 
 def test_the_sweep_picks_the_lowest_validation_mae_not_the_lowest_test_mae(tmp_path):
@@ -70,3 +71,11 @@ def test_the_grid_can_be_restricted_to_some_values():
   runs = tune.make_runs(["ml100k"], ["metacs"], seeds=1, epochs=None, data_dir=None,
                         grid={"lr": [1e-3], "inner_steps": [3]})
   assert len(runs) == 5 * 2 and {(r.cfg.lr, r.cfg.inner_steps) for r in runs} == {(1e-3, 3)}
+
+
+def test_a_screened_point_reads_as_screened_after_a_second_stage_added_seeds(tmp_path):
+  """Re-collecting a 1-seed screen must not mix in the seeds a second stage added."""
+  run, res = _fake_run(tmp_path, 1e-2, [0.80, 0.90, 1.00], 0.9, seeds=1)
+  res["per_seed"][1]["mae"] = 2.0
+  [row] = tune.summarize([run], tmp_path, {run.name: res})
+  assert (row["seeds"], row["valid_mae"], row["test_mae"]) == (1, 0.80, 0.9)

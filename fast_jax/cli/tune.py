@@ -39,7 +39,7 @@ import sys
 import numpy as np
 
 from fast_jax.cli.grid import Run, load_results, run_grid, write_csv
-from fast_jax.config import Config, UsageError
+from fast_jax.config import Config, UsageError, seed_list
 
 INNER_LRS = (1e-4, 1e-3, 3e-3, 1e-2, 3e-2)
 OUT_BIASES = ("init", "mean")
@@ -67,13 +67,15 @@ def make_runs(datasets, backbones, *, seeds: int, epochs: int | None,
   return runs
 
 
-def validation_maes(folder: pathlib.Path, select: str) -> list[float]:
+def validation_maes(folder: pathlib.Path, select: str,
+                    seeds: set[int] | None = None) -> list[float]:
   """Each seed's validation MAE at the epoch its run tests (``select``: "last" or
-  "best-valid"), read from the run's ``metrics.jsonl``."""
+  "best-valid"), read from the run's ``metrics.jsonl``; only ``seeds`` if given."""
   by_seed: dict[int, list[tuple[int, float]]] = {}
   for line in (folder / "metrics.jsonl").read_text().splitlines():
     record = json.loads(line)
-    by_seed.setdefault(record["seed"], []).append((record["epoch"], record["valid"]["mae"]))
+    if seeds is None or record["seed"] in seeds:
+      by_seed.setdefault(record["seed"], []).append((record["epoch"], record["valid"]["mae"]))
   out = []
   for records in by_seed.values():
     maes = [mae for _, mae in sorted(records)]
@@ -82,17 +84,21 @@ def validation_maes(folder: pathlib.Path, select: str) -> list[float]:
 
 
 def summarize(runs: list[Run], root: pathlib.Path, results: dict[str, dict]) -> list[dict]:
-  """One row per finished point: its settings, validation and test metrics."""
+  """One row per finished point: its settings, validation and test metrics, over the
+  stage's seeds only (``run.cfg.seeds``: a screen's point that a second stage has since
+  given more seeds still reads as it was screened)."""
   rows = []
   for run in runs:
     if run.name not in results:
       continue
-    valid = validation_maes(root / run.name, run.cfg.select)
-    mean = results[run.name]["mean"]
+    seeds = set(seed_list(run.cfg.seeds))
+    valid = validation_maes(root / run.name, run.cfg.select, seeds)
+    test = [s for s in results[run.name]["per_seed"] if s["seed"] in seeds]
     rows.append({"dataset": run.cfg.dataset, "backbone": run.cfg.backbone,
                  **{k: getattr(run.cfg, k) for k in SETTINGS}, "seeds": len(valid),
                  "valid_mae": float(np.mean(valid)), "valid_mae_std": float(np.std(valid)),
-                 "test_mae": mean["mae"], "test_mse": mean["mse"], "test_gf_mae": mean["gf_mae"],
+                 **{f"test_{k}": float(np.mean([s[k] for s in test]))
+                    for k in ("mae", "mse", "gf_mae")},
                  "name": run.name})
   return rows
 
