@@ -87,6 +87,47 @@ def test_figure4_pairs_over_the_points_own_seeds_and_skips_seeds_origin_lacks(tm
   assert figure4.origin_means(origin, [1, 4]) == {}
 
 
+P_AVERAGE_FLAGS = [[], ["--p-average"]]
+
+
+@pytest.mark.parametrize("flags", P_AVERAGE_FLAGS)
+def test_figure4_p_average_runs_its_own_grid_into_its_own_files(flags, monkeypatch):
+  """--p-average turns on the convergent p update in every point and keeps its runs and
+  files apart from the paper rule's grid (which stays the default)."""
+  from fast_jax.cli import figure4
+  seen = {}
+
+  def fake_run_and_collect(runs, args):
+    seen["runs"], seen["args"] = runs, args
+    raise SystemExit(0)
+
+  monkeypatch.setattr(figure4, "run_and_collect", fake_run_and_collect)
+  with pytest.raises(SystemExit):
+    figure4.main(["--backbones", "metacs", "--gammas", "1", "--taus", "0.1", *flags])
+  runs, args = seen["runs"], seen["args"]
+  avg = bool(flags)
+  assert [r.cfg.p_average for r in runs] == [avg, avg]
+  assert all(r.name.startswith("bookcrossing/sweep-step" + ("-avg/" if avg else "/"))
+             for r in runs)
+  assert args.out.name == ("figure4_avg" if avg else "figure4")
+
+
+def test_figure4_p_stability_is_the_last_ten_epochs_mean_and_range(tmp_path):
+  from fast_jax.cli import figure4
+  run = tmp_path / "point"
+  run.mkdir()
+  lines = []
+  for seed, trace in ((1, [0.5] * 5 + [0.9, 0.7] * 5), (2, [0.5] * 15)):
+    for epoch, p0 in enumerate(trace, 1):
+      lines.append(json.dumps({"seed": seed, "epoch": epoch, "p": [p0, 1 - p0],
+                               "group_loss": [1.0, 1.0]}))
+  (run / "metrics.jsonl").write_text("\n".join(lines))
+  rows = [{"name": "point"}]
+  figure4.add_p_stability(rows, tmp_path)
+  assert rows[0]["p0_last10"] == pytest.approx((0.8 + 0.5) / 2)
+  assert rows[0]["p0_swing_last10"] == pytest.approx((0.2 + 0.0) / 2)
+
+
 def test_vmapped_grid_groups_the_runs_that_differ_in_gamma_and_tau_only(tmp_path, monkeypatch):
   from fast_jax.cli import grid
   from fast_jax import experiment

@@ -3,11 +3,19 @@
     python experiments/figure4.py --data-dir ../shared/data
     python experiments/figure4.py --backbones melu --seeds 2 --gammas 0.5 2 --taus 0.1
     python experiments/figure4.py --vmap     # each backbone's whole sweep as one program
+    python experiments/figure4.py --p-average   # the same grid with a p that converges
 
 gamma sweeps with tau at the paper's Table 3 value and tau sweeps with gamma at its
 Table 3 value, for each backbone. Writes ``results/figure4.png`` (MAE and GF(MAE) against
 the swept value) and ``results/figure4.csv``, whose ``*_vs_origin`` columns compare each
-point with Origin (Table 2's run) seed by seed.
+point with Origin (Table 2's run) seed by seed, and whose ``p0_last10`` and
+``p0_swing_last10`` say where FAST's sampling probability of the first group ended and how
+far it still moved: over the last 10 epochs, the mean of ``p[0]`` and its range
+(max - min), each averaged over the point's seeds.
+
+``--p-average`` runs the grid with FAST's convergent p update (``run.py --p-average``,
+:func:`fast_jax.fairness.update_p_decaying`) into ``sweep-<mode>-avg/`` run folders and
+``results/figure4_avg.*``, so that both grids stand side by side.
 
 With ``--vmap`` the points of a backbone's sweep (and their seeds) differ only in gamma
 and tau, which live in the train state, so they train as the lanes of one vmapped
@@ -35,16 +43,17 @@ TAUS = (0.01, 0.03, 0.05, 0.1, 0.2, 0.5, 0.8, 1.0)
 
 
 def make_runs(dataset, backbones, gammas, taus, *, seeds, epochs, data_dir,
-              p_update, preset: str = "validated") -> list[Run]:
+              p_update, preset: str = "validated", p_average: bool = False) -> list[Run]:
   runs = []
   for b in backbones:
     gamma0, tau0 = PAPER_GAMMA_TAU.get((b, dataset), (1.0, 0.1))
     points = [("gamma", g, g, tau0) for g in gammas] + [("tau", t, gamma0, t) for t in taus]
     for swept, value, gamma, tau in points:
       cfg = Config(dataset=dataset, backbone=b, method="fast", gamma=gamma, tau=tau,
-                   p_update=p_update, seeds=seeds, data_dir=data_dir, preset=preset,
-                   **({"epochs": epochs} if epochs else {}))
-      runs.append(Run(name=f"{dataset}/sweep-{p_update}/{b}-g{gamma:g}-t{tau:g}", cfg=cfg,
+                   p_update=p_update, p_average=p_average, seeds=seeds,
+                   data_dir=data_dir, preset=preset, **({"epochs": epochs} if epochs else {}))
+      sweep = f"sweep-{p_update}" + ("-avg" if p_average else "")
+      runs.append(Run(name=f"{dataset}/{sweep}/{b}-g{gamma:g}-t{tau:g}", cfg=cfg,
                       row=f"{b}-fast", label=f"{swept}={value:g}"))
   return runs
 
@@ -84,6 +93,29 @@ def add_paired_differences(rows: list[dict], origin: dict, root: pathlib.Path) -
           f"(lower on {row['seeds_fairer']} of {len(point)} seeds)")
 
 
+def add_p_stability(rows: list[dict], root: pathlib.Path, last: int = 10) -> None:
+  """``p0_last10``: the mean of ``p[0]`` over the last ``last`` epochs each seed reached,
+  and ``p0_swing_last10``: its range there (max - min); each averaged over the seeds
+  (``metrics.jsonl``). A p that has settled swings little; the paper's step rule moves p
+  by up to tau every step, so its p can still swing by ``2 tau`` or more."""
+  for row in rows:
+    f = root / row["name"] / "metrics.jsonl"
+    if not f.exists():
+      continue
+    _, p, _ = plots.read_p(f.parent)
+    tail = p[:, -last:, 0]  # [seeds, epochs]
+    row["p0_last10"] = float(tail.mean())
+    row["p0_swing_last10"] = float((tail.max(1) - tail.min(1)).mean())
+
+
+class _PAverage(argparse.Action):
+  """``--p-average``: FAST's convergent p update, and the files named ``figure4_avg``."""
+
+  def __call__(self, parser, namespace, values, option_string=None):
+    namespace.p_average = True
+    namespace.out_name = "figure4_avg"
+
+
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -92,18 +124,23 @@ def main(argv=None) -> int:
   p.add_argument("--gammas", nargs="+", type=float, default=list(GAMMAS))
   p.add_argument("--taus", nargs="+", type=float, default=list(TAUS))
   add_grid_args(p, out_name="figure4")
+  p.add_argument("--p-average", nargs=0, action=_PAverage, default=False,
+                 help="FAST's convergent p update (run.py --p-average); run folders "
+                      "sweep-<mode>-avg/, files results/figure4_avg.*")
   args = parse_grid_args(p, argv)
   runs = make_runs(args.dataset, args.backbones, args.gammas, args.taus, seeds=args.seeds,
                    epochs=args.epochs, data_dir=args.data_dir, p_update=args.p_update,
-                   preset=args.preset)
+                   preset=args.preset, p_average=args.p_average)
   rows = run_and_collect(runs, args)
   for r in rows:
     r["swept"], r["value"] = r["label"].split("=")[0], float(r["label"].split("=")[1])
   origin = origin_per_seed(args)
   add_paired_differences(rows, origin, args.root)
+  add_p_stability(rows, args.root)
   write_csv(rows, args.out.with_suffix(".csv"))
   plots.sweeps(rows, args.out.with_suffix(".png"),
-               reference=origin_means(origin, seed_list(args.seeds)), dataset=args.dataset)
+               reference=origin_means(origin, seed_list(args.seeds)),
+               dataset=args.dataset + (", p averaged" if args.p_average else ""))
   print(f"wrote {args.out.with_suffix('.png')} and {args.out.with_suffix('.csv')}")
   return 0
 
