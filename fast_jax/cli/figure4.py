@@ -6,16 +6,18 @@
     python experiments/figure4.py --p-average   # the same grid with a p that converges
 
 gamma sweeps with tau at the paper's Table 3 value and tau sweeps with gamma at its
-Table 3 value, for each backbone. Writes ``results/figure4.png`` (MAE and GF(MAE) against
-the swept value) and ``results/figure4.csv``, whose ``*_vs_origin`` columns compare each
-point with Origin (Table 2's run) seed by seed, and whose ``p0_last10`` and
-``p0_swing_last10`` say where FAST's sampling probability of the first group ended and how
-far it still moved: over the last 10 epochs, the mean of ``p[0]`` and its range
-(max - min), each averaged over the point's seeds.
+Table 3 value, for each backbone. Writes ``results/figure4.png`` (MAE, GF(MAE) and the
+range of p0 over the last 10 epochs against the swept value) and ``results/figure4.csv``,
+whose ``*_vs_origin`` columns compare each point with Origin (Table 2's run) seed by
+seed, and whose ``p0_last10`` and ``p0_swing_last10`` say where FAST's sampling
+probability of the first group ended and how far it still moved: over the last 10
+epochs, the mean of ``p[0]`` and its range (max - min), each averaged over the point's
+seeds.
 
 ``--p-average`` runs the grid with FAST's convergent p update (``run.py --p-average``,
 :func:`fast_jax.fairness.update_p_decaying`) into ``sweep-<mode>-avg/`` run folders and
-``results/figure4_avg.*``, so that both grids stand side by side.
+``results/figure4_avg.*``; its plot shows the paper rule's grid too, where it has been
+run, with hollow markers.
 
 With ``--vmap`` the points of a backbone's sweep (and their seeds) differ only in gamma
 and tau, which live in the train state, so they train as the lanes of one vmapped
@@ -32,8 +34,8 @@ import sys
 
 import numpy as np
 
-from fast_jax.cli.grid import (Run, add_grid_args, paired_vs_origin, parse_grid_args,
-                               run_and_collect, write_csv)
+from fast_jax.cli.grid import (Run, add_grid_args, load_results, paired_vs_origin,
+                               parse_grid_args, run_and_collect, summary_rows, write_csv)
 from fast_jax.cli import plots
 
 from fast_jax.config import PAPER_GAMMA_TAU, Config, seed_list
@@ -108,6 +110,14 @@ def add_p_stability(rows: list[dict], root: pathlib.Path, last: int = 10) -> Non
     row["p0_swing_last10"] = float((tail.max(1) - tail.min(1)).mean())
 
 
+def _swept(rows: list[dict]) -> list[dict]:
+  """``rows`` with ``swept`` ("gamma" or "tau") and ``value`` read from each label."""
+  for r in rows:
+    r["swept"], value = r["label"].split("=")
+    r["value"] = float(value)
+  return rows
+
+
 class _PAverage(argparse.Action):
   """``--p-average``: FAST's convergent p update, and the files named ``figure4_avg``."""
 
@@ -131,16 +141,23 @@ def main(argv=None) -> int:
   runs = make_runs(args.dataset, args.backbones, args.gammas, args.taus, seeds=args.seeds,
                    epochs=args.epochs, data_dir=args.data_dir, p_update=args.p_update,
                    preset=args.preset, p_average=args.p_average)
-  rows = run_and_collect(runs, args)
-  for r in rows:
-    r["swept"], r["value"] = r["label"].split("=")[0], float(r["label"].split("=")[1])
+  rows = _swept(run_and_collect(runs, args))
   origin = origin_per_seed(args)
   add_paired_differences(rows, origin, args.root)
   add_p_stability(rows, args.root)
   write_csv(rows, args.out.with_suffix(".csv"))
+  compare = []
+  if args.p_average:  # the paper rule's grid, where it has been run, beside this one
+    paper_rule = make_runs(args.dataset, args.backbones, args.gammas, args.taus,
+                           seeds=args.seeds, epochs=args.epochs, data_dir=args.data_dir,
+                           p_update=args.p_update, preset=args.preset)
+    compare = _swept(summary_rows(paper_rule, load_results(args.root, paper_rule)))
+    add_p_stability(compare, args.root)
   plots.sweeps(rows, args.out.with_suffix(".png"),
                reference=origin_means(origin, seed_list(args.seeds)),
-               dataset=args.dataset + (", p averaged" if args.p_average else ""))
+               dataset=plots.DATASET_NAMES.get(args.dataset, args.dataset),
+               label="--p-average" if args.p_average else "",
+               compare=compare, compare_label="paper rule")
   print(f"wrote {args.out.with_suffix('.png')} and {args.out.with_suffix('.csv')}")
   return 0
 

@@ -114,29 +114,46 @@ def grouped_bars(rows, metrics, *, panel_keys, bar_key, path, title=""):
   plt.close(fig)
 
 
-def sweeps(rows, path, reference=None, dataset="Book-Crossing"):
-  """MAE and GF(MAE) against gamma and tau, one line per backbone; ``reference``
-  ({backbone: {"mae", "gf_mae"}}, e.g. Origin over the same seeds) is a dashed line."""
-  fig, axes = plt.subplots(2, 2, figsize=(9, 6.5), squeeze=False)
+SWEEP_METRICS = ("mae", "gf_mae", "p0_swing_last10")
+
+
+def sweeps(rows, path, reference=None, dataset="Book-Crossing", label="", compare=None,
+           compare_label=""):
+  """MAE, GF(MAE) and the range of FAST's p0 over the last 10 epochs against gamma and
+  tau, one line per backbone (``label`` appended to its name); ``reference``
+  ({backbone: {"mae", "gf_mae"}}, e.g. Origin over the same seeds) is a dashed line, and
+  ``compare`` (rows like ``rows``, e.g. the same grid under another p rule, named
+  ``compare_label``) is drawn in the backbone's colour with hollow markers. The p0 row
+  is left out when no row has the column."""
+  compare = compare or []
+  metrics = [m for m in SWEEP_METRICS if any(m in r for r in rows + compare)]
+  fig, axes = plt.subplots(len(metrics), 2, figsize=(9, 2.1 + 2.2 * len(metrics)),
+                           squeeze=False)
   colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+  backbones = sorted({r["backbone"] for r in rows + compare})
   for col, swept in enumerate(("gamma", "tau")):
-    for row, m in enumerate(("mae", "gf_mae")):
+    for row, m in enumerate(metrics):
       ax = axes[row][col]
-      for i, backbone in enumerate(sorted({r["backbone"] for r in rows})):
-        pts = sorted((r["value"], r[m], r[m + "_std"]) for r in rows
-                     if r["swept"] == swept and r["backbone"] == backbone)
-        if pts:
-          x, y, e = map(np.array, zip(*pts))
-          ax.errorbar(x, y, yerr=e, marker="o", capsize=2, label=backbone,
-                      color=colors[i % len(colors)])
-        if reference and backbone in reference:
-          ax.axhline(reference[backbone][m], ls="--", lw=1, color=colors[i % len(colors)],
+      for i, backbone in enumerate(backbones):
+        color = colors[i % len(colors)]
+        for these, name, style in ((compare, compare_label, dict(mfc="white", ls=":")),
+                                   (rows, label, {})):
+          pts = sorted((r["value"], r[m], r.get(m + "_std", 0.0)) for r in these
+                       if r["swept"] == swept and r["backbone"] == backbone and m in r)
+          if pts:
+            x, y, e = map(np.array, zip(*pts))
+            ax.errorbar(x, y, yerr=e, marker="o", capsize=2, color=color,
+                        label=backbone + (f", {name}" if name else ""), **style)
+        if reference and backbone in reference and m in reference[backbone]:
+          ax.axhline(reference[backbone][m], ls="--", lw=1, color=color,
                      label=f"{backbone} Origin, same seeds")
       ax.set_xscale("log")
+      if m == "p0_swing_last10":
+        ax.set_ylim(bottom=0)
       ax.set_xlabel(swept)
-      ax.set_ylabel(LABELS[m])
-      ax.legend(fontsize=8)
-  seeds = sorted({int(r["seeds"]) for r in rows})
+      ax.set_ylabel({"p0_swing_last10": "range of p0, last 10 epochs"}.get(m, LABELS.get(m, m)))
+      ax.legend(fontsize=7)
+  seeds = sorted({int(r["seeds"]) for r in rows + compare})
   fig.suptitle(f"FAST sensitivity ({dataset}; {'/'.join(map(str, seeds))} "
                f"seed{'s' if seeds != [1] else ''} per point)")
   fig.tight_layout()
