@@ -95,17 +95,20 @@ def add_paired_differences(rows: list[dict], origin: dict, root: pathlib.Path) -
           f"(lower on {row['seeds_fairer']} of {len(point)} seeds)")
 
 
-def add_p_stability(rows: list[dict], root: pathlib.Path, last: int = 10) -> None:
-  """``p0_last10``: the mean of ``p[0]`` over the last ``last`` epochs each seed reached,
+P_TAIL = 10  # the epochs p0_last10 and p0_swing_last10 look at
+
+
+def add_p_stability(rows: list[dict], root: pathlib.Path) -> None:
+  """``p0_last10``: the mean of ``p[0]`` over the last :data:`P_TAIL` epochs each seed reached,
   and ``p0_swing_last10``: its range there (max - min); each averaged over the seeds
   (``metrics.jsonl``). A p that has settled swings little; the paper's step rule moves p
   by up to tau every step, so its p can still swing by ``2 tau`` or more."""
   for row in rows:
-    f = root / row["name"] / "metrics.jsonl"
-    if not f.exists():
+    run_dir = root / row["name"]
+    if not (run_dir / "metrics.jsonl").exists():
       continue
-    _, p, _ = plots.read_p(f.parent)
-    tail = p[:, -last:, 0]  # [seeds, epochs]
+    _, p, _ = plots.read_p(run_dir)
+    tail = p[:, -P_TAIL:, 0]  # [seeds, epochs]
     row["p0_last10"] = float(tail.mean())
     row["p0_swing_last10"] = float((tail.max(1) - tail.min(1)).mean())
 
@@ -155,7 +158,7 @@ def main(argv=None) -> int:
     add_p_stability(compare, args.root)
   plots.sweeps(rows, args.out.with_suffix(".png"),
                reference=origin_means(origin, seed_list(args.seeds)),
-               dataset=plots.DATASET_NAMES.get(args.dataset, args.dataset),
+               dataset=args.dataset,
                label="--p-average" if args.p_average else "",
                compare=compare, compare_label="paper rule")
   print(f"wrote {args.out.with_suffix('.png')} and {args.out.with_suffix('.csv')}")

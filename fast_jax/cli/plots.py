@@ -117,10 +117,11 @@ def grouped_bars(rows, metrics, *, panel_keys, bar_key, path, title=""):
 SWEEP_METRICS = ("mae", "gf_mae", "p0_swing_last10")
 
 
-def sweeps(rows, path, reference=None, dataset="Book-Crossing", label="", compare=None,
+def sweeps(rows, path, reference=None, dataset="bookcrossing", label="", compare=None,
            compare_label=""):
-  """MAE, GF(MAE) and the range of FAST's p0 over the last 10 epochs against gamma and
-  tau, one line per backbone (``label`` appended to its name); ``reference``
+  """MAE, GF(MAE) and the range of FAST's p0 (the probability of sampling the dataset's
+  first group, named from :data:`KNOWN_GROUPS`) over the last 10 epochs against gamma
+  and tau, one line per backbone (``label`` appended to its name); ``reference``
   ({backbone: {"mae", "gf_mae"}}, e.g. Origin over the same seeds) is a dashed line, and
   ``compare`` (rows like ``rows``, e.g. the same grid under another p rule, named
   ``compare_label``) is drawn in the backbone's colour with hollow markers. The p0 row
@@ -131,6 +132,8 @@ def sweeps(rows, path, reference=None, dataset="Book-Crossing", label="", compar
                            squeeze=False)
   colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
   backbones = sorted({r["backbone"] for r in rows + compare})
+  group0 = KNOWN_GROUPS.get(dataset, ["group 0"])[0]
+  ylabels = {**LABELS, "p0_swing_last10": f"range of p({group0}), last 10 epochs"}
   for col, swept in enumerate(("gamma", "tau")):
     for row, m in enumerate(metrics):
       ax = axes[row][col]
@@ -143,20 +146,22 @@ def sweeps(rows, path, reference=None, dataset="Book-Crossing", label="", compar
           if pts:
             x, y, e = map(np.array, zip(*pts))
             ax.errorbar(x, y, yerr=e, marker="o", capsize=2, color=color,
-                        label=backbone + (f", {name}" if name else ""), **style)
+                        label=_name(BACKBONE_NAMES, backbone) + (f", {name}" if name else ""),
+                        **style)
         if reference and backbone in reference and m in reference[backbone]:
           ax.axhline(reference[backbone][m], ls="--", lw=1, color=color,
-                     label=f"{backbone} Origin, same seeds")
+                     label=f"{_name(BACKBONE_NAMES, backbone)} Origin, same seeds")
       ax.set_xscale("log")
       if m == "p0_swing_last10":
         ax.set_ylim(bottom=0)
-      ax.set_xlabel(swept)
-      ax.set_ylabel({"p0_swing_last10": "range of p0, last 10 epochs"}.get(m, LABELS.get(m, m)))
-      ax.legend(fontsize=7)
+      ax.set_xlabel(f"{swept} (the other at Table 3's value)")
+      ax.set_ylabel(ylabels.get(m, m))
+  handles, labels = axes[0][0].get_legend_handles_labels()  # one legend for all panels
+  fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8, frameon=False)
   seeds = sorted({int(r["seeds"]) for r in rows + compare})
-  fig.suptitle(f"FAST sensitivity ({dataset}; {'/'.join(map(str, seeds))} "
+  fig.suptitle(f"FAST sensitivity ({_name(DATASET_NAMES, dataset)}; {'/'.join(map(str, seeds))} "
                f"seed{'s' if seeds != [1] else ''} per point)")
-  fig.tight_layout()
+  fig.tight_layout(rect=(0, 0.05, 1, 1))
   fig.savefig(path, dpi=120)
   plt.close(fig)
 
