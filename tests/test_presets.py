@@ -41,6 +41,29 @@ def test_every_swept_entry_is_the_winner_its_sweep_file_records(key):
   assert {k: row[k] for k in SETTINGS} == pytest.approx(config_lib.VALIDATED[key])
 
 
+@pytest.mark.parametrize("key", list(config_lib.VALIDATED_CLOVER))
+def test_every_clover_entry_is_the_winner_its_clover_sweep_file_records(key):
+  import pandas as pd
+  source = ROOT / config_lib.VALIDATED_CLOVER_SOURCE[key]
+  best = pd.read_csv(source.with_name(source.stem + "_best.csv"))
+  [row] = best[(best.backbone == key[0]) & (best.dataset == key[1]) &
+               (best.method == "clover")].to_dict("records")
+  assert {k: row[k] for k in SETTINGS} == pytest.approx(config_lib.VALIDATED_CLOVER[key])
+
+
+def test_clover_takes_its_own_entry_where_it_has_one_and_origins_elsewhere(monkeypatch):
+  own = dict(lr=1e-4, inner_lr=0.5, out_bias="mean", inner_steps=2)
+  monkeypatch.setitem(config_lib.VALIDATED_CLOVER, ("melu", "bookcrossing"), own)
+  settings = lambda **kw: {k: getattr(resolve(Config(**kw)), k) for k in SETTINGS}
+  assert settings(backbone="melu", dataset="bookcrossing", method="clover") == own
+  origin = settings(backbone="melu", dataset="bookcrossing", method="origin")
+  assert origin == config_lib.VALIDATED[("melu", "bookcrossing")] != own
+  assert settings(backbone="melu", dataset="ml1m", method="clover") == \
+      config_lib.VALIDATED[("melu", "ml100k")]
+  code = resolve(Config(backbone="melu", dataset="bookcrossing", method="clover", preset="code"))
+  assert (code.lr, code.inner_lr, code.inner_steps) == (1e-4, 1e-4, 1)
+
+
 def test_an_older_run_without_a_preset_reads_as_the_code_preset():
   record = json.loads((ROOT / "results" / "runs_code" / "ml100k" / "melu-origin" /
                        "config.json").read_text())

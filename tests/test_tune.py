@@ -58,6 +58,21 @@ def test_the_grid_covers_the_issues_settings_for_each_backbone():
   assert len({r.name for r in runs}) == len(runs)
 
 
+def test_a_clover_sweep_trains_clover_and_is_picked_apart_from_origin():
+  clover = tune.make_runs(["bookcrossing"], ["melu"], seeds=1, epochs=None, data_dir=None,
+                          grid={"inner_lr": [3e-3, 3e-2]}, method="clover")
+  origin = tune.make_runs(["bookcrossing"], ["melu"], seeds=1, epochs=None, data_dir=None,
+                          grid={"inner_lr": [3e-3, 3e-2]})
+  assert len(clover) == 2 * 2 * 2 and all(r.cfg.method == "clover" for r in clover)
+  assert all(r.row == "melu-clover" and "-clover-" in r.name for r in clover)
+  assert not {r.name for r in clover} & {r.name for r in origin}  # own run folders
+  rows = [{"dataset": "bookcrossing", "backbone": "melu", "method": m, "inner_lr": lr,
+           "valid_mae": v} for m, lr, v in (("origin", 3e-3, 1.29), ("origin", 3e-2, 1.30),
+                                            ("clover", 3e-3, 1.48), ("clover", 3e-2, 1.29))]
+  best = {r["method"]: r["inner_lr"] for r in tune.pick(rows)}
+  assert best == {"origin": 3e-3, "clover": 3e-2}
+
+
 def test_a_second_stage_keeps_the_best_points_of_the_screen_by_validation():
   rows = [{"dataset": "ml100k", "backbone": "metacs", "name": n, "valid_mae": v,
            "test_mae": t} for n, v, t in (("a", 0.90, 0.99), ("b", 0.85, 0.80), ("c", 0.88, 0.70),
