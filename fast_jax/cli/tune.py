@@ -105,7 +105,8 @@ def summarize(runs: list[Run], root: pathlib.Path, results: dict[str, dict]) -> 
     valid = validation_maes(root / run.name, run.cfg.select, seeds)
     test = [s for s in results[run.name]["per_seed"] if s["seed"] in seeds]
     rows.append({"dataset": run.cfg.dataset, "backbone": run.cfg.backbone,
-                 "method": run.cfg.method, **{k: getattr(run.cfg, k) for k in SETTINGS}, "seeds": len(valid),
+                 "method": run.cfg.method, **{k: getattr(run.cfg, k) for k in SETTINGS},
+                 "seeds": len(valid),
                  "valid_mae": float(np.mean(valid)), "valid_mae_std": float(np.std(valid)),
                  **{f"test_{k}": float(np.mean([s[k] for s in test]))
                     for k in ("mae", "mse", "gf_mae")},
@@ -118,7 +119,7 @@ def pick(rows: list[dict]) -> list[dict]:
   such row on a tie). Test metrics play no part."""
   best: dict[tuple, dict] = {}
   for row in rows:
-    key = (row["dataset"], row["backbone"], row.get("method", "origin"))
+    key = (row["dataset"], row["backbone"], row["method"])
     if key not in best or row["valid_mae"] < best[key]["valid_mae"]:
       best[key] = row
   return list(best.values())
@@ -126,10 +127,12 @@ def pick(rows: list[dict]) -> list[dict]:
 
 def top_points(rows: list[dict], k: int) -> set[str]:
   """The names of the ``k`` points with the lowest validation MAE per (dataset,
-  backbone) among ``rows`` (a screening stage's CSV)."""
+  backbone, method) among ``rows`` (a screening stage's CSV; one written before CLOVER
+  sweeps existed has no method column and is Origin's)."""
+  group = lambda r: (r["dataset"], r["backbone"], r.get("method", "origin"))
   keep = set()
-  for key in {(r["dataset"], r["backbone"]) for r in rows}:
-    part = sorted((r for r in rows if (r["dataset"], r["backbone"]) == key),
+  for key in {group(r) for r in rows}:
+    part = sorted((r for r in rows if group(r) == key),
                   key=lambda r: float(r["valid_mae"]))
     keep |= {r["name"] for r in part[:k]}
   return keep
