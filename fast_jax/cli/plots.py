@@ -139,13 +139,15 @@ def sweeps(rows, path, reference=None, dataset="bookcrossing", label="", compare
       ax = axes[row][col]
       for i, backbone in enumerate(backbones):
         color = colors[i % len(colors)]
-        for these, name, style in ((compare, compare_label, dict(mfc="white", ls=":")),
-                                   (rows, label, {})):
+        # The compared grid sits a little left of the same x, so the two rules' error
+        # bars do not cover each other (the x axis is logarithmic).
+        for these, name, shift, style in (
+            (compare, compare_label, 0.96, dict(mfc="white", ls=":")), (rows, label, 1.0, {})):
           pts = sorted((r["value"], r[m], r.get(m + "_std", 0.0)) for r in these
                        if r["swept"] == swept and r["backbone"] == backbone and m in r)
           if pts:
             x, y, e = map(np.array, zip(*pts))
-            ax.errorbar(x, y, yerr=e, marker="o", capsize=2, color=color,
+            ax.errorbar(x * shift, y, yerr=e, marker="o", capsize=2, color=color,
                         label=_name(BACKBONE_NAMES, backbone) + (f", {name}" if name else ""),
                         **style)
         if reference and backbone in reference and m in reference[backbone]:
