@@ -15,7 +15,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 SETTINGS = ("lr", "inner_lr", "inner_steps", "out_bias")
 # (backbone, dataset) pairs the presets are checked on: swept ones and a fallback.
 PAIRS = [("melu", "ml100k"), ("metacs", "ml100k"), ("metacs", "bookcrossing"),
-         ("melu", "bookcrossing"), ("metacs", "ml1m")]
+         ("melu", "bookcrossing"), ("metacs", "ml1m"), ("melu", "ml1m")]
 
 
 @pytest.mark.parametrize("backbone, dataset", PAIRS)
