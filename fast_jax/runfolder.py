@@ -230,15 +230,21 @@ def _check_same_settings(out: pathlib.Path, before: dict, record: dict) -> None:
   old_seeds = before.get("seed_list")
   if old_seeds is not None and _jsonable(record["seed_list"])[:len(old_seeds)] == old_seeds:
     skip |= {"seeds", "seed_list"}  # the same seeds first, maybe more after them
-  # A setting missing from an older config.json did not exist when that run was made: it
-  # ran with what is now the setting's default, so that value continues it.
-  defaults = _defaults_for(before, record)
-  changed = [k for k in record if k not in skip and _jsonable(record[k]) != (
-      before[k] if k in before else defaults.get(k))]
+  changed = changed_settings(before, record, skip)
   if changed:
     k = changed[0]
     raise UsageError(f"--resume: the run in {out} used {k}={before.get(k)!r}, not "
                      f"{_jsonable(record[k])!r}; resume with the same settings or use a new --out")
+
+
+def changed_settings(before: dict, record: dict, skip=frozenset()) -> list[str]:
+  """The settings of ``record`` (a config.json, or ``Config.to_dict()``) that a recorded
+  run's ``before`` does not share, leaving out ``skip``. A setting missing from an older
+  record did not exist when that run was made: it ran with what is now the setting's
+  default, so that value counts as the same."""
+  defaults = _defaults_for(before, record)
+  return [k for k in record if k not in skip and _jsonable(record[k]) != (
+      before[k] if k in before else defaults.get(k))]
 
 
 def _defaults_for(before: dict, record: dict) -> dict:

@@ -197,6 +197,25 @@ def test_grid_refuses_a_finished_meta_learner_run_of_another_preset(tmp_path):
   assert sorted(same) == ["code", "ref"]  # finished: nothing retrained
 
 
+@pytest.mark.parametrize("setting, value", [("inner_lr", 0.5), ("gamma", 9.0), ("epochs", 7),
+                                            ("p_average", True)])
+def test_grid_refuses_a_finished_run_made_at_other_settings(tmp_path, setting, value):
+  """A finished run is reused only at the settings asked for, resolved (an older default,
+  another sweep's point is another experiment); where it was found and its seeds are not
+  settings."""
+  from fast_jax.cli import grid
+  from fast_jax.config import Config, UsageError, resolve
+  asked = Config(dataset="bookcrossing", backbone="metacs", method="fast", seeds=2)
+  made = resolve(asked).replace(data_dir="/elsewhere", seeds=3)
+  for name, cfg in (("same", made), ("other", made.replace(**{setting: value}))):
+    (tmp_path / name).mkdir()
+    (tmp_path / name / "results.json").write_text(json.dumps(
+        {"config": cfg.to_dict(), "mean": {k: 0.0 for k in grid.METRICS}}))
+  assert list(grid.run_grid([grid.Run("same", asked)], tmp_path, log=lambda s: None)) == ["same"]
+  with pytest.raises(UsageError, match=f"other holds a finished run with {setting}="):
+    grid.run_grid([grid.Run("other", asked)], tmp_path, log=lambda s: None)
+
+
 def test_grid_resumes_a_run_finished_with_fewer_seeds(tmp_path, monkeypatch):
   from fast_jax.cli import grid
   from fast_jax import experiment

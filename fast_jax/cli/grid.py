@@ -4,6 +4,8 @@
 Each configuration runs through ``fast_jax.experiment.train_and_evaluate`` into
 ``<root>/<name>/``. A finished run (``results.json`` present) is not run again, and an
 interrupted one resumes from its checkpoints, so a driver can be stopped and restarted.
+A folder holding a meta-learner's run made at other settings (an older default, say) is
+refused, naming the setting, rather than reused or overwritten.
 A run finished with fewer seeds than asked for resumes too, training only the new seeds
 (``--seeds 1`` first, ``--seeds 5`` later).
 """
@@ -87,6 +89,8 @@ def run_grid(runs: list[Run], root: pathlib.Path, *, progress: bool = False,
     if done is not None and preset != run.cfg.preset and run.cfg.method not in BASELINES:
       raise UsageError(f"{root / run.name} holds a run of --preset {preset}, not "
                        f"{run.cfg.preset}; use another --root")
+    if done is not None and run.cfg.method not in BASELINES:
+      _check_same_run(root / run.name, done.get("config", {}), run.cfg)
     if done is not None and done.get("config", {}).get("seeds", run.cfg.seeds) >= run.cfg.seeds:
       out[run.name] = done
     else:  # not run, interrupted, or run with fewer seeds: (re)start or resume it
@@ -131,6 +135,30 @@ def run_grid(runs: list[Run], root: pathlib.Path, *, progress: bool = False,
     log(f"{sum(len(g) for g, _, _ in work)} runs in {time.perf_counter() - t0:.0f} s of wall "
         f"time ({jobs} job{'s' if jobs > 1 else ''} at once)")
   return out
+
+
+# Settings that do not change what a finished run computed (where the data was found,
+# how it was checkpointed and chunked) or that the grid handles itself (seeds).
+_BOOKKEEPING = frozenset({"seeds", "data_dir", "checkpoint_every", "length_parts",
+                          "eval_chunk", "vmap_seeds"})
+
+
+def _check_same_run(folder: pathlib.Path, before: dict, cfg: Config) -> None:
+  """A finished meta-learning run is reused only if it ran the configuration asked for:
+  one made at other settings (an older default, another sweep's point) is another
+  experiment, and reusing it would put its numbers in the new table.
+
+  Raises:
+    UsageError: naming the folder and the first setting that differs.
+  """
+  from fast_jax.config import resolve
+  from fast_jax.runfolder import changed_settings
+  wanted = resolve(cfg).to_dict()
+  changed = changed_settings(before, wanted, _BOOKKEEPING)
+  if changed:
+    k = changed[0]
+    raise UsageError(f"{folder} holds a finished run with {k}={before.get(k)!r}, not "
+                     f"{wanted[k]!r}; move it away or use another --root")
 
 
 def _run_group(cfgs: list[Config], folders: list[pathlib.Path], vectorised: bool,
