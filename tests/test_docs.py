@@ -16,6 +16,7 @@ import jax
 import pytest
 
 from conftest import PROJECT_ROOT
+from fast_jax import methods
 
 GUIDE = PROJECT_ROOT / "docs" / "extending.md"
 RESULTS_GUIDE = PROJECT_ROOT / "docs" / "results.md"
@@ -36,11 +37,14 @@ def test_extending_guide_snippets_run(tmp_path, monkeypatch):
   namespace = module.__dict__
   optimizations_off = jax.config.read("jax_disable_most_optimizations")
   jax.config.update("jax_disable_most_optimizations", True)  # tiny runs: compiling dominates
+  registered = dict(methods.REGISTRY)  # the guide registers a method: not for later tests
   try:
     for i, block in enumerate(blocks):  # a traceback names "extending.md block N", line
       exec(compile(block, f"{GUIDE.name} block {i + 1}", "exec"), namespace)
   finally:
     jax.config.update("jax_disable_most_optimizations", optimizations_off)
+    methods.REGISTRY.clear()
+    methods.REGISTRY.update(registered)
   # The snippets did what the guide says they do.
   assert namespace["report"]["group"].keys() == {"0", "1"}
   assert namespace["steps"]["outer_loss"].shape[0] >= 1
