@@ -232,19 +232,21 @@ def _check_same_settings(out: pathlib.Path, before: dict, record: dict) -> None:
     skip |= {"seeds", "seed_list"}  # the same seeds first, maybe more after them
   changed = changed_settings(before, record, skip)
   if changed:
-    k = changed[0]
-    raise UsageError(f"--resume: the run in {out} used {k}={before.get(k)!r}, not "
-                     f"{_jsonable(record[k])!r}; resume with the same settings or use a new --out")
+    k, (was, now) = next(iter(changed.items()))
+    raise UsageError(f"--resume: the run in {out} used {k}={was!r}, not {now!r}; resume "
+                     "with the same settings or use a new --out")
 
 
-def changed_settings(before: dict, record: dict, skip=frozenset()) -> list[str]:
+def changed_settings(before: dict, record: dict, skip=frozenset()) -> dict[str, tuple]:
   """The settings of ``record`` (a config.json, or ``Config.to_dict()``) that a recorded
-  run's ``before`` does not share, leaving out ``skip``. A setting missing from an older
-  record did not exist when that run was made: it ran with what is now the setting's
-  default, so that value counts as the same."""
+  run's ``before`` does not share, leaving out ``skip``: {setting: (its value then, its
+  value in ``record``)}, in ``record``'s order. A setting missing from an older record did
+  not exist when that run was made: it ran with what is now the setting's default, so
+  that value is its value then."""
   defaults = _defaults_for(before, record)
-  return [k for k in record if k not in skip and _jsonable(record[k]) != (
-      before[k] if k in before else defaults.get(k))]
+  then = {k: before[k] if k in before else defaults.get(k) for k in record if k not in skip}
+  return {k: (was, _jsonable(record[k])) for k, was in then.items()
+          if _jsonable(record[k]) != was}
 
 
 def _defaults_for(before: dict, record: dict) -> dict:

@@ -188,7 +188,8 @@ def test_grid_refuses_a_finished_meta_learner_run_of_another_preset(tmp_path):
     (tmp_path / name / "results.json").write_text(json.dumps(
         {"config": {**record, "seeds": 1}, "mean": {k: 0.0 for k in grid.METRICS}}))
   for name in ("old", "code"):
-    with pytest.raises(UsageError, match=f"{name} holds a run of --preset code, not validated"):
+    with pytest.raises(UsageError,
+                       match=f"{name} holds a finished run with preset='code', not 'validated'"):
       grid.run_grid([grid.Run(name, Config(method="origin", seeds=1))], tmp_path,
                     log=lambda s: None)
   same = grid.run_grid([grid.Run("code", Config(method="origin", seeds=1, preset="code")),

@@ -100,7 +100,7 @@ def test_a_run_recorded_before_a_setting_existed_resumes_with_its_default(prepar
   more = train_and_evaluate(_cfg(epochs=1, seeds=2), tmp_path, data=data, resume=True, **QUIET)
   assert more["per_seed"][0] == done["per_seed"][0]
   path.write_text(json.dumps(old))
-  with pytest.raises(UsageError, match="used p_average=None, not True"):
+  with pytest.raises(UsageError, match="used p_average=False, not True"):
     train_and_evaluate(_cfg(epochs=1, seeds=2, p_average=True), tmp_path, data=data,
                        resume=True, **QUIET)
 

@@ -23,7 +23,7 @@ import time
 
 import numpy as np
 
-from fast_jax.config import BASELINES, META_METHODS, PRESETS, Config, UsageError, preset_of
+from fast_jax.config import BASELINES, META_METHODS, PRESETS, Config, UsageError
 
 METRICS = ("mae", "mse", "gf_mae", "gf_mse")
 
@@ -83,12 +83,8 @@ def run_grid(runs: list[Run], root: pathlib.Path, *, progress: bool = False,
   out, todo = {}, []
   for run in runs:
     done = _finished(root / run.name)
-    # A meta-learner's run of another preset is another experiment; the baselines do not
-    # depend on it.
-    preset = preset_of((done or {}).get("config", {}))
-    if done is not None and preset != run.cfg.preset and run.cfg.method not in BASELINES:
-      raise UsageError(f"{root / run.name} holds a run of --preset {preset}, not "
-                       f"{run.cfg.preset}; use another --root")
+    # A meta-learner's run at other settings is another experiment; the baselines do not
+    # depend on the preset, the one setting that changes between the drivers' calls.
     if done is not None and run.cfg.method not in BASELINES:
       _check_same_run(root / run.name, done.get("config", {}), run.cfg)
     if done is not None and done.get("config", {}).get("seeds", run.cfg.seeds) >= run.cfg.seeds:
@@ -153,12 +149,12 @@ def _check_same_run(folder: pathlib.Path, before: dict, cfg: Config) -> None:
   """
   from fast_jax.config import resolve
   from fast_jax.runfolder import changed_settings
-  wanted = resolve(cfg).to_dict()
-  changed = changed_settings(before, wanted, _BOOKKEEPING)
-  if changed:
-    k = changed[0]
-    raise UsageError(f"{folder} holds a finished run with {k}={before.get(k)!r}, not "
-                     f"{wanted[k]!r}; move it away or use another --root")
+  changed = changed_settings(before, resolve(cfg).to_dict(), _BOOKKEEPING)
+  if changed:  # the preset first: it explains the settings it fills
+    k = "preset" if "preset" in changed else next(iter(changed))
+    was, now = changed[k]
+    raise UsageError(f"{folder} holds a finished run with {k}={was!r}, not {now!r}; move "
+                     "it away or use another --root")
 
 
 def _run_group(cfgs: list[Config], folders: list[pathlib.Path], vectorised: bool,
