@@ -72,14 +72,22 @@ LEARNING_RATES = {"melu": (1e-4, 1e-4), "metacs": (1e-5, 1e-4)}  # (outer lr, in
 #         --seeds 3 --screen results/tune_ml1m_metacs_screen.csv --top 3 \
 #         --out results/tune_ml1m_metacs
 #
-# A (backbone, dataset) not listed (MeLU on ML-1M for now, custom data) takes the
-# backbone's ML-100K setting; VALIDATED_SOURCE names each entry's sweep.
+# MeLU on ML-1M, over the full grid (all points with 1 seed, the best 3 with 3):
+#
+#     fast-jax tune --datasets ml1m --backbones melu --seeds 1 \
+#         --out results/tune_ml1m_melu_screen
+#     fast-jax tune --datasets ml1m --backbones melu --seeds 3 \
+#         --screen results/tune_ml1m_melu_screen.csv --top 3 --out results/tune_ml1m_melu
+#
+# A (backbone, dataset) not listed (custom data, the synthetic set) takes the backbone's
+# ML-100K setting; VALIDATED_SOURCE names each entry's sweep.
 VALIDATED = {
     ("melu", "ml100k"): dict(lr=1e-4, inner_lr=3e-2, out_bias="mean", inner_steps=3),
     ("metacs", "ml100k"): dict(lr=1e-3, inner_lr=3e-3, out_bias="mean", inner_steps=1),
     ("metacs", "bookcrossing"): dict(lr=1e-4, inner_lr=3e-2, out_bias="mean", inner_steps=1),
     ("melu", "bookcrossing"): dict(lr=1e-4, inner_lr=3e-3, out_bias="init", inner_steps=1),
     ("metacs", "ml1m"): dict(lr=1e-4, inner_lr=1e-3, out_bias="mean", inner_steps=1),
+    ("melu", "ml1m"): dict(lr=1e-4, inner_lr=3e-3, out_bias="mean", inner_steps=3),
 }
 VALIDATED_SOURCE = {
     ("melu", "ml100k"): "results/tune_ml100k_melu.csv",
@@ -87,6 +95,7 @@ VALIDATED_SOURCE = {
     ("metacs", "bookcrossing"): "results/tune_bookcrossing_metacs.csv",
     ("melu", "bookcrossing"): "results/tune_bookcrossing_melu.csv",
     ("metacs", "ml1m"): "results/tune_ml1m_metacs.csv",
+    ("melu", "ml1m"): "results/tune_ml1m_melu.csv",
 }
 # CLOVER trains cross-entropy over the rating classes, whose gradient is bounded, so
 # Origin's setting can leave its inner loop inert (MeLU on Book-Crossing: inner lr 3e-3,

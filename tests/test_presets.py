@@ -13,9 +13,10 @@ from fast_jax.experiment import train_and_evaluate
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SETTINGS = ("lr", "inner_lr", "inner_steps", "out_bias")
-# (backbone, dataset) pairs the presets are checked on: swept ones and a fallback.
+# (backbone, dataset) pairs the presets are checked on: the swept ones and a fallback.
 PAIRS = [("melu", "ml100k"), ("metacs", "ml100k"), ("metacs", "bookcrossing"),
-         ("melu", "bookcrossing"), ("metacs", "ml1m"), ("melu", "ml1m")]
+         ("melu", "bookcrossing"), ("metacs", "ml1m"), ("melu", "ml1m"),
+         ("melu", "synthetic")]
 
 
 @pytest.mark.parametrize("backbone, dataset", PAIRS)
@@ -60,7 +61,7 @@ def test_clover_takes_its_own_entry_where_it_has_one_and_origins_elsewhere(monke
   origin = settings(backbone="melu", dataset="bookcrossing", method="origin")
   assert origin == config_lib.VALIDATED[("melu", "bookcrossing")] != own
   assert settings(backbone="melu", dataset="ml1m", method="clover") == \
-      config_lib.VALIDATED[("melu", "ml100k")]
+      config_lib.VALIDATED[("melu", "ml1m")]
   code = resolve(Config(backbone="melu", dataset="bookcrossing", method="clover", preset="code"))
   assert (code.lr, code.inner_lr, code.inner_steps) == (1e-4, 1e-4, 1)
 
