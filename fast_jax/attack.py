@@ -23,6 +23,8 @@ A method without a user representation reports :func:`unavailable` instead:
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -109,33 +111,39 @@ def train_attacker(features: np.ndarray, labels: np.ndarray, eval_features: np.n
   xb, yb, mb = (a.reshape((steps, batch_size) + a.shape[1:]) for a in (xb, yb, mb))
   x_eval = jnp.asarray(eval_features, jnp.float32)
 
-  model = AttackerMLP(classes=num_classes, hidden=hidden)
-  tx = optax.adam(lr)
-  params = model.init(jax.random.key(seed), xb[0])["params"]
-  return np.asarray(_fit(model, tx, params, xb, yb, mb, x_eval, epochs))
+  params = _init(xb[0], num_classes, hidden, seed)
+  return np.asarray(_fit(params, xb, yb, mb, x_eval, classes=num_classes, hidden=hidden, lr=lr,
+                         epochs=epochs))
 
 
-def _fit(model, tx, params, xb, yb, mb, x_eval, epochs):
-  @jax.jit
-  def run(params):
-    def step(carry, batch):
-      params, opt_state = carry
-      x, y, m = batch
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _init(x, classes: int, hidden: int, seed: int):
+  return AttackerMLP(classes=classes, hidden=hidden).init(jax.random.key(seed), x)["params"]
 
-      def loss_fn(p):
-        ce = optax.softmax_cross_entropy_with_integer_labels(model.apply({"params": p}, x), y)
-        return jnp.sum(ce * m) / jnp.maximum(jnp.sum(m), 1.0)
-      grads = jax.grad(loss_fn)(params)
-      updates, opt_state = tx.update(grads, opt_state, params)
-      return (optax.apply_updates(params, updates), opt_state), None
 
-    def epoch(carry, _):
-      carry, _ = jax.lax.scan(step, carry, (xb, yb, mb))
-      return carry, jax.nn.softmax(model.apply({"params": carry[0]}, x_eval))
+# Jitted once per process on its static settings, so the attacker of every seed and every
+# run of a process (and, through the persistent cache, of a machine) reuses one program.
+@functools.partial(jax.jit, static_argnames=("classes", "hidden", "lr", "epochs"))
+def _fit(params, xb, yb, mb, x_eval, *, classes: int, hidden: int, lr: float, epochs: int):
+  model, tx = AttackerMLP(classes=classes, hidden=hidden), optax.adam(lr)
 
-    _, probs = jax.lax.scan(epoch, (params, tx.init(params)), None, length=epochs)
-    return probs
-  return run(params)
+  def step(carry, batch):
+    params, opt_state = carry
+    x, y, m = batch
+
+    def loss_fn(p):
+      ce = optax.softmax_cross_entropy_with_integer_labels(model.apply({"params": p}, x), y)
+      return jnp.sum(ce * m) / jnp.maximum(jnp.sum(m), 1.0)
+    grads = jax.grad(loss_fn)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return (optax.apply_updates(params, updates), opt_state), None
+
+  def epoch(carry, _):
+    carry, _ = jax.lax.scan(step, carry, (xb, yb, mb))
+    return carry, jax.nn.softmax(model.apply({"params": carry[0]}, x_eval))
+
+  _, probs = jax.lax.scan(epoch, (params, tx.init(params)), None, length=epochs)
+  return probs
 
 
 def attack_auc(train_repr: np.ndarray, train_group: np.ndarray, test_repr: np.ndarray,

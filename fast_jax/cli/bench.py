@@ -25,6 +25,7 @@ from ``--loop-steps`` steps (not for CLOVER, whose step is its own).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import pathlib
 import resource
@@ -204,13 +205,14 @@ def bench_breakdown(cfg: Config, epochs: int) -> dict:
 
 
 def bench_table2(dataset: str, *, data_dir: str | None, seeds: int, epochs: int | None,
-                 jobs: int, vmap: bool) -> list[tuple[str, float]]:
+                 jobs: int, vmap: bool, out: str | None = None) -> list[tuple[str, float]]:
   """Wall seconds of each Table 2 row of ``dataset`` and of the whole block, trained
-  through the Table 2 driver into a temporary folder."""
+  through the Table 2 driver into a temporary folder (or into ``out``, kept, which must
+  not hold runs yet)."""
   from fast_jax.cli import grid, table2
   runs = table2.make_runs([dataset], table2.ROWS, seeds=seeds, epochs=epochs,
                           data_dir=data_dir, p_update="step")
-  with tempfile.TemporaryDirectory() as tmp:
+  with (contextlib.nullcontext(out) if out is not None else tempfile.TemporaryDirectory()) as tmp:
     t0 = time.perf_counter()
     grid.run_grid(runs, pathlib.Path(tmp), vmap=vmap, jobs=jobs)
     total = time.perf_counter() - t0
@@ -247,10 +249,16 @@ def main(argv=None) -> int:
                  help="time the whole Table 2 block of DATASET (--seeds, default 5)")
   p.add_argument("--jobs", type=int, default=1, help="--table2: runs at once")
   p.add_argument("--vmap", action="store_true", help="--table2: vmapped seeds")
+  p.add_argument("--out", default=None,
+                 help="--table2: train the runs into this (new or empty) folder and keep them, "
+                      "to compare their results with committed ones")
   args = p.parse_args(argv)
   if args.table2 is not None:
+    out = pathlib.Path(args.out) if args.out is not None else None
+    if out is not None and out.is_dir() and any(out.iterdir()):
+      p.error(f"--out {args.out}: the folder is not empty; a timing needs a fresh one")
     rows = bench_table2(args.table2, data_dir=args.data_dir, seeds=args.seeds or 5,
-                        epochs=None, jobs=args.jobs, vmap=args.vmap)
+                        epochs=None, jobs=args.jobs, vmap=args.vmap, out=args.out)
     print(f"Table 2 block of {args.table2} on {jax.default_backend()} "
           f"({args.seeds or 5} seeds, --jobs {args.jobs}{', --vmap' if args.vmap else ''}):")
     for row, seconds in rows:

@@ -18,6 +18,7 @@ Each method module has ``make(ctx, *, by_length=True) -> Method``; the registry 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, NamedTuple
 
 import flax
@@ -25,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fast_jax import sharding
+from fast_jax import models, sharding
 from fast_jax.config import Config
 
 Params = Any
@@ -103,6 +104,13 @@ class Context:
     """The columns of x holding item fields."""
     return tuple(c for f in self.data.meta["fields"] if f["side"] == "item"
                  for c in range(f["start"], f["stop"]))
+
+  @functools.cached_property
+  def user_rows_shared(self) -> bool:
+    """Whether every user's user fields are the same on all its rows, in every split
+    (:func:`fast_jax.models.user_rows_shared`)."""
+    return models.user_rows_shared(models.fields_from_meta(self.data.meta), self.data.train,
+                                   self.data.valid, self.data.test)
 
   @property
   def num_train_steps(self) -> int:

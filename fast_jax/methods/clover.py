@@ -224,7 +224,11 @@ class Adversary(nn.Module):
 
 
 def _forward(backbone: Backbone, params: Params, e: jax.Array):
-  """(output, h_item, h_user) of the recommender on embedded rows e: [R, D]."""
+  """(output, h_item, h_user) of the recommender on one user's embedded rows e: [R, D]
+  (the user tower once per user when the backbone allows it, :meth:`Backbone.head_user`)."""
+  if backbone.user_rows_shared:
+    return backbone.module.apply({"params": params}, e, method="forward_one_user")
+
   def fn(m, e):
     h_item, h_user = m.represent(e)
     return m.head(e), h_item, h_user
@@ -315,7 +319,7 @@ class Players:
     """One user's inner loop (docs/methods.md §6.2): both players from one forward pass per
     step. Returns the adapted (recommender, adversary) parameters."""
     if not (inner_max or inner_adv):  # the players are independent: plain MAML step
-      theta = meta.inner_adapt(self.backbone.head, rec, self.labels, alpha, e, y, support,
+      theta = meta.inner_adapt(self.backbone.head_user, rec, self.labels, alpha, e, y, support,
                                steps=self.inner_steps, first_order=self.first_order,
                                loss_fn=lambda out, y, m: metrics.masked_mean(
                                    self.rating_loss(out, y), m))

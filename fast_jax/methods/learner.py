@@ -83,7 +83,7 @@ def maml(backbone: Backbone, labels: Params, *, steps: int, first_order: bool) -
   """MAML's local update (:func:`fast_jax.meta.inner_adapt`) of the backbone's head."""
 
   def adapt(params, alpha, e_u, y_u, s_u, g_u):
-    return meta.inner_adapt(backbone.head, params, labels, alpha, e_u, y_u, s_u, steps=steps,
+    return meta.inner_adapt(backbone.head_user, params, labels, alpha, e_u, y_u, s_u, steps=steps,
                             first_order=first_order)
   return Learner(backbone, labels, adapt)
 
@@ -107,7 +107,7 @@ def predict(learner: Learner, params, alpha, x, y, support, query_idx, group, *,
 
     def one_user(e_u, y_u, s_u, g_u, eq_u):
       theta_u = learner.adapt(params, alpha, e_u, y_u, s_u, g_u) if adapt else rec
-      return learner.readout(backbone.head(theta_u, eq_u))
+      return learner.readout(backbone.head_user(theta_u, eq_u))
     return jax.vmap(one_user)(e, y, support, group, e_query)
   return run(part, support, query_idx, x, y, group)
 
@@ -139,14 +139,16 @@ def network(ctx, *, out_dim: int = 1) -> tuple[Backbone, Params]:
   """The configured MeLU/MetaCS network of the context's dataset and its local/global
   labels. ``--out-bias mean`` starts the output at the training ratings: the bias at
   their mean for a rating output, at the log of each rating class's training frequency
-  for ``out_dim`` > 1 class logits (:func:`class_log_priors`)."""
+  for ``out_dim`` > 1 class logits (:func:`class_log_priors`). When every user's user
+  fields are the same on all its rows (the built-in datasets), the per-user passes run
+  the user tower once per user (:func:`fast_jax.models.user_rows_shared`)."""
   cfg = ctx.cfg
   bias = None
   if cfg.out_bias == "mean":
     bias = ctx.train_mean if out_dim == 1 else class_log_priors(ctx, out_dim)
   backbone = make_backbone(ctx.data.meta, local_output=cfg.local_output,
                            drop_sensitive=cfg.drop_sensitive, torch_init=cfg.init == "torch",
-                           out_bias=bias, out_dim=out_dim)
+                           out_bias=bias, out_dim=out_dim, shared_user_rows=ctx.user_rows_shared)
   shapes = jax.eval_shape(backbone.init, jax.random.key(0), ctx.splits["train"]["x"][0])
   return backbone, backbone.labels(shapes)
 
