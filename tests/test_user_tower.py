@@ -38,7 +38,7 @@ def _numpy_head(params, e, item_dim):
 @pytest.mark.parametrize("name", DATASETS)
 def test_head_one_user_equals_the_per_row_head_and_numpy(prepared, name):
   data = prepared(name, **OPTIONS.get(name, {}))
-  bb = make_backbone(data.meta, out_bias=3.5, shared_user_rows=True)
+  bb = make_backbone(data.meta, out_bias=3.5, user_rows_shared=True)
   x = jnp.asarray(data.train.x[:4])
   params = bb.init(jax.random.key(0), x)
   e = bb.embed(params, x)  # [4 users, L, D]

@@ -148,7 +148,8 @@ def network(ctx, *, out_dim: int = 1) -> tuple[Backbone, Params]:
     bias = ctx.train_mean if out_dim == 1 else class_log_priors(ctx, out_dim)
   backbone = make_backbone(ctx.data.meta, local_output=cfg.local_output,
                            drop_sensitive=cfg.drop_sensitive, torch_init=cfg.init == "torch",
-                           out_bias=bias, out_dim=out_dim, shared_user_rows=ctx.user_rows_shared)
+                           out_bias=bias, out_dim=out_dim,
+                           user_rows_shared=ctx.user_rows_shared)
   shapes = jax.eval_shape(backbone.init, jax.random.key(0), ctx.splits["train"]["x"][0])
   return backbone, backbone.labels(shapes)
 
