@@ -194,7 +194,7 @@ class Config:
   # Data.
   protocol: str | None = None
   data_dir: str | None = None
-  eval_chunk: int = 512
+  eval_chunk: int | None = None  # users per evaluation call; None: 64 on a CPU, else 512
   checkpoint_every: int = 5     # epochs between checkpoints (with an output folder)
   data_parallel: bool = True    # split each batch's users across all devices (if > 1)
   vmap_seeds: bool = False      # train all seeds as one vmapped program (no mid-run checkpoints)

@@ -31,20 +31,86 @@ class Diverged(FloatingPointError):
   """A seed's training loss became NaN or infinite."""
 
 
-def map_chunks(fn: Callable, arrays: tuple, chunk: int) -> Any:
-  """``fn(*arrays)`` over the users (axis 0) in chunks of ``chunk`` users, the last one
-  padded by repeating the last user, so that ``fn`` compiles once. Returns ``fn``'s
-  pytree of host arrays for every user, or None when ``fn`` returns None."""
-  n = arrays[0].shape[0]
+# Users per evaluation call when ``cfg.eval_chunk`` is unset: on a CPU small chunks stay
+# in its caches (a Book-Crossing MeLU pass: 0.14 ms per user in chunks of 64, 0.27 in
+# chunks of 349; EXPERIMENTS.md), elsewhere large ones fill the device.
+EVAL_CHUNK = {"cpu": 64}
+EVAL_CHUNK_DEFAULT = 512
+
+
+def eval_budgets(max_len: int, *, backend: str | None = None) -> tuple[int, ...]:
+  """Row budgets of the evaluation chunks: on a CPU 32, 64, 128, ... below ``max_len``,
+  then ``max_len`` (each chunk of length-sorted users runs on the smallest that its
+  longest user fits in, one compiled program per budget); on a GPU or TPU (``backend``:
+  default JAX's) () -- every chunk on all ``max_len`` rows, one program."""
+  if (backend or jax.default_backend()) != "cpu":
+    return ()
+  budgets, b = [], 32
+  while b < max_len:
+    budgets.append(b)
+    b *= 2
+  return tuple(budgets) + (max_len,)
+
+
+def chunk_plan(lengths: np.ndarray, chunk: int,
+               budgets: tuple[int, ...] = ()) -> list[tuple[np.ndarray, int | None, int]]:
+  """The evaluation chunks of a split's users: ``(users, rows, count)`` per chunk, with
+  ``users`` int[chunk] (the last chunk padded by repeating its last user, so that every
+  call has the same number of users), ``count`` the real ones among them and ``rows``
+  the budget of ``budgets`` that its longest user's ``lengths`` fits in (None: all
+  rows). With budgets the users go in length order (stable), so that a chunk's users
+  have similar lengths; without, in the split's order."""
+  lengths = np.asarray(lengths)
+  n = len(lengths)
   chunk = min(chunk, n)
-  outs = []
+  order = np.argsort(lengths, kind="stable") if budgets else np.arange(n)
+  plan = []
   for start in range(0, n, chunk):
-    idx = np.minimum(np.arange(start, start + chunk), n - 1)
-    part = fn(*(a[idx] for a in arrays))
+    users = order[start:start + chunk]
+    count = len(users)
+    users = np.concatenate([users, np.repeat(users[-1:], chunk - count)])
+    need = int(lengths[users].max())
+    rows = next((b for b in budgets if b >= need), None) if budgets else None
+    plan.append((users, rows, count))
+  return plan
+
+
+def cut_rows(a, rows: int | None):
+  """A per-user array's first ``rows`` rows (axis 1; [U] arrays whole)."""
+  return a if rows is None or a.ndim < 2 else a[:, :rows]
+
+
+def make_chunks(arrays: tuple, chunk: int, *, lengths: np.ndarray | None = None,
+                budgets: tuple[int, ...] = (), put: Callable = lambda t: t) -> list:
+  """The inputs of :func:`run_chunks`: ``(users, put(inputs))`` per chunk of
+  :func:`chunk_plan` (with ``budgets``, by ``lengths``), ``users`` its real users and
+  ``inputs`` the chunk's ``arrays`` (per-user, axis 0), [U, L, ...] ones cut to its
+  budget."""
+  n = arrays[0].shape[0]
+  plan = chunk_plan(lengths if budgets else np.zeros(n, int), chunk, budgets)
+  return [(users[:count], put(tuple(cut_rows(a[users], rows) for a in arrays)))
+          for users, rows, count in plan]
+
+
+def run_chunks(fn: Callable, chunks: list) -> Any:
+  """``fn(*inputs)`` over :func:`make_chunks`'s chunks; ``fn``'s pytree of host arrays
+  for every user in the split's order, or None when ``fn`` returns None. With row
+  budgets ``fn`` must not notice the cut: rows past a user's length are padding."""
+  outs, where = [], []
+  for users, inputs in chunks:
+    part = fn(*inputs)
     if part is None:
       return None
-    outs.append(jax.tree.map(lambda v: np.asarray(v)[: min(chunk, n - start)], part))
-  return jax.tree.map(lambda *o: np.concatenate(o), *outs)
+    outs.append(jax.tree.map(lambda v, n=len(users): np.asarray(v)[:n], part))
+    where.append(users)
+  back = np.argsort(np.concatenate(where))
+  return jax.tree.map(lambda *o: np.concatenate(o)[back], *outs)
+
+
+def map_chunks(fn: Callable, arrays: tuple, chunk: int, **plan) -> Any:
+  """``fn(*arrays)`` over the users in chunks of ``chunk`` (:func:`make_chunks`'s
+  ``plan``: lengths, budgets), so that ``fn`` compiles once per row budget."""
+  return run_chunks(fn, make_chunks(arrays, chunk, **plan))
 
 
 class Runner:
@@ -58,13 +124,13 @@ class Runner:
     self._make = make or methods.make
     self.method: Method = self._make(self.ctx)
     self._lanes_method: Method | None = None
-    max_len = self.ctx.max_len
+    self._chunk_cache: dict[str, list] = {}
 
     @jax.jit
     def score(state, x, y, length, group):
       """Per-user metrics and the query predictions behind them; a meta-learner's
       unadapted predictions come from the same pass (``pred0``)."""
-      support, query_idx = meta.last_query_split(length, max_len)
+      support, query_idx = meta.last_query_split(length, x.shape[1])
       pred = self.method.predict(state, x, y, support, query_idx, group)
       y_q = meta.take_rows(y, query_idx)
       out = {"metrics": metrics.user_metrics(pred, y_q), "pred": pred, "y": y_q,
@@ -75,8 +141,8 @@ class Runner:
 
     @jax.jit
     def represent(state, x, y, length, group):
-      support, _ = meta.last_query_split(length, max_len)
-      valid = jnp.arange(max_len) < length[:, None]
+      support, _ = meta.last_query_split(length, x.shape[1])
+      valid = jnp.arange(x.shape[1]) < length[:, None]
       return self.method.represent(state, x, y, support, valid, group)
     self._score, self._represent = score, represent
 
@@ -85,22 +151,36 @@ class Runner:
   @property
   def eval_chunk(self) -> int:
     """Users per evaluation call, the same for every split so that the evaluator and
-    the attacker's representations compile once per run rather than once per split
-    size: ``cfg.eval_chunk``, or the smallest split when it is smaller (at least 64
-    users, so a tiny split does not cut a large one into many calls)."""
+    the attacker's representations compile once per row budget rather than once per
+    split size: ``cfg.eval_chunk`` (unset: :data:`EVAL_CHUNK` of the backend), or the
+    smallest split when it is smaller (at least 64 users, so a tiny split does not cut a
+    large one into many calls)."""
+    chunk = self.cfg.eval_chunk or EVAL_CHUNK.get(jax.default_backend(), EVAL_CHUNK_DEFAULT)
     sizes = [self.method.splits[s]["group"].shape[0] for s in ("train", "valid", "test")]
-    return min(self.cfg.eval_chunk, max(min(sizes), 64))
+    return min(chunk, max(min(sizes), 64))
 
   def _arrays(self, split: str) -> tuple:
     d = self.method.splits[split]
     return d["x"], d["y"], d["length"], d["group"]
 
+  def _chunks(self, split: str) -> list:
+    """A split's evaluation chunks (:func:`make_chunks` with :func:`eval_budgets`),
+    built once: the chunk's device inputs (x, y, length, group) cut to its row budget."""
+    if split not in self._chunk_cache:
+      arrays = tuple(np.asarray(a) for a in self._arrays(split))
+      self._chunk_cache[split] = make_chunks(
+          arrays, self.eval_chunk, lengths=arrays[2], budgets=eval_budgets(self.ctx.max_len),
+          put=lambda t: sharding.replicate(tuple(jnp.asarray(a) for a in t), self.ctx.mesh))
+    return self._chunk_cache[split]
+
   def scores(self, state, split: str) -> dict[str, Any]:
     """One evaluation pass over a split's users on their last-10 query: ``metrics``
     (per-user MAE, MSE, NDCG@3, float[U]), ``pred``, ``y`` (float[U, Q]), ``query_idx``
-    (int[U, Q]) and, for a meta-learner, ``pred0`` (float[U, Q], unadapted); host arrays."""
-    return map_chunks(lambda *a: self._score(state, *a), self._arrays(split),
-                      self.eval_chunk)
+    (int[U, Q]) and, for a meta-learner, ``pred0`` (float[U, Q], unadapted); host arrays.
+    On a CPU the users run in length-sorted chunks, each on only the rows its longest
+    user needs (:func:`eval_budgets`): the same per-user results up to floating-point
+    summation order."""
+    return run_chunks(lambda *a: self._score(state, *a), self._chunks(split))
 
   def per_user(self, state, split: str) -> dict[str, np.ndarray]:
     """Per-user MAE, MSE, NDCG@3 of every user of a split (host arrays, float[U])."""
@@ -144,8 +224,7 @@ class Runner:
     the method has none."""
     if self.method.represent is None:
       return None
-    return map_chunks(lambda *a: self._represent(state, *a), self._arrays(split),
-                      self.eval_chunk)
+    return run_chunks(lambda *a: self._represent(state, *a), self._chunks(split))
 
   def test_report(self, state, *, selected_epoch: int, epochs_run: int,
                   predictions: Callable[[dict], None] | None = None) -> dict:
