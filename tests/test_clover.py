@@ -7,6 +7,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from absl.testing import parameterized
+from flax import traverse_util
 
 from fast_jax import meta
 from fast_jax.config import CLOVER_PRESETS, Config, resolve
@@ -14,6 +16,7 @@ from fast_jax.experiment import UsageError, check_config
 from fast_jax.methods import clover
 from fast_jax.methods import learner as learn
 from fast_jax.methods.base import make_context
+from fast_jax.models import split_params
 
 PRESETS = tuple(CLOVER_PRESETS)
 # Each test program runs once or twice: skipping XLA's backend optimisations halves the
@@ -123,6 +126,10 @@ def one_user(prepared):
   return players, state, (e, data["y"][0], support, data["group"][0])
 
 
+# (inner max, inner adv): the fooling term and the adversary's inner step, each on or off.
+INNER_SWITCHES = [(False, True), (True, True), (True, False)]
+
+
 class OneUserTest(chex.TestCase):
 
   @pytest.fixture(autouse=True)
@@ -156,6 +163,37 @@ class OneUserTest(chex.TestCase):
     assert not np.allclose(plain["fc1"]["kernel"], fooled["fc1"]["kernel"])
     chex.assert_trees_all_close(kept_adv, adv)
     assert not np.allclose(moved_adv["a1"]["fc"]["kernel"], adv["a1"]["fc"]["kernel"])
+
+  @parameterized.parameters(*INNER_SWITCHES)
+  def test_one_inner_step_moves_each_player_down_its_own_loss(self, inner_max, inner_adv):
+    """phi_L <- phi_L - alpha grad_L [L_rec - [inner max] lambda_1 L_adv] and
+    phi_A <- phi_A - alpha grad_A L_adv (docs/methods.md §6.2), against the gradients of
+    the two losses taken separately, on a float64 NumPy update."""
+    players, rec, adv = self.players, self.state.params, self.state.extra["adv"]
+    e, y, support, g = self.user
+    lam1, alpha = players.spec.lam1, 0.05
+    one_step = clover.Players(players.backbone, players.labels, players.spec, inner_steps=1,
+                              first_order=False, adv_inner_lr=alpha)
+
+    @quick_jit
+    def step_and_grads(rec, adv):
+      theta, adv1 = one_step.adapt(rec, adv, alpha, e, y, support, g, inner_max=inner_max,
+                                   inner_adv=inner_adv)
+      grads = [jax.grad(lambda r, a: one_step.losses(r, a, e, y, support, g)[i],
+                        argnums=(0, 1))(rec, adv) for i in (0, 1)]
+      return theta, adv1, grads
+    theta, adv1, ((g_rec_r, _), (g_adv_r, g_adv_a)) = step_and_grads(rec, adv)
+    local = set(split_params(rec, players.labels)[0])
+    flat = lambda t: traverse_util.flatten_dict(jax.tree.map(np.float64, t), sep="/")
+    rec_f, theta_f, g_rec_f, g_fool_f = flat(rec), flat(theta), flat(g_rec_r), flat(g_adv_r)
+    for k, v in rec_f.items():
+      want = v - alpha * (g_rec_f[k] - (lam1 if inner_max else 0.0) * g_fool_f[k]) \
+          if tuple(k.split("/")) in local else v
+      np.testing.assert_allclose(theta_f[k], want, rtol=1e-4, atol=1e-6, err_msg=k)
+    adv_f, adv1_f, g_a = flat(adv), flat(adv1), flat(g_adv_a)
+    for k, v in adv_f.items():
+      want = v - alpha * g_a[k] if inner_adv else v
+      np.testing.assert_allclose(adv1_f[k], want, rtol=1e-4, atol=1e-6, err_msg=k)
 
   def test_classification_predicts_argmax_plus_the_lowest_rating(self):
     learner = self.players

@@ -327,13 +327,21 @@ class Players:
     local, glob = split_params(rec, self.labels)
     fool = self.spec.lam1 if inner_max else 0.0
 
+    def losses(loc, adv_u):
+      return self.losses(merge_params(loc, glob), adv_u, e, y, support, group)
+
     def grads(carry):
+      # Each player's gradient of its own loss only, so that the recommender's does not
+      # run the adversaries' backward pass (without the fooling term its loss does not
+      # see them) and the adversary's does not run the recommender's (the recommender's
+      # outputs are constants to it). The same values as one joint vjp per player.
       loc, adv_u = carry
-      (l_rec, l_adv), vjp = jax.vjp(
-          lambda l, a: self.losses(merge_params(l, glob), a, e, y, support, group), loc, adv_u)
-      one, zero = jnp.ones_like(l_rec), jnp.zeros_like(l_rec)
-      g_loc, _ = vjp((one, -fool * one))
-      g_adv = vjp((zero, one))[1] if inner_adv else jax.tree.map(jnp.zeros_like, adv_u)
+      def rec_loss(l):
+        l_rec, l_adv = losses(l, adv_u)
+        return l_rec - fool * l_adv if fool else l_rec
+      g_loc = jax.grad(rec_loss)(loc)
+      g_adv = (jax.grad(lambda a: losses(loc, a)[1])(adv_u) if inner_adv
+               else jax.tree.map(jnp.zeros_like, adv_u))
       return g_loc, g_adv
 
     rates = (meta.local_rates(alpha, local),
