@@ -5,10 +5,12 @@
     python experiments/bench.py --table2 ml100k --jobs 2 --data-dir ../shared/data
 
 ``--breakdown`` trains one seed of the configuration as a run does and prints where its
-time goes: loading the data, compiling (the epoch scan and the evaluation pass, compiled
-ahead of time so that compilation is not counted as training), training steps, the
-end-of-epoch pass (FAST's epoch-mode p update), validation, the test pass, the attacker
-and writing the run's files (checkpoints and results). It runs on whatever backend JAX
+time goes: loading the data, compiling (the epoch scan and the evaluation pass on the
+validation chunks, compiled ahead of time so that compilation is not counted as
+training; on a CPU a row budget that only the training or test chunks use compiles in
+the phase that first needs it), training steps, the end-of-epoch pass (FAST's
+epoch-mode p update), validation, the test pass, the attacker and writing the run's
+files (checkpoints and results). It runs on whatever backend JAX
 has. ``--table2 DATASET`` times the whole Table 2 block of one dataset (every row, its
 seeds and epochs: ``--seeds``/``--epochs``, default 5 and each method's own) through the
 Table 2 driver into a temporary folder, and prints each row's wall time.
@@ -166,7 +168,7 @@ def bench_breakdown(cfg: Config, epochs: int) -> dict:
   fit = m.splits["fit"]
   if m.epoch is not None:
     m.epoch.lower(state, fit, k_train).compile()
-  runner.per_user(state, "valid")  # compiles the evaluation pass (one chunk shape)
+  runner.per_user(state, "valid")  # compiles the scorer for the validation chunks' row budgets
   t["compile"] = time.perf_counter() - t0
   for k in ("train steps", "end of epoch", "validation", "checkpoints"):
     t[k] = 0.0

@@ -6,7 +6,7 @@ theta_R, local part theta_L) and the *adversary* (A1 and optionally A2, paramete
 theta_A, all local)::
 
     L_adv = CE_A1 + (lambda_2 / lambda_1) * CE_A2                     (docs/methods.md §6.1)
-    inner loop, K steps on the support, from one forward pass per step:
+    inner loop, K steps on the support, both players stepping from the same point:
         phi_L <- phi_L - alpha * grad_phi_L [L_rec - [inner max] * lambda_1 * L_adv]
         phi_A <- phi_A - alpha * grad_phi_A L_adv             (unless --disable-inner-adv)
     outer step on the query (second order through both inner loops):
@@ -316,8 +316,9 @@ class Players:
 
   def adapt(self, rec: Params, adv: Params, alpha, e: jax.Array, y: jax.Array,
             support: jax.Array, group: jax.Array, *, inner_max: bool, inner_adv: bool):
-    """One user's inner loop (docs/methods.md §6.2): both players from one forward pass per
-    step. Returns the adapted (recommender, adversary) parameters."""
+    """One user's inner loop (docs/methods.md §6.2): both players step from the same
+    point, each down its own loss. Returns the adapted (recommender, adversary)
+    parameters."""
     if not (inner_max or inner_adv):  # the players are independent: plain MAML step
       theta = meta.inner_adapt(self.backbone.head_user, rec, self.labels, alpha, e, y, support,
                                steps=self.inner_steps, first_order=self.first_order,
