@@ -301,8 +301,13 @@ class Players:
              group: jax.Array) -> tuple[jax.Array, jax.Array]:
     """One user's (L_rec, L_adv) on the masked rows. e: [R, D]; y: float[R]; mask: bool[R];
     group: int scalar."""
+    return self.losses_of(_forward(self.backbone, rec, e), adv, y, mask, group)
+
+  def losses_of(self, forward: tuple, adv: Params, y: jax.Array, mask: jax.Array,
+                group: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """:meth:`losses` from the recommender's (output, h_item, h_user) on the rows."""
     spec = self.spec
-    out, h_item, h_user = _forward(self.backbone, rec, e)
+    out, h_item, h_user = forward
     l_rec = metrics.masked_mean(self.rating_loss(out, y), mask)
     kinds = {"a1": spec.out1, "a2": spec.out2}
     weights = {"a1": 1.0, "a2": spec.lam2 / spec.lam1}
@@ -328,21 +333,22 @@ class Players:
     local, glob = split_params(rec, self.labels)
     fool = self.spec.lam1 if inner_max else 0.0
 
-    def losses(loc, adv_u):
-      return self.losses(merge_params(loc, glob), adv_u, e, y, support, group)
-
     def grads(carry):
-      # Each player's gradient of its own loss only, so that the recommender's does not
-      # run the adversaries' backward pass (without the fooling term its loss does not
-      # see them) and the adversary's does not run the recommender's (the recommender's
-      # outputs are constants to it). The same values as one joint vjp per player.
+      # One forward pass of the recommender; then each player's gradient of its own loss
+      # with respect to its own parameters only: the recommender's backward pass skips
+      # the adversaries when its loss does not see them (no fooling term), and the
+      # adversary's skips the recommender, whose outputs are constants to it. The same
+      # values as a joint backward pass per player.
       loc, adv_u = carry
-      def rec_loss(l):
-        l_rec, l_adv = losses(l, adv_u)
+      forward, forward_vjp = jax.vjp(
+          lambda l: _forward(self.backbone, merge_params(l, glob), e), loc)
+
+      def rec_loss(forward):
+        l_rec, l_adv = self.losses_of(forward, adv_u, y, support, group)
         return l_rec - fool * l_adv if fool else l_rec
-      g_loc = jax.grad(rec_loss)(loc)
-      g_adv = (jax.grad(lambda a: losses(loc, a)[1])(adv_u) if inner_adv
-               else jax.tree.map(jnp.zeros_like, adv_u))
+      g_loc, = forward_vjp(jax.grad(rec_loss)(forward))
+      g_adv = (jax.grad(lambda a: self.losses_of(forward, a, y, support, group)[1])(adv_u)
+               if inner_adv else jax.tree.map(jnp.zeros_like, adv_u))
       return g_loc, g_adv
 
     rates = (meta.local_rates(alpha, local),
