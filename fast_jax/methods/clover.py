@@ -338,7 +338,7 @@ class Players:
       # with respect to its own parameters only: the recommender's backward pass skips
       # the adversaries when its loss does not see them (no fooling term), and the
       # adversary's skips the recommender, whose outputs are constants to it. The same
-      # values as a joint backward pass per player.
+      # values, up to rounding, as a joint backward pass per player.
       loc, adv_u = carry
       forward, forward_vjp = jax.vjp(
           lambda l: _forward(self.backbone, merge_params(l, glob), e), loc)
