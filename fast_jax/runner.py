@@ -32,8 +32,8 @@ class Diverged(FloatingPointError):
 
 
 # Users per evaluation call when ``cfg.eval_chunk`` is unset: on a CPU small chunks stay
-# in its caches (a Book-Crossing MeLU pass: 0.14 ms per user in chunks of 64, 0.27 in
-# chunks of 349; EXPERIMENTS.md), elsewhere large ones fill the device.
+# in its caches (a Book-Crossing MeLU pass: 0.14 ms per user in chunks of 64, 0.23 in
+# chunks of 256; EXPERIMENTS.md), elsewhere large ones fill the device.
 EVAL_CHUNK = {"cpu": 64}
 EVAL_CHUNK_DEFAULT = 512
 
