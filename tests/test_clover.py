@@ -76,6 +76,38 @@ def test_recommender_update_raises_and_adversary_update_lowers_the_adversary_los
   assert rec_moved["loss"] < out["loss"]  # and it still learns to rate
 
 
+@pytest.mark.parametrize("inner_max", [False, True])
+def test_one_backward_pass_gives_the_adversary_the_two_pass_gradient(prepared, inner_max):
+  """Without the fooling term (the full preset) the recommender's query loss does not
+  see the adversary, so the backward pass of L_rec - lambda_1 L_adv also gives -lambda_1
+  G_A (the default); with it and a second-order meta-gradient, G_A needs its own pass
+  (and the default takes it)."""
+  ctx = make_context(_cfg(clover_preset="full", disable_inner_max=not inner_max),
+                     prepared("ml100k"))
+  players, _, init = clover.game(ctx, run=meta.whole_batch)
+  assert players.spec.inner_max == inner_max
+  state = quick_jit(init)(jax.random.key(0))
+  batch = jax.tree.map(lambda a: a[:16], ctx.splits["train"])
+  support, query = meta.query_split(jax.random.key(1), batch["length"], ctx.max_len, "random")
+
+  def objectives(rec, adv):
+    l_rec, l_adv = players.batch_losses(rec, adv, state.alpha, batch, support, query)
+    return (jnp.mean(l_rec), jnp.mean(l_adv)), l_rec
+
+  @quick_jit
+  def both(rec, adv):
+    return [clover.player_grads(objectives, rec, adv, players.spec.lam1, one_pass=p)[2:]
+            for p in (True, False)]
+  (rec1, adv1), (rec2, adv2) = both(state.params, state.extra["adv"])
+  chex.assert_trees_all_close(rec1, rec2)
+  if inner_max:
+    assert not np.allclose(adv1["a1"]["fc"]["kernel"], adv2["a1"]["fc"]["kernel"],
+                           rtol=1e-3, atol=1e-6)
+  else:
+    chex.assert_trees_all_close(adv1, adv2, rtol=1e-5, atol=1e-8)
+    assert np.abs(adv2["a1"]["fc"]["kernel"]).max() > 1e-4  # a real gradient
+
+
 def test_clover_step_by_length_matches_the_whole_batch_step(prepared):
   """MetaCS + an adversary + the inner max (every pass through batch_losses): a step
   with the batch's shorter half on only the rows it needs equals the whole-batch step.

@@ -391,13 +391,38 @@ class Players:
                          adapt_for_repr=adapter(False))
 
 
+def player_grads(objectives: Callable, rec: Params, adv: Params, lam1: float, *,
+                 one_pass: bool):
+  """Both players' outer gradients: G_R of L_rec - lambda_1 L_adv with respect to the
+  recommender, G_A of L_adv with respect to the adversary, where ``objectives(rec, adv)
+  -> ((L_rec, L_adv), aux)``. ``one_pass``: G_A from the same backward pass, as
+  -1/lambda_1 times its adversary part, which holds when L_rec does not depend on the
+  adversary; otherwise a second backward pass. Returns ((L_rec, L_adv), aux, G_R, G_A)."""
+  (m_rec, m_adv), vjp, aux = jax.vjp(objectives, rec, adv, has_aux=True)
+  one, zero = jnp.ones_like(m_rec), jnp.zeros_like(m_rec)
+  g_rec, g_adv = vjp((one, -lam1 * one))   # recommender: min L_rec - lambda_1 L_adv
+  if one_pass:
+    g_adv = jax.tree.map(lambda g: g / -lam1, g_adv)
+  else:
+    _, g_adv = vjp((zero, one))            # adversary: min L_adv
+  return (m_rec, m_adv), aux, g_rec, g_adv
+
+
 def make_train_step(players: Players, tx, adv_tx, rate: learn.InnerRate, *, ctx: Context,
-                    run: Callable = meta.whole_batch) -> Callable:
+                    run: Callable = meta.whole_batch, one_pass: bool | None = None) -> Callable:
   """``train_step(state, batch, key) -> (state, metrics)``: one CLOVER outer iteration.
 
   ``state.extra`` = ``{"adv": adversary params, "adv_opt": their Adam state}``.
+  ``one_pass``: both players' outer gradients from one backward pass, of
+  L_rec - lambda_1 L_adv, whose gradient with respect to the adversary is then
+  -lambda_1 G_A (:func:`player_grads`). That holds when the recommender's query loss
+  has no gradient path to the adversary: without the inner loop's fooling term, or with
+  it and a first-order meta-gradient (which stops the path). That is the default
+  (None); False always runs a second backward pass for G_A.
   """
   lam1, cfg, max_len = players.spec.lam1, ctx.cfg, ctx.max_len
+  if one_pass is None:
+    one_pass = not players.spec.inner_max or players.first_order
 
   def train_step(state, batch: dict, key: jax.Array):
     key = jax.random.fold_in(key, state.step)
@@ -409,11 +434,8 @@ def make_train_step(players: Players, tx, adv_tx, rate: learn.InnerRate, *, ctx:
                                           run=run)
       return (jnp.mean(l_rec), jnp.mean(l_adv)), l_rec
 
-    (m_rec, m_adv), vjp, l_rec = jax.vjp(objectives, state.params, state.extra["adv"],
-                                         has_aux=True)
-    one, zero = jnp.ones_like(m_rec), jnp.zeros_like(m_rec)
-    g_rec, _ = vjp((one, -lam1 * one))   # recommender: min L_rec - lambda_1 L_adv
-    _, g_adv = vjp((zero, one))          # adversary: min L_adv
+    (m_rec, m_adv), l_rec, g_rec, g_adv = player_grads(
+        objectives, state.params, state.extra["adv"], lam1, one_pass=one_pass)
     clamp = lambda g: jax.tree.map(lambda v: jnp.clip(v, -GRAD_CLAMP, GRAD_CLAMP), g)
     updates, opt_state = tx.update(clamp(g_rec), state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -447,10 +469,10 @@ def make_train_step(players: Players, tx, adv_tx, rate: learn.InnerRate, *, ctx:
 MAX_SHORT_ROWS = 0.5
 
 
-def game(ctx: Context, *, run: Callable | None = None):
+def game(ctx: Context, *, run: Callable | None = None, one_pass: bool | None = None):
   """CLOVER's pieces on ``ctx``: (players, train step, ``init(key) -> state``).
   ``run``: the step's batch runner (default: by length where it pays,
-  :data:`MAX_SHORT_ROWS`)."""
+  :data:`MAX_SHORT_ROWS`); ``one_pass``: :func:`make_train_step`'s."""
   cfg = ctx.cfg
   fast.check_config(cfg)
   check_config(cfg, ctx.data)
@@ -462,7 +484,7 @@ def game(ctx: Context, *, run: Callable | None = None):
   rate, tx, adv_tx = learn.inner_rate(cfg), optax.adam(cfg.lr), optax.adam(cfg.lr)
   if run is None:
     run = learn.batch_runner(ctx, by_length=True, max_short=MAX_SHORT_ROWS)
-  step = make_train_step(players, tx, adv_tx, rate, ctx=ctx, run=run)
+  step = make_train_step(players, tx, adv_tx, rate, ctx=ctx, run=run, one_pass=one_pass)
 
   def init(key):
     k_rec, k_adv = jax.random.split(key)
