@@ -69,8 +69,7 @@ def chunk_plan(lengths: np.ndarray, chunk: int,
     users = order[start:start + chunk]
     count = len(users)
     users = np.concatenate([users, np.repeat(users[-1:], chunk - count)])
-    need = int(lengths[users].max())
-    rows = next((b for b in budgets if b >= need), None) if budgets else None
+    rows = next((b for b in budgets if b >= lengths[users].max()), None) if budgets else None
     plan.append((users, rows, count))
   return plan
 
@@ -96,14 +95,12 @@ def run_chunks(fn: Callable, chunks: list) -> Any:
   """``fn(*inputs)`` over :func:`make_chunks`'s chunks; ``fn``'s pytree of host arrays
   for every user in the split's order, or None when ``fn`` returns None. With row
   budgets ``fn`` must not notice the cut: rows past a user's length are padding."""
-  outs, where = [], []
-  for users, inputs in chunks:
-    part = fn(*inputs)
-    if part is None:
-      return None
-    outs.append(jax.tree.map(lambda v, n=len(users): np.asarray(v)[:n], part))
-    where.append(users)
-  back = np.argsort(np.concatenate(where))
+  parts = [fn(*inputs) for _, inputs in chunks]  # all dispatched before any is read back
+  if parts[0] is None:
+    return None
+  outs = [jax.tree.map(lambda v, n=len(users): np.asarray(v)[:n], part)
+          for (users, _), part in zip(chunks, parts)]
+  back = np.argsort(np.concatenate([users for users, _ in chunks]))
   return jax.tree.map(lambda *o: np.concatenate(o)[back], *outs)
 
 

@@ -399,12 +399,12 @@ def player_grads(objectives: Callable, rec: Params, adv: Params, lam1: float, *,
   -1/lambda_1 times its adversary part, which holds when L_rec does not depend on the
   adversary; otherwise a second backward pass. Returns ((L_rec, L_adv), aux, G_R, G_A)."""
   (m_rec, m_adv), vjp, aux = jax.vjp(objectives, rec, adv, has_aux=True)
-  one, zero = jnp.ones_like(m_rec), jnp.zeros_like(m_rec)
+  one = jnp.ones_like(m_rec)
   g_rec, g_adv = vjp((one, -lam1 * one))   # recommender: min L_rec - lambda_1 L_adv
   if one_pass:
     g_adv = jax.tree.map(lambda g: g / -lam1, g_adv)
   else:
-    _, g_adv = vjp((zero, one))            # adversary: min L_adv
+    _, g_adv = vjp((jnp.zeros_like(one), one))  # adversary: min L_adv
   return (m_rec, m_adv), aux, g_rec, g_adv
 
 
