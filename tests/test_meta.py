@@ -4,6 +4,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from fast_jax import meta
 from fast_jax.models import GLOBAL, LOCAL
@@ -94,6 +95,29 @@ class InnerAdaptTest(chex.TestCase):
       return meta.inner_adapt(apply, p, labels, 0.1, x, y, s, steps=3)
     for i in range(4):
       adapt(params, x + i, y, support)
+
+
+# Inner-loop lengths: unrolled (up to meta.UNROLL_STEPS) and run as a loop (beyond it).
+SGD_STEPS = [1, 3, meta.UNROLL_STEPS, meta.UNROLL_STEPS + 2]
+
+
+@pytest.mark.parametrize("steps", SGD_STEPS)
+def test_sgd_and_its_second_order_gradient_match_the_closed_form(steps):
+  # On f(p) = a p^2 / 2 (gradient a p), k SGD steps at rate r give p_k = (1 - r a)^k p0, so
+  # dp_k/dp0 = (1 - r a)^k and dp_k/da = -k r p0 (1 - r a)^(k-1): the second-order path.
+  p0 = np.array([0.7, -1.3]); a, r = 1.5, 0.2
+
+  def final(p, a):
+    return meta.sgd(lambda q: {"w": a * q["w"]}, {"w": p}, {"w": r}, steps=steps)["w"]
+  np.testing.assert_allclose(final(jnp.asarray(p0), a), (1 - r * a) ** steps * p0, rtol=1e-5)
+  d_p0, d_a = jax.grad(lambda p, a: jnp.sum(final(p, a)), argnums=(0, 1))(jnp.asarray(p0), a)
+  np.testing.assert_allclose(d_p0, np.full(2, (1 - r * a) ** steps), rtol=1e-5)
+  np.testing.assert_allclose(d_a, -steps * r * p0.sum() * (1 - r * a) ** (steps - 1),
+                             rtol=1e-5)
+  # First order: no gradient through the inner gradients.
+  fo = jax.grad(lambda a: jnp.sum(meta.sgd(lambda q: {"w": a * q["w"]}, {"w": jnp.asarray(p0)},
+                                           {"w": r}, steps=steps, first_order=True)["w"]))(a)
+  np.testing.assert_allclose(fo, 0.0, atol=1e-7)
 
 
 def test_last_query_split_takes_the_last_ten_valid_rows():
