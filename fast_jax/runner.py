@@ -69,7 +69,8 @@ def chunk_plan(lengths: np.ndarray, chunk: int,
     users = order[start:start + chunk]
     count = len(users)
     users = np.concatenate([users, np.repeat(users[-1:], chunk - count)])
-    rows = next((b for b in budgets if b >= lengths[users].max()), None) if budgets else None
+    need = lengths[users].max()
+    rows = next((b for b in budgets if b >= need), None)  # None: all rows (or no budgets)
     plan.append((users, rows, count))
   return plan
 
