@@ -1,18 +1,23 @@
 """Speed and memory of the meta-training loop, of a whole run, and of a Table 2 block.
 
     python experiments/bench.py --dataset bookcrossing --data-dir ../shared/data
-    python experiments/bench.py --breakdown --dataset ml100k --epochs 50 --data-dir ../shared/data
+    python experiments/bench.py --breakdown --dataset ml100k --epochs 50 --seeds 5 \
+        --data-dir ../shared/data
     python experiments/bench.py --table2 ml100k --jobs 2 --data-dir ../shared/data
 
-``--breakdown`` trains one seed of the configuration as a run does and prints where its
-time goes: loading the data, compiling (the epoch scan and the evaluation pass on the
-validation chunks, compiled ahead of time so that compilation is not counted as
-training; on a CPU a row budget that only the training or test chunks use compiles in
-the phase that first needs it), training steps, the end-of-epoch pass (FAST's
-epoch-mode p update), validation, the test pass, the attacker and writing the run's
-files (checkpoints and results). It runs on whatever backend JAX
-has. ``--table2 DATASET`` times the whole Table 2 block of one dataset (every row, its
-seeds and epochs: ``--seeds``/``--epochs``, default 5 and each method's own) through the
+``--breakdown`` trains the configuration as a run does (one seed, or ``--seeds``) and
+prints where its time goes, for the first seed, each later seed (which reuses the first
+one's programs) and the whole run: loading the data, compiling (the epoch scan and the
+evaluation pass on the validation chunks, compiled ahead of time so that compilation is
+not counted as training; on a CPU a row budget that only the training or test chunks use
+compiles in the phase that first needs it, as do the attacker's programs), training
+steps, the end-of-epoch pass (FAST's epoch-mode p update), validation, the test pass,
+the attacker and writing the run's files (checkpoints and results). Every program
+compiles: the persistent compilation cache a run uses is off here. It runs on whatever
+backend JAX has.
+
+``--table2 DATASET`` times the whole Table 2 block of one dataset (every row, its seeds
+and epochs: ``--seeds``/``--epochs``, default 5 and each method's own) through the
 Table 2 driver into a temporary folder, and prints each row's wall time.
 
 Without those flags it prints,
@@ -148,8 +153,13 @@ def bench_python_loop(runner: Runner, steps: int) -> dict:
   return {"epoch_s": per_step * steps_per_epoch, "users_per_s": cfg.batch_size / per_step}
 
 
-def bench_breakdown(cfg: Config, epochs: int) -> dict:
-  """Seconds per phase of one seed of a run (module docstring): ``{phase: seconds}``."""
+ONCE = ("load data", "build", "compile")
+
+
+def bench_breakdown(cfg: Config, epochs: int, seeds: int = 1) -> list[dict]:
+  """Seconds per phase of a run of ``seeds`` seeds (module docstring), one dict
+  ``{phase: seconds}`` per seed; the first also holds the run's one-off phases
+  (:data:`ONCE`: loading the data, building the method, compiling ahead of time)."""
   from fast_jax import attack
   from fast_jax.checkpoint import SeedCheckpoint
   from fast_jax.files import write_json_atomic
@@ -161,49 +171,71 @@ def bench_breakdown(cfg: Config, epochs: int) -> dict:
   t0 = time.perf_counter()
   runner = Runner(cfg, data)
   m = runner.method
-  k_init, k_train = jax.random.split(jax.random.key(1024))
-  state = m.init(k_init)
-  t["build"] = time.perf_counter() - t0
-  t0 = time.perf_counter()
   fit = m.splits["fit"]
-  if m.epoch is not None:
-    m.epoch.lower(state, fit, k_train).compile()
-  runner.per_user(state, "valid")  # compiles the scorer for the validation chunks' row budgets
-  t["compile"] = time.perf_counter() - t0
-  for k in ("train steps", "end of epoch", "validation", "checkpoints"):
-    t[k] = 0.0
-  with tempfile.TemporaryDirectory() as tmp:
-    ckpt = SeedCheckpoint(tmp, 1024)
-    for epoch in range(1, epochs + 1 if m.epoch is not None else 1):
+  t["build"] = time.perf_counter() - t0
+  per_seed = []
+  for seed in range(seeds):
+    k_init, k_train = jax.random.split(jax.random.key(1024 + seed))
+    state = m.init(k_init)
+    if seed == 0:
       t0 = time.perf_counter()
-      state, steps = m.epoch(state, fit, jax.random.fold_in(k_train, epoch))
-      jax.block_until_ready(steps)
-      t["train steps"] += time.perf_counter() - t0
-      t0 = time.perf_counter()
-      state, _ = m.end_of_epoch(state, runner.per_user)
-      jax.block_until_ready(state)
-      t["end of epoch"] += time.perf_counter() - t0
-      t0 = time.perf_counter()
-      runner.evaluate(state, "valid")
-      t["validation"] += time.perf_counter() - t0
-      if epoch % cfg.checkpoint_every == 0 or epoch == epochs:
+      if m.epoch is not None:
+        m.epoch.lower(state, fit, k_train).compile()
+      runner.per_user(state, "valid")  # compiles the scorer for the validation chunks' budgets
+      t["compile"] = time.perf_counter() - t0
+    for k in ("train steps", "end of epoch", "validation", "checkpoints"):
+      t[k] = 0.0
+    with tempfile.TemporaryDirectory() as tmp:
+      ckpt = SeedCheckpoint(tmp, 1024 + seed)
+      for epoch in range(1, epochs + 1 if m.epoch is not None else 1):
         t0 = time.perf_counter()
-        ckpt.save(state=state, best_state=state, best_score=0.0, epoch=epoch, records=[])
-        t["checkpoints"] += time.perf_counter() - t0
-    t0 = time.perf_counter()
-    report = runner.evaluate(state, "test")
-    t["test"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    if m.represent is not None and cfg.attack:
-      report.update(attack.report(runner.representations(state, "train"),
-                                  np.asarray(m.splits["train"]["group"]),
-                                  runner.representations(state, "test"),
-                                  np.asarray(m.splits["test"]["group"])))
-    t["attacker"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    write_json_atomic(pathlib.Path(tmp) / "results.json", report)
-    t["results file"] = time.perf_counter() - t0
-  return t
+        state, steps = m.epoch(state, fit, jax.random.fold_in(k_train, epoch))
+        jax.block_until_ready(steps)
+        t["train steps"] += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        state, _ = m.end_of_epoch(state, runner.per_user)
+        jax.block_until_ready(state)
+        t["end of epoch"] += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        runner.evaluate(state, "valid")
+        t["validation"] += time.perf_counter() - t0
+        if epoch % cfg.checkpoint_every == 0 or epoch == epochs:
+          t0 = time.perf_counter()
+          ckpt.save(state=state, best_state=state, best_score=0.0, epoch=epoch, records=[])
+          t["checkpoints"] += time.perf_counter() - t0
+      t0 = time.perf_counter()
+      report = runner.evaluate(state, "test")
+      t["test"] = time.perf_counter() - t0
+      t0 = time.perf_counter()
+      if m.represent is not None and cfg.attack:
+        report.update(attack.report(runner.representations(state, "train"),
+                                    np.asarray(m.splits["train"]["group"]),
+                                    runner.representations(state, "test"),
+                                    np.asarray(m.splits["test"]["group"])))
+      t["attacker"] = time.perf_counter() - t0
+      t0 = time.perf_counter()
+      write_json_atomic(pathlib.Path(tmp) / "results.json", report)
+      t["results file"] = time.perf_counter() - t0
+    per_seed.append(t)
+    t = {}
+  return per_seed
+
+
+def print_breakdown(per_seed: list[dict], title: str) -> None:
+  """The table of :func:`bench_breakdown`: each phase for the first seed, the median of
+  the later seeds (which reuse the first seed's programs), and the whole run."""
+  phases = list(per_seed[0])
+  whole = {k: sum(t.get(k, 0.0) for t in per_seed) for k in phases}
+  total = sum(whole.values())
+  later = len(per_seed) > 1
+  print(f"{title}: {total:.1f} s")
+  print(f"  {'phase':<14s} {'seed 1':>8s}" + (f" {'later seeds':>12s}" if later else "")
+        + f" {'whole run':>10s}")
+  for k in phases:
+    rest = "" if not later else (
+        f" {'':>12s}" if k in ONCE else f" {np.median([t[k] for t in per_seed[1:]]):10.2f} s")
+    print(f"  {k:<14s} {per_seed[0][k]:6.2f} s{rest} {whole[k]:8.2f} s  "
+          f"{100 * whole[k] / total:5.1f}%")
 
 
 def bench_table2(dataset: str, *, data_dir: str | None, seeds: int, epochs: int | None,
@@ -244,9 +276,10 @@ def main(argv=None) -> int:
                  help="length-sorted parts per batch (default: as in a 50-epoch run); "
                       "timed against whole batches")
   p.add_argument("--seeds", type=int, default=0,
-                 help="also time an epoch of this many seeds vmapped vs sequential")
+                 help="also time an epoch of this many seeds vmapped vs sequential; "
+                      "--breakdown: seeds of the run (default 1); --table2: default 5")
   p.add_argument("--breakdown", action="store_true",
-                 help="time every phase of one seed of a whole run (--epochs epochs)")
+                 help="time every phase of a whole run (--seeds seeds of --epochs epochs)")
   p.add_argument("--table2", metavar="DATASET", default=None,
                  help="time the whole Table 2 block of DATASET (--seeds, default 5)")
   p.add_argument("--jobs", type=int, default=1, help="--table2: runs at once")
@@ -271,12 +304,10 @@ def main(argv=None) -> int:
     cfg = Config(dataset=args.dataset, data_dir=args.data_dir, backbone=args.backbone,
                  method=args.method, p_update=args.p_update, batch_size=args.batch_size,
                  first_order=args.first_order, length_parts=args.length_parts)
-    times = bench_breakdown(cfg, args.epochs)
-    total = sum(times.values())
-    print(f"{args.backbone}+{args.method} on {args.dataset}, one seed, {args.epochs} "
-          f"epochs, backend {jax.default_backend()}: {total:.1f} s")
-    for phase, seconds in times.items():
-      print(f"  {phase:<14s} {seconds:7.2f} s  {100 * seconds / total:5.1f}%")
+    seeds = max(args.seeds, 1)
+    print_breakdown(bench_breakdown(cfg, args.epochs, seeds),
+                    f"{args.backbone}+{args.method} on {args.dataset}, {seeds} seed(s) of "
+                    f"{args.epochs} epochs, backend {jax.default_backend()}")
     print(f"peak RSS: {peak_rss_mb():.0f} MB")
     return 0
   if args.method not in config_lib.META_METHODS:

@@ -1,0 +1,64 @@
+"""The run breakdown of ``experiments/bench.py --breakdown``: its table against sums and
+medians worked out here, and a tiny real run of two seeds through it."""
+
+import numpy as np
+import pytest
+
+from fast_jax.cli import bench
+from fast_jax.config import Config
+from conftest import TINY
+
+# Per-seed phase times as bench_breakdown returns them: the first seed also holds the
+# one-off phases.
+PHASES = ("train steps", "validation", "test", "attacker")
+BREAKDOWNS = [
+    [{"load data": 0.5, "build": 1.0, "compile": 9.0, "train steps": 12.0, "validation": 0.8,
+      "test": 2.9, "attacker": 3.8}],
+    [{"load data": 0.5, "build": 1.0, "compile": 9.0, "train steps": 12.0, "validation": 0.8,
+      "test": 2.9, "attacker": 3.8},
+     {"train steps": 11.0, "validation": 0.7, "test": 0.1, "attacker": 0.2},
+     {"train steps": 13.0, "validation": 0.9, "test": 0.3, "attacker": 0.1},
+     {"train steps": 12.5, "validation": 0.6, "test": 0.2, "attacker": 0.4}],
+]
+
+
+def _table(text: str) -> dict[str, list[float]]:
+  rows = {}
+  for line in text.splitlines()[2:]:
+    name, rest = line[:16].strip(), line[16:]
+    rows[name] = [float(v) for v in rest.replace("%", "").split() if v != "s"]
+  return rows
+
+
+@pytest.mark.parametrize("per_seed", BREAKDOWNS)
+def test_breakdown_table_sums_the_seeds_and_takes_the_median_of_the_later_ones(per_seed, capsys):
+  bench.print_breakdown(per_seed, "title")
+  out = capsys.readouterr().out
+  total = sum(sum(t.values()) for t in per_seed)
+  assert out.splitlines()[0] == f"title: {total:.1f} s"
+  rows = _table(out)
+  assert list(rows) == list(per_seed[0])
+  for phase, values in rows.items():
+    whole = sum(t.get(phase, 0.0) for t in per_seed)
+    first, *middle, whole_printed, share = values
+    assert first == pytest.approx(per_seed[0][phase], abs=5e-3)
+    assert whole_printed == pytest.approx(whole, abs=5e-3)
+    assert share == pytest.approx(100 * whole / total, abs=0.05)
+    if len(per_seed) > 1 and phase not in bench.ONCE:
+      assert middle == [pytest.approx(np.median([t[phase] for t in per_seed[1:]]), abs=5e-3)]
+    else:
+      assert middle == []
+
+
+def test_breakdown_of_a_tiny_run_times_every_phase_of_every_seed(prepared, monkeypatch,
+                                                                  fast_compilation):
+  data = prepared("synthetic", **TINY)
+  monkeypatch.setattr(bench, "load_dataset", lambda cfg, progress: data)
+  per_seed = bench.bench_breakdown(Config(dataset="synthetic", method="fast", batch_size=8),
+                                   epochs=2, seeds=2)
+  assert len(per_seed) == 2
+  assert set(bench.ONCE) <= set(per_seed[0]) and not set(bench.ONCE) & set(per_seed[1])
+  for t in per_seed:
+    assert set(PHASES) <= set(t)
+    assert all(v >= 0 for v in t.values())
+    assert t["train steps"] > 0 and t["test"] > 0 and t["attacker"] > 0
