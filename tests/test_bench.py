@@ -1,5 +1,5 @@
-"""The run breakdown of ``experiments/bench.py --breakdown``: its table against sums and
-medians worked out here, and a tiny real run of two seeds through it."""
+"""``experiments/bench.py``: the run breakdown's table against sums and medians worked out
+here, a tiny real run of two seeds through it, and the padding probe's cut data."""
 
 import numpy as np
 import pytest
@@ -20,6 +20,11 @@ BREAKDOWNS = [
      {"train steps": 13.0, "validation": 0.9, "test": 0.3, "attacker": 0.1},
      {"train steps": 12.5, "validation": 0.6, "test": 0.2, "attacker": 0.4}],
 ]
+
+
+# Rows kept by the padding probe (--cut-rows): fewer than every user has, fewer than some,
+# all of them.
+CUTS = [3, 8, 1000]
 
 
 def _table(text: str) -> dict[str, list[float]]:
@@ -62,3 +67,20 @@ def test_breakdown_of_a_tiny_run_times_every_phase_of_every_seed(prepared, monke
     assert set(PHASES) <= set(t)
     assert all(v >= 0 for v in t.values())
     assert t["train steps"] > 0 and t["test"] > 0 and t["attacker"] > 0
+
+
+@pytest.mark.parametrize("rows", CUTS)
+def test_cut_rows_keeps_each_users_first_rows(prepared, rows):
+  data = prepared("synthetic", **TINY)
+  cut = bench.cut_rows(data, rows)
+  for name in ("train", "valid", "test"):
+    a, b = data.split(name), cut.split(name)
+    n = min(rows, a.max_len)
+    assert b.x.shape == a.x[:, :n].shape and b.max_len == n
+    np.testing.assert_array_equal(b.x, a.x[:, :n])
+    np.testing.assert_array_equal(b.y, a.y[:, :n])
+    np.testing.assert_array_equal(b.length, np.minimum(a.length, n))
+    np.testing.assert_array_equal(b.group, a.group)
+    # what is cut away is only whole rows: the kept valid rows are the users' first ones
+    assert b.num_ratings == np.minimum(a.length, n).sum()
+  assert cut.meta["max_len"] == min(rows, data.train.max_len)

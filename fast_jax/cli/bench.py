@@ -24,7 +24,9 @@ Without those flags it prints,
 for MeLU+FAST (or --backbone/--method, any meta-learning method) on the
 dataset's training users: compile time, seconds per training epoch (jitted epoch scan,
 and the epoch plus its validation pass), users per second, peak resident memory, the
-epoch by length against whole batches, and the same epoch run as a per-user Python loop
+epoch by length against whole batches, with ``--cut-rows L ...`` the epoch on whole
+batches with every user cut to its first L rows (a padding probe: what an epoch with
+fewer padded rows per user would cost), and the same epoch run as a per-user Python loop
 over the same JAX functions (the structure of the authors' PyTorch code), extrapolated
 from ``--loop-steps`` steps (not for CLOVER, whose step is its own).
 """
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import pathlib
 import resource
@@ -151,6 +154,30 @@ def bench_python_loop(runner: Runner, steps: int) -> dict:
   per_step = (time.perf_counter() - t0) / steps
   steps_per_epoch = n // cfg.batch_size
   return {"epoch_s": per_step * steps_per_epoch, "users_per_s": cfg.batch_size / per_step}
+
+
+def cut_rows(data, rows: int):
+  """``data`` with every user cut to its first ``rows`` rows (the padding probe of
+  ``--cut-rows``: fewer rows per user, not a protocol)."""
+  rows = min(rows, data.train.max_len)
+
+  def cut(split):
+    return dataclasses.replace(split, x=split.x[:, :rows], y=split.y[:, :rows],
+                               length=np.minimum(split.length, rows))
+  return dataclasses.replace(data, train=cut(data.train), valid=cut(data.valid),
+                             test=cut(data.test), meta={**data.meta, "max_len": rows})
+
+
+def bench_cut_rows(cfg: Config, data, rows: list[int],
+                   epochs: int) -> list[tuple[int, float, float]]:
+  """(rows, mean rows per training user, seconds per epoch on whole batches) for each
+  cut of :func:`cut_rows`: how an epoch's time grows with the padded rows per user."""
+  out = []
+  for n in rows:
+    cut = cut_rows(data, n)
+    runner = Runner(cfg.replace(length_parts=1), cut)
+    out.append((n, float(cut.train.length.mean()), bench_scan(runner, epochs)["epoch_s"]))
+  return out
 
 
 ONCE = ("load data", "build", "compile")
@@ -284,6 +311,9 @@ def main(argv=None) -> int:
                  help="time the whole Table 2 block of DATASET (--seeds, default 5)")
   p.add_argument("--jobs", type=int, default=1, help="--table2: runs at once")
   p.add_argument("--vmap", action="store_true", help="--table2: vmapped seeds")
+  p.add_argument("--cut-rows", type=int, nargs="+", default=None, metavar="L",
+                 help="padding probe: the epoch on whole batches with every user cut to its "
+                      "first L rows, for each L")
   p.add_argument("--out", default=None,
                  help="--table2: train the runs into this (new or empty) folder and keep them, "
                       "to compare their results with committed ones")
@@ -331,6 +361,11 @@ def main(argv=None) -> int:
         f"{scan['epoch_s']:.3f} s/epoch, {scan['epoch_with_valid_s']:.3f} s/epoch with "
         f"validation, {scan['users_per_s']:.0f} users/s")
   print(f"peak RSS so far: {peak_rss_mb():.0f} MB")
+  if args.cut_rows:
+    print("padding probe (whole batches, every user cut to its first L rows; mean rows per "
+          f"user {data.train.length.mean():.1f} uncut):")
+    for rows, mean, epoch_s in bench_cut_rows(cfg, data, args.cut_rows, args.epochs):
+      print(f"  L={rows:<4d} mean length {mean:5.1f}: {epoch_s:.3f} s/epoch")
   parts = learn.length_parts(runner.ctx)
   if parts > 1:
     whole = bench_scan(runner, args.epochs, runner.lanes_method)
