@@ -185,8 +185,9 @@ ONCE = ("load data", "build", "compile")
 
 def bench_breakdown(cfg: Config, epochs: int, seeds: int = 1) -> list[dict]:
   """Seconds per phase of a run of ``seeds`` seeds (module docstring), one dict
-  ``{phase: seconds}`` per seed; the first also holds the run's one-off phases
-  (:data:`ONCE`: loading the data, building the method, compiling ahead of time)."""
+  ``{phase: seconds}`` per seed, from the seed's parameter initialisation (``init``) to
+  its results file; the first also holds the run's one-off phases (:data:`ONCE`: loading
+  the data, building the method, compiling ahead of time)."""
   from fast_jax import attack
   from fast_jax.checkpoint import SeedCheckpoint
   from fast_jax.files import write_json_atomic
@@ -203,7 +204,9 @@ def bench_breakdown(cfg: Config, epochs: int, seeds: int = 1) -> list[dict]:
   per_seed = []
   for seed in range(seeds):
     k_init, k_train = jax.random.split(jax.random.key(1024 + seed))
-    state = m.init(k_init)
+    t0 = time.perf_counter()
+    state = jax.block_until_ready(m.init(k_init))
+    t["init"] = time.perf_counter() - t0
     if seed == 0:
       t0 = time.perf_counter()
       if m.epoch is not None:
