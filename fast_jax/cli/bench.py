@@ -54,7 +54,7 @@ from fast_jax.config import Config, resolve
 from fast_jax.experiment import load_dataset
 from fast_jax.methods import learner as learn
 from fast_jax.methods.base import Method
-from fast_jax.runner import Runner
+from fast_jax.runner import Runner, cut_rows
 
 
 def peak_rss_mb() -> float:
@@ -156,13 +156,13 @@ def bench_python_loop(runner: Runner, steps: int) -> dict:
   return {"epoch_s": per_step * steps_per_epoch, "users_per_s": cfg.batch_size / per_step}
 
 
-def cut_rows(data, rows: int):
+def truncate_users(data, rows: int):
   """``data`` with every user cut to its first ``rows`` rows (the padding probe of
   ``--cut-rows``: fewer rows per user, not a protocol)."""
   rows = min(rows, data.train.max_len)
 
   def cut(split):
-    return dataclasses.replace(split, x=split.x[:, :rows], y=split.y[:, :rows],
+    return dataclasses.replace(split, x=cut_rows(split.x, rows), y=cut_rows(split.y, rows),
                                length=np.minimum(split.length, rows))
   return dataclasses.replace(data, train=cut(data.train), valid=cut(data.valid),
                              test=cut(data.test), meta={**data.meta, "max_len": rows})
@@ -171,10 +171,10 @@ def cut_rows(data, rows: int):
 def bench_cut_rows(cfg: Config, data, rows: list[int],
                    epochs: int) -> list[tuple[int, float, float]]:
   """(rows, mean rows per training user, seconds per epoch on whole batches) for each
-  cut of :func:`cut_rows`: how an epoch's time grows with the padded rows per user."""
+  cut of :func:`truncate_users`: how an epoch's time grows with the padded rows per user."""
   out = []
   for n in rows:
-    cut = cut_rows(data, n)
+    cut = truncate_users(data, n)
     runner = Runner(cfg.replace(length_parts=1), cut)
     out.append((n, float(cut.train.length.mean()), bench_scan(runner, epochs)["epoch_s"]))
   return out
@@ -203,6 +203,7 @@ def bench_breakdown(cfg: Config, epochs: int, seeds: int = 1) -> list[dict]:
   t["build"] = time.perf_counter() - t0
   per_seed = []
   for seed in range(seeds):
+    t = t if seed == 0 else {}
     k_init, k_train = jax.random.split(jax.random.key(1024 + seed))
     t0 = time.perf_counter()
     state = jax.block_until_ready(m.init(k_init))
@@ -247,7 +248,6 @@ def bench_breakdown(cfg: Config, epochs: int, seeds: int = 1) -> list[dict]:
       write_json_atomic(pathlib.Path(tmp) / "results.json", report)
       t["results file"] = time.perf_counter() - t0
     per_seed.append(t)
-    t = {}
   return per_seed
 
 
