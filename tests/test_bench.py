@@ -82,3 +82,76 @@ def test_truncate_users_keeps_each_users_first_rows(prepared, rows):
     np.testing.assert_array_equal(b.length, np.minimum(a.length, n))
     np.testing.assert_array_equal(b.group, a.group)
   assert cut.meta["max_len"] == min(rows, data.train.max_len)
+
+
+# A stand-in for the authors' main.py: it records its command line and holds 40 MB more
+# per epoch, so that each call's own peak memory can be told apart.
+FAKE_AUTHORS = """
+import json, sys, time
+n = int(sys.argv[sys.argv.index("--num_epoch") + 1])
+hold = bytearray(40 * 2**20 * n)
+hold[::4096] = b"x" * len(hold[::4096])
+with open("calls.jsonl", "a") as f:
+  f.write(json.dumps(sys.argv[1:]) + "\\n")
+if "--fail" in open("mode.txt").read():
+  sys.exit("CUDA is not available")
+"""
+
+
+def _fake_authors(tmp_path, mode=""):
+  (tmp_path / "main.py").write_text(FAKE_AUTHORS)
+  (tmp_path / "mode.txt").write_text(mode)
+  return str(tmp_path)
+
+
+@pytest.mark.parametrize("epochs", [2, 3])
+def test_run_authors_passes_their_command_and_reports_each_calls_own_peak_memory(tmp_path,
+                                                                                 epochs):
+  import json
+  import sys
+  folder = _fake_authors(tmp_path)
+  wall_more, rss_more = bench.run_authors(folder, sys.executable, epochs)
+  wall_one, rss_one = bench.run_authors(folder, sys.executable, 1)  # after the larger one
+  calls = [json.loads(line) for line in (tmp_path / "calls.jsonl").read_text().splitlines()]
+  assert calls == [[*bench.AUTHORS_COMMAND[1:], "--num_epoch", str(e)] for e in (epochs, 1)]
+  assert wall_one > 0 and wall_more > 0
+  assert rss_more - rss_one == pytest.approx(40 * (epochs - 1), abs=15)
+
+
+def test_run_authors_failure_is_one_line_naming_the_folder(tmp_path):
+  import sys
+  folder = _fake_authors(tmp_path, mode="--fail")
+  with pytest.raises(RuntimeError, match=r"exited with status 1: CUDA is not available$"):
+    bench.run_authors(folder, sys.executable, 1)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--authors", "{tmp}/missing"], "expected a checkout of zhengz99/FAST"),
+    (["--authors", "{tmp}", "--authors-python", "no-such-python"],
+     "expected a Python that can import torch"),
+])
+def test_authors_flags_are_checked_before_anything_runs(tmp_path, capsys, argv, message):
+  _fake_authors(tmp_path)
+  with pytest.raises(SystemExit) as e:
+    bench.main([a.format(tmp=tmp_path) for a in argv])
+  assert e.value.code == 2
+  assert message in capsys.readouterr().err
+
+
+def test_side_by_side_rounds_time_both_modes_and_print_median_ratios(tmp_path, prepared,
+                                                                     monkeypatch, capsys,
+                                                                     fast_compilation):
+  import sys
+  data = prepared("synthetic", **TINY)
+  monkeypatch.setattr(bench, "load_dataset", lambda cfg, progress: data)
+  rounds = bench.bench_authors(_fake_authors(tmp_path), sys.executable, None, rounds=3,
+                               epochs=2, dataset="synthetic", batch_size=8)
+  assert len(rounds) == 3
+  for r in rounds:
+    assert r["step_s"] > 0 and r["epoch_s"] > 0
+    assert r["authors_rss_mb"][1] - r["authors_rss_mb"][0] == pytest.approx(40, abs=15)
+  bench.print_authors(rounds, 2)
+  out = capsys.readouterr().out
+  for mode in ("step", "epoch"):
+    ratio = np.median([r["authors_s"] / r[f"{mode}_s"] for r in rounds])
+    assert f"x{ratio:.1f}" in out

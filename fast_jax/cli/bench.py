@@ -4,6 +4,8 @@
     python experiments/bench.py --breakdown --dataset ml100k --epochs 50 --seeds 5 \
         --data-dir ../shared/data
     python experiments/bench.py --table2 ml100k --jobs 2 --data-dir ../shared/data
+    python experiments/bench.py --authors ../FAST --authors-python ../torch-env/bin/python \
+        --rounds 3 --data-dir ../shared/data
 
 ``--breakdown`` trains the configuration as a run does (one seed, or ``--seeds``) and
 prints where its time goes, for the first seed, each later seed (which reuses the first
@@ -20,10 +22,21 @@ backend JAX has.
 and epochs: ``--seeds``/``--epochs``, default 5 and each method's own) through the
 Table 2 driver into a temporary folder, and prints each row's wall time.
 
+``--authors DIR`` times the authors' PyTorch code (a checkout of zhengz99/FAST, run by
+``--authors-python``, a Python with torch) beside fast-jax, on the same machine, in
+``--rounds`` rounds: their run.sh MeLU+FAST command on Book-Crossing at 1 and ``--epochs``
+epochs (their seconds per epoch are the difference per extra epoch, which leaves out
+loading and their test pass; their own peak memory at each), then fast-jax's Book-Crossing
+MeLU+FAST epoch with what a run does after it, in step mode (the paper's and fast-jax's
+default) and in epoch mode (the authors' setting, with its pass over the training users),
+and prints each round and the median ratios. Rounds interleave the two so that a machine
+whose speed drifts slows both.
+
 Without those flags it prints,
 for MeLU+FAST (or --backbone/--method, any meta-learning method) on the
 dataset's training users: compile time, seconds per training epoch (jitted epoch scan,
-and the epoch plus its validation pass), users per second, peak resident memory, the
+and the epoch plus what a run does after it: the end-of-epoch update, which only
+``--p-update epoch`` has, and validation), users per second, peak resident memory, the
 epoch by length against whole batches, with ``--cut-rows L ...`` the epoch on whole
 batches with every user cut to its first L rows (a padding probe: what an epoch with
 fewer padded rows per user would cost), and the same epoch run as a per-user Python loop
@@ -37,8 +50,11 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import os
 import pathlib
 import resource
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -69,17 +85,20 @@ def timed(fn, *args):
 
 def bench_scan(runner: Runner, epochs: int, method: Method | None = None) -> dict:
   """Seconds per jitted epoch of ``method`` (default the runner's), with and without
-  its validation pass."""
+  what a run does after it: the method's end-of-epoch update (FAST's epoch-mode pass
+  over the training users; nothing in step mode) and the validation pass."""
   m = method or runner.method
   data = m.splits["fit"]
   key = jax.random.key(0)
   state = m.init(key)
   (state, _), compile_s = timed(m.epoch, state, data, key)
-  runner.evaluate(state, "valid")  # compile the validation pass outside the timing
+  state, _ = m.end_of_epoch(state, runner.per_user)  # compiled outside the timing,
+  runner.evaluate(state, "valid")                    # as is the validation pass
   times, with_valid = [], []
   for e in range(epochs):
     (state, _), dt = timed(m.epoch, state, data, jax.random.fold_in(key, e))
     t0 = time.perf_counter()
+    state, _ = jax.block_until_ready(m.end_of_epoch(state, runner.per_user))
     runner.evaluate(state, "valid")
     times.append(dt)
     with_valid.append(dt + time.perf_counter() - t0)
@@ -210,8 +229,10 @@ def bench_breakdown(cfg: Config, epochs: int, seeds: int = 1) -> list[dict]:
     t["init"] = time.perf_counter() - t0
     if seed == 0:
       t0 = time.perf_counter()
-      if m.epoch is not None:
-        m.epoch.lower(state, fit, k_train).compile()
+      # The seeds' epochs call this executable: m.epoch would trace the epoch once more
+      # inside the first epoch (about 0.1 s on ML-100K). The executable's first run still
+      # costs about 0.5 s more than later ones (set-up inside XLA), counted in training.
+      epoch_fn = m.epoch.lower(state, fit, k_train).compile() if m.epoch is not None else None
       runner.per_user(state, "valid")  # compiles the scorer for the validation chunks' budgets
       t["compile"] = time.perf_counter() - t0
     for k in ("train steps", "end of epoch", "validation", "checkpoints"):
@@ -220,7 +241,7 @@ def bench_breakdown(cfg: Config, epochs: int, seeds: int = 1) -> list[dict]:
       ckpt = SeedCheckpoint(tmp, 1024 + seed)
       for epoch in range(1, epochs + 1 if m.epoch is not None else 1):
         t0 = time.perf_counter()
-        state, steps = m.epoch(state, fit, jax.random.fold_in(k_train, epoch))
+        state, steps = epoch_fn(state, fit, jax.random.fold_in(k_train, epoch))
         jax.block_until_ready(steps)
         t["train steps"] += time.perf_counter() - t0
         t0 = time.perf_counter()
@@ -266,6 +287,93 @@ def print_breakdown(per_seed: list[dict], title: str) -> None:
         f" {'':>12s}" if k in ONCE else f" {np.median([t[k] for t in per_seed[1:]]):10.2f} s")
     print(f"  {k:<14s} {per_seed[0][k]:6.2f} s{rest} {whole[k]:8.2f} s  "
           f"{100 * whole[k] / total:5.1f}%")
+
+
+# run.sh's MeLU+FAST line of the authors' code (zhengz99/FAST at 011f677: Book-Crossing,
+# FAST's per-epoch p update) on the CPU, one seed; --num_epoch is added per call.
+AUTHORS_COMMAND = ("main.py", "--model", "Ours", "--lr", "1e-4", "--local_lr", "1e-4",
+                   "--gamma", "0.1", "--beta", "0.5", "--device", "cpu", "--batch_size", "32",
+                   "--repeat_times", "1")
+
+
+# Runs the authors' main.py in a fresh interpreter and writes its own peak resident
+# memory (VmHWM, kB) to the file named first: a child's rusage would report at least the
+# parent's peak, which a fork hands down.
+_PEAK_WRAPPER = """
+import runpy, sys
+out = sys.argv.pop(1)
+sys.argv[0] = "main.py"
+try:
+  runpy.run_path("main.py", run_name="__main__")
+finally:
+  with open("/proc/self/status") as f:
+    hwm = [line.split()[1] for line in f if line.startswith("VmHWM:")]
+  with open(out, "w") as f:
+    f.write(hwm[0] if hwm else "")
+"""
+
+
+def run_authors(folder: str, python: str, epochs: int) -> tuple[float, float]:
+  """Wall seconds and peak resident MB (its own, Linux; NaN elsewhere) of the authors'
+  command at ``epochs`` epochs, run in their checkout ``folder`` by ``python`` (an
+  environment with torch)."""
+  with tempfile.TemporaryDirectory() as tmp:
+    peak, err = pathlib.Path(tmp) / "peak_kb", pathlib.Path(tmp) / "stderr"
+    t0 = time.perf_counter()
+    with open(err, "wb") as f:
+      proc = subprocess.run([python, "-c", _PEAK_WRAPPER, str(peak), *AUTHORS_COMMAND[1:],
+                             "--num_epoch", str(epochs)],
+                            cwd=folder, stdout=subprocess.DEVNULL, stderr=f)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+      tail = err.read_text(errors="replace").strip().splitlines()[-1:] or ["no output"]
+      raise RuntimeError(f"the authors' code at {folder} exited with status "
+                         f"{proc.returncode}: {tail[0]}")
+    kb = peak.read_text().strip() if peak.exists() else ""
+  return wall, float(kb) / 1024 if kb else float("nan")
+
+
+def bench_authors(folder: str, python: str, data_dir: str | None, rounds: int,
+                  epochs: int = 3, *, dataset: str = "bookcrossing",
+                  batch_size: int = 32) -> list[dict]:
+  """One dict per round: the authors' seconds per epoch, (``epochs`` epochs - 1 epoch)
+  / (``epochs`` - 1), which leaves out their loading and test pass, their peak memory,
+  and fast-jax's seconds per epoch on the same data in step mode (the default) and in
+  epoch mode (their setting), each with what a run does after the epoch's steps
+  (:func:`bench_scan`). Each round runs theirs and then ours, so that a machine whose
+  speed drifts slows both."""
+  runners = {}
+  for mode in ("step", "epoch"):
+    cfg = Config(dataset=dataset, data_dir=data_dir, backbone="melu", method="fast",
+                 p_update=mode, batch_size=batch_size, length_parts=2)
+    data = load_dataset(cfg, progress=False)
+    runners[mode] = Runner(resolve(cfg, data.meta["dataset"]), data)
+  out = []
+  for _ in range(rounds):
+    one, rss_one = run_authors(folder, python, 1)
+    more, rss_more = run_authors(folder, python, epochs)
+    r = {"authors_s": (more - one) / (epochs - 1), "authors_rss_mb": (rss_one, rss_more)}
+    for mode, runner in runners.items():
+      r[f"{mode}_s"] = bench_scan(runner, epochs)["epoch_with_valid_s"]
+    r["rss_mb"] = peak_rss_mb()
+    out.append(r)
+  return out
+
+
+def print_authors(rounds: list[dict], epochs: int) -> None:
+  """The table of :func:`bench_authors` and the median ratios."""
+  print("Book-Crossing MeLU+FAST, seconds per epoch (fast-jax: with the end-of-epoch "
+        "update and validation):")
+  print(f"  {'round':<6s} {'authors':>9s} {'fast-jax step':>14s} {'fast-jax epoch':>15s} "
+        f"{'authors peak (1 / ' + str(epochs) + ' epochs)':>30s}")
+  for i, r in enumerate(rounds, 1):
+    print(f"  {i:<6d} {r['authors_s']:8.2f}s {r['step_s']:13.3f}s {r['epoch_s']:14.3f}s "
+          f"{r['authors_rss_mb'][0] / 1024:13.1f} / {r['authors_rss_mb'][1] / 1024:.1f} GB")
+  for mode, what in (("step", "step mode (the paper's, fast-jax's default)"),
+                     ("epoch", "epoch mode (the authors' setting)")):
+    ratio = np.median([r["authors_s"] / r[f"{mode}_s"] for r in rounds])
+    print(f"  fast-jax faster, median over rounds, {what}: x{ratio:.1f}")
+  print(f"  fast-jax peak RSS: {rounds[-1]['rss_mb']:.0f} MB (this process, both modes)")
 
 
 def bench_table2(dataset: str, *, data_dir: str | None, seeds: int, epochs: int | None,
@@ -317,6 +425,12 @@ def main(argv=None) -> int:
   p.add_argument("--cut-rows", type=int, nargs="+", default=None, metavar="L",
                  help="padding probe: the epoch on whole batches with every user cut to its "
                       "first L rows, for each L")
+  p.add_argument("--authors", metavar="DIR", default=None,
+                 help="time the authors' code (a checkout of zhengz99/FAST) beside fast-jax on "
+                      "Book-Crossing MeLU+FAST, 1 and --epochs epochs, --rounds times")
+  p.add_argument("--authors-python", metavar="PY", default="python",
+                 help="--authors: the Python of an environment with torch (default: python)")
+  p.add_argument("--rounds", type=int, default=2, help="--authors: rounds (default 2)")
   p.add_argument("--out", default=None,
                  help="--table2: train the runs into this (new or empty) folder and keep them, "
                       "to compare their results with committed ones")
@@ -332,6 +446,27 @@ def main(argv=None) -> int:
     for row, seconds in rows:
       print(f"  {row:<22s} {seconds:8.1f} s" + ("" if "wall" in row else
                                                  "  (epochs and validation)"))
+    return 0
+  if args.authors is not None:
+    if not (pathlib.Path(args.authors) / "main.py").is_file():
+      p.error(f"--authors {args.authors}: expected a checkout of zhengz99/FAST (a folder "
+              "with main.py)")
+    probe = subprocess.run([args.authors_python, "-c", "import torch; print(torch.__version__)"],
+                           capture_output=True, text=True) if shutil.which(args.authors_python) \
+        else None
+    if probe is None or probe.returncode != 0:
+      p.error(f"--authors-python {args.authors_python}: expected a Python that can import torch")
+    if args.epochs < 2 or args.rounds < 1:
+      p.error("--authors needs --epochs of at least 2 and --rounds of at least 1")
+    print(f"authors' code: {args.authors} (torch {probe.stdout.strip()}, CPU); fast-jax: JAX "
+          f"{jax.__version__} on {jax.default_backend()}")
+    try:
+      rounds = bench_authors(args.authors, args.authors_python, args.data_dir, args.rounds,
+                             args.epochs)
+    except RuntimeError as e:
+      print(f"bench: {e}", file=sys.stderr)
+      return 1
+    print_authors(rounds, args.epochs)
     return 0
   if args.breakdown:
     cfg = Config(dataset=args.dataset, data_dir=args.data_dir, backbone=args.backbone,
