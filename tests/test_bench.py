@@ -129,11 +129,21 @@ def test_run_authors_failure_is_one_line_naming_the_folder(tmp_path):
     (["--authors", "{tmp}/missing"], "expected a checkout of zhengz99/FAST"),
     (["--authors", "{tmp}", "--authors-python", "no-such-python"],
      "expected a Python that can import torch"),
+    (["--authors", "{tmp}", "--authors-python", "{python}"],  # the tests' Python: no torch
+     "expected a Python that can import torch"),
+    (["--authors", "{tmp}", "--authors-python", "no-such-python", "--epochs", "1"],
+     "--authors needs --epochs of at least 2"),
+    (["--authors", "{tmp}", "--authors-python", "no-such-python", "--rounds", "0"],
+     "--rounds of at least 1"),
 ])
 def test_authors_flags_are_checked_before_anything_runs(tmp_path, capsys, argv, message):
+  import importlib.util
+  import sys
+  if "{python}" in argv and importlib.util.find_spec("torch") is not None:
+    pytest.skip("this Python has torch")
   _fake_authors(tmp_path)
   with pytest.raises(SystemExit) as e:
-    bench.main([a.format(tmp=tmp_path) for a in argv])
+    bench.main([a.format(tmp=tmp_path, python=sys.executable) for a in argv])
   assert e.value.code == 2
   assert message in capsys.readouterr().err
 

@@ -451,13 +451,13 @@ def main(argv=None) -> int:
     if not (pathlib.Path(args.authors) / "main.py").is_file():
       p.error(f"--authors {args.authors}: expected a checkout of zhengz99/FAST (a folder "
               "with main.py)")
+    if args.epochs < 2 or args.rounds < 1:
+      p.error("--authors needs --epochs of at least 2 and --rounds of at least 1")
     probe = subprocess.run([args.authors_python, "-c", "import torch; print(torch.__version__)"],
                            capture_output=True, text=True) if shutil.which(args.authors_python) \
         else None
     if probe is None or probe.returncode != 0:
       p.error(f"--authors-python {args.authors_python}: expected a Python that can import torch")
-    if args.epochs < 2 or args.rounds < 1:
-      p.error("--authors needs --epochs of at least 2 and --rounds of at least 1")
     print(f"authors' code: {args.authors} (torch {probe.stdout.strip()}, CPU); fast-jax: JAX "
           f"{jax.__version__} on {jax.default_backend()}")
     try:
