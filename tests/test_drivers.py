@@ -334,3 +334,33 @@ def test_csv_files_keep_small_learning_rates_and_round_metrics(tmp_path):
   rows = list(csv.DictReader(open(tmp_path / "t.csv")))
   assert [(float(r["lr"]), float(r["inner_lr"])) for r in rows] == [(1e-5, 0.03), (1e-3, 3e-3)]
   assert rows[0]["valid_mae"] == "0.8123"
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_a_grid_run_leaves_no_compiled_programs_behind_in_its_process(tmp_path, monkeypatch,
+                                                                      fails):
+  """A process that trains row after row (a --jobs worker) drops each run's programs, or
+  it grows with every row; also when the run fails."""
+  import jax
+  import jax.numpy as jnp
+
+  from fast_jax import experiment
+  from fast_jax.cli import grid
+  from fast_jax.config import Config
+  program = jax.jit(lambda x: x + 1)
+
+  def train(cfg, folder, **kw):
+    program(jnp.ones(3))
+    assert program._cache_size() == 1
+    if fails:
+      raise RuntimeError("the run failed")
+    return {"folder": str(folder)}
+  monkeypatch.setattr(experiment, "train_and_evaluate", train)
+  if fails:
+    with pytest.raises(RuntimeError, match="the run failed"):
+      grid._run_group([Config(dataset="synthetic")], [tmp_path / "run"], False, False)
+  else:
+    done, seconds, resumed = grid._run_group([Config(dataset="synthetic")], [tmp_path / "run"],
+                                             False, False)
+    assert done == [{"folder": str(tmp_path / "run")}] and seconds >= 0 and not resumed
+  assert program._cache_size() == 0
