@@ -87,7 +87,7 @@ def test_truncate_users_keeps_each_users_first_rows(prepared, rows):
 # A stand-in for the authors' main.py: it records its command line and holds 40 MB more
 # per epoch, so that each call's own peak memory can be told apart.
 FAKE_AUTHORS = """
-import json, sys, time
+import json, sys
 n = int(sys.argv[sys.argv.index("--num_epoch") + 1])
 hold = bytearray(40 * 2**20 * n)
 hold[::4096] = b"x" * len(hold[::4096])

@@ -342,12 +342,11 @@ def bench_authors(folder: str, python: str, data_dir: str | None, rounds: int,
   epoch mode (their setting), each with what a run does after the epoch's steps
   (:func:`bench_scan`). Each round runs theirs and then ours, so that a machine whose
   speed drifts slows both."""
-  runners = {}
-  for mode in ("step", "epoch"):
-    cfg = Config(dataset=dataset, data_dir=data_dir, backbone="melu", method="fast",
-                 p_update=mode, batch_size=batch_size, length_parts=2)
-    data = load_dataset(cfg, progress=False)
-    runners[mode] = Runner(resolve(cfg, data.meta["dataset"]), data)
+  cfg = Config(dataset=dataset, data_dir=data_dir, backbone="melu", method="fast",
+               batch_size=batch_size, length_parts=2)
+  data = load_dataset(cfg, progress=False)
+  cfg = resolve(cfg, data.meta["dataset"])
+  runners = {mode: Runner(cfg.replace(p_update=mode), data) for mode in ("step", "epoch")}
   out = []
   for _ in range(rounds):
     one, rss_one = run_authors(folder, python, 1)
