@@ -6,6 +6,7 @@ import pytest
 
 from fast_jax.cli import bench
 from fast_jax.config import Config
+from fast_jax.runner import Runner
 from conftest import TINY
 
 # Per-seed phase times as bench_breakdown returns them: the first seed also holds the
@@ -154,9 +155,13 @@ def test_side_by_side_rounds_time_both_modes_and_print_median_ratios(tmp_path, p
   import sys
   data = prepared("synthetic", **TINY)
   monkeypatch.setattr(bench, "load_dataset", lambda cfg, progress: data)
+  built = []
+  monkeypatch.setattr(bench, "Runner",
+                      lambda cfg, data: built.append(Runner(cfg, data)) or built[-1])
   rounds = bench.bench_authors(_fake_authors(tmp_path), sys.executable, None, rounds=3,
                                epochs=2, dataset="synthetic", batch_size=8)
   assert len(rounds) == 3
+  assert [(r.cfg.p_update, r.cfg.gap_loss) for r in built] == [("step", "mse"), ("epoch", "mae")]
   for r in rounds:
     assert r["step_s"] > 0 and r["epoch_s"] > 0
     assert r["authors_rss_mb"][1] - r["authors_rss_mb"][0] == pytest.approx(40, abs=15)

@@ -345,8 +345,8 @@ def bench_authors(folder: str, python: str, data_dir: str | None, rounds: int,
   cfg = Config(dataset=dataset, data_dir=data_dir, backbone="melu", method="fast",
                batch_size=batch_size, length_parts=2)
   data = load_dataset(cfg, progress=False)
-  cfg = resolve(cfg, data.meta["dataset"])
-  runners = {mode: Runner(cfg.replace(p_update=mode), data) for mode in ("step", "epoch")}
+  runners = {mode: Runner(resolve(cfg.replace(p_update=mode), data.meta["dataset"]), data)
+             for mode in ("step", "epoch")}  # resolved per mode: the gap loss depends on it
   out = []
   for _ in range(rounds):
     one, rss_one = run_authors(folder, python, 1)
