@@ -75,7 +75,9 @@ def test_an_older_run_without_a_preset_reads_as_the_code_preset():
 
 def test_the_code_preset_reproduces_a_committed_per_seed_result(prepared, tmp_path):
   """MeLU Origin on ML-100K, seed 1024, 50 epochs, --preset code and nothing else: the
-  committed run.sh-regime result (results/runs_code), to float32 accumulation noise."""
+  committed run.sh-regime result (results/runs_code), to float32 accumulation noise (its
+  one inner step now runs in kernel form, which sums in another order: 1.2e-6 in MAE and
+  5.1e-6 in MSE against the committed run)."""
   committed = json.loads((ROOT / "results" / "runs_code" / "ml100k" / "melu-origin" /
                           "results.json").read_text())["per_seed"][0]
   assert committed["seed"] == 1024
@@ -84,5 +86,5 @@ def test_the_code_preset_reproduces_a_committed_per_seed_result(prepared, tmp_pa
       tmp_path, data=prepared("ml100k"), progress=False, echo=lambda s: None)
   ours = results["per_seed"][0]
   for key in ("mae", "mse", "gf_mae", "gf_mse", "ndcg3"):
-    np.testing.assert_allclose(ours[key], committed[key], atol=1e-6, err_msg=key)
+    np.testing.assert_allclose(ours[key], committed[key], atol=2e-5, err_msg=key)
   assert json.loads((tmp_path / "config.json").read_text())["preset"] == "code"

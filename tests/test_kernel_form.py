@@ -1,0 +1,151 @@
+"""One inner step in kernel form (fast_jax.models.one_step_query): the query output after
+one SGD step on the support rows, computed without forming the adapted weights, against
+a NumPy step written out by hand and against adapting the weights (predictions and the
+second-order meta-gradient); and the learner's choice of it."""
+
+import dataclasses
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fast_jax import meta, metrics
+from fast_jax.methods import learner as learn
+from fast_jax.models import FAST_LOCAL, MELU_LOCAL, make_backbone
+
+# (dataset, user tower once per user, adapted layers, first order)
+CASES = [
+    ("ml100k", True, FAST_LOCAL, False),
+    ("ml100k", False, FAST_LOCAL, False),
+    ("ml100k", True, MELU_LOCAL, False),
+    ("bookcrossing", True, MELU_LOCAL, True),
+    ("bookcrossing", False, FAST_LOCAL, True),
+]
+USERS, ALPHA = 4, 0.05
+
+
+@pytest.fixture(autouse=True)
+def _fast_compilation(fast_compilation):
+  yield
+
+
+def _numpy_one_step(params, e, y, support, e_query, item_dim, local, alpha):
+  """One SGD step of the per-row head on the masked MSE, gradients by hand, float64;
+  then the adapted head on the query rows."""
+  p = {k: {n: np.asarray(v, np.float64) for n, v in d.items()} for k, d in params.items()}
+  e, y, s = np.asarray(e, np.float64), np.asarray(y, np.float64), np.asarray(support, bool)
+  relu = lambda a: np.maximum(a, 0.0)
+
+  def forward(p, e):
+    acts = {"item_fc": e[:, :item_dim], "user_fc": e[:, item_dim:]}
+    z = {name: acts[name] @ p[name]["kernel"] + p[name]["bias"] for name in ("item_fc", "user_fc")}
+    acts["fc1"] = np.concatenate([relu(z["item_fc"]), relu(z["user_fc"])], -1)
+    z["fc1"] = acts["fc1"] @ p["fc1"]["kernel"] + p["fc1"]["bias"]
+    acts["fc2"] = relu(z["fc1"])
+    z["fc2"] = acts["fc2"] @ p["fc2"]["kernel"] + p["fc2"]["bias"]
+    acts["out"] = relu(z["fc2"])
+    z["out"] = acts["out"] @ p["out"]["kernel"] + p["out"]["bias"]
+    return acts, z
+
+  acts, z = forward(p, e)
+  dz = {"out": (2.0 * (z["out"][:, 0] - y) * s / s.sum())[:, None]}
+  dz["fc2"] = (dz["out"] @ p["out"]["kernel"].T) * (z["fc2"] > 0)
+  dz["fc1"] = (dz["fc2"] @ p["fc2"]["kernel"].T) * (z["fc1"] > 0)
+  d_concat = dz["fc1"] @ p["fc1"]["kernel"].T
+  half = p["item_fc"]["kernel"].shape[1]
+  dz["item_fc"] = d_concat[:, :half] * (z["item_fc"] > 0)
+  dz["user_fc"] = d_concat[:, half:] * (z["user_fc"] > 0)
+  for name in local:
+    p[name] = {"kernel": p[name]["kernel"] - alpha * acts[name].T @ dz[name],
+               "bias": p[name]["bias"] - alpha * dz[name].sum(0)}
+  return forward(p, np.asarray(e_query, np.float64))[1]["out"][:, 0]
+
+
+def _batch(data):
+  x = jnp.asarray(data.train.x[:USERS])
+  support, query = meta.last_query_split(jnp.asarray(data.train.length[:USERS]), x.shape[1])
+  return x, jnp.asarray(data.train.y[:USERS]), support, query
+
+
+@pytest.mark.parametrize("name,shared,local,first_order", CASES)
+def test_one_step_query_equals_a_numpy_step_and_adapting_the_weights(prepared, name, shared,
+                                                                     local, first_order):
+  data = prepared(name)
+  bb = make_backbone(data.meta, out_bias=3.5, user_rows_shared=shared)
+  bb = dataclasses.replace(bb, local_modules=local)
+  x, y, support, query = _batch(data)
+  params = bb.init(jax.random.key(0), x[0])
+  labels = bb.labels(params)
+  e = bb.embed(params, x)
+  e_query = meta.take_rows(e, query)
+  item_dim = bb.module.embed_dim * sum(f["side"] == "item" for f in data.meta["fields"])
+
+  def kernel(params, alpha):
+    e = bb.embed(params, x)
+    return jax.vmap(lambda e_u, y_u, s_u, eq_u: bb.one_step_query(
+        params, alpha, e_u, y_u, s_u, eq_u, first_order=first_order))(
+            e, y.astype(e.dtype), support, meta.take_rows(e, query))
+
+  def weights(params, alpha):
+    e = bb.embed(params, x)
+
+    def one(e_u, y_u, s_u, eq_u):
+      theta = meta.inner_adapt(bb.head_user, params, labels, alpha, e_u, y_u, s_u, steps=1,
+                               first_order=first_order)
+      return bb.head_user(theta, eq_u)
+    return jax.vmap(one)(e, y.astype(e.dtype), support, meta.take_rows(e, query))
+
+  alpha = jnp.float32(ALPHA)
+  pred = jax.jit(kernel)(params, alpha)
+  chex.assert_shape(pred, query.shape)
+  ref = np.stack([_numpy_one_step(params, e[u], y[u], support[u], e_query[u], item_dim, local,
+                                  ALPHA) for u in range(USERS)])
+  np.testing.assert_allclose(pred, ref, rtol=1e-4, atol=1e-4)
+  # The step moved the predictions, so the check covers the adapted layers.
+  assert float(jnp.max(jnp.abs(pred - bb.head_user(params, e_query)))) > 1e-3
+
+  # The meta-gradients in float64: at float32 a pre-activation within rounding of zero
+  # may take either side of the ReLU in the two forms, and the gradients jump there.
+  with jax.enable_x64(True):
+    params64 = jax.tree.map(lambda v: jnp.asarray(v, jnp.float64), params)
+    alpha64, y64 = jnp.float64(ALPHA), jnp.asarray(y, jnp.float64)
+
+    def meta_grad(fn):
+      def loss(params, alpha):
+        return jnp.mean(jnp.square(fn(params, alpha) - meta.take_rows(y64, query)))
+      return jax.jit(jax.grad(loss, argnums=(0, 1)))(params64, alpha64)
+    g_kernel, g_weights = meta_grad(kernel), meta_grad(weights)
+  chex.assert_trees_all_close(g_kernel, g_weights, rtol=1e-9, atol=1e-12)
+  assert float(jnp.abs(g_kernel[1])) > 1e-6  # the rate's own meta-gradient is not nil
+
+
+LEARNERS = [(1, "scalar", True), (1, "per-param", False), (2, "scalar", False)]
+
+
+@pytest.mark.parametrize("steps,rates,direct", LEARNERS)
+def test_predict_takes_the_kernel_form_for_one_step_with_a_scalar_rate(prepared, monkeypatch,
+                                                                      steps, rates, direct):
+  data = prepared("ml100k")
+  bb = make_backbone(data.meta, out_bias=3.5, user_rows_shared=True)
+  x, y, support, query = _batch(data)
+  group = jnp.asarray(data.train.group[:USERS])
+  params = bb.init(jax.random.key(1), x[0])
+  labels = bb.labels(params)
+  alpha = jnp.float32(ALPHA)
+  if rates == "per-param":
+    alpha = jax.tree.map(lambda v: jnp.full_like(v, ALPHA), meta.split_params(params, labels)[0])
+  lrn = learn.maml(bb, labels, steps=steps, first_order=False)
+  assert (lrn.query_output is not None) == (steps == 1)
+  calls = []
+  if lrn.query_output is not None:
+    inner = lrn.query_output
+    lrn = lrn._replace(query_output=lambda *a: calls.append(1) or inner(*a))
+  pred = learn.predict(lrn, params, alpha, x, y, support, query, group)
+  assert bool(calls) == direct
+  monkeypatch.setattr(learn, "ONE_STEP_KERNEL", False)
+  by_weights = learn.maml(bb, labels, steps=steps, first_order=False)
+  assert by_weights.query_output is None
+  ref = learn.predict(by_weights, params, alpha, x, y, support, query, group)
+  np.testing.assert_allclose(pred, ref, rtol=1e-5, atol=1e-5)
