@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from fast_jax.cli import bench
+from fast_jax import config as config_lib
 from fast_jax.config import Config
 from fast_jax.runner import Runner
 from conftest import TINY
@@ -135,7 +136,9 @@ def test_run_authors_failure_is_one_line_naming_the_folder(tmp_path):
     (["--authors", "{tmp}", "--authors-python", "no-such-python", "--epochs", "1"],
      "--authors needs --epochs of at least 2"),
     (["--authors", "{tmp}", "--authors-python", "no-such-python", "--rounds", "0"],
-     "--rounds of at least 1"),
+     "--rounds must be at least 1, got 0"),
+    (["--inner-forms", "--rounds", "0"], "--rounds must be at least 1, got 0"),
+    (["--inner-forms", "--method", "clover"], "--inner-forms: --method must be a MAML method"),
 ])
 def test_authors_flags_are_checked_before_anything_runs(tmp_path, capsys, argv, message):
   import importlib.util
@@ -170,3 +173,41 @@ def test_side_by_side_rounds_time_both_modes_and_print_median_ratios(tmp_path, p
   for mode in ("step", "epoch"):
     ratio = np.median([r["authors_s"] / r[f"{mode}_s"] for r in rounds])
     assert f"x{ratio:.1f}" in out
+
+
+def test_inner_forms_refuses_a_setting_of_more_than_one_inner_step(prepared, monkeypatch,
+                                                                   capsys):
+  data = prepared("ml100k")
+  monkeypatch.setattr(bench, "load_dataset", lambda cfg, progress: data)
+  with pytest.raises(SystemExit) as e:
+    bench.main(["--inner-forms", "--backbone", "melu", "--dataset", "ml100k"])
+  assert e.value.code == 2
+  assert "melu on ml100k takes 3 inner steps" in capsys.readouterr().err
+
+
+def test_inner_forms_times_both_programs_alternately_and_prints_their_median_ratio(
+    prepared, monkeypatch, capsys, fast_compilation):
+  data = prepared("synthetic", **TINY)
+  monkeypatch.setattr(bench, "load_dataset", lambda cfg, progress: data)
+  forms = []
+  real_runner = bench.Runner
+
+  def runner(cfg, data):
+    forms.append(bench.learn.ONE_STEP_KERNEL)
+    return real_runner(cfg, data)
+  monkeypatch.setattr(bench, "Runner", runner)
+  assert bench.main(["--inner-forms", "--dataset", "synthetic", "--backbone", "metacs",
+                     "--batch-size", "8", "--rounds", "2"]) == 0
+  assert forms == [False, True]  # the weights form, then the kernel form
+  assert "metacs+fast on synthetic, one inner step, 2 rounds" in capsys.readouterr().out
+  cfg = config_lib.resolve(Config(dataset="synthetic", backbone="metacs", batch_size=8),
+                           "synthetic")
+  r = bench.bench_inner_forms(cfg, data, rounds=3)
+  assert [len(t) for t in r["times"].values()] == [3, 3]
+  assert 0 <= r["state_diff"] < 1e-2  # the same function up to (Adam-amplified) rounding
+  bench.print_inner_forms(r)
+  out = capsys.readouterr().out
+  ratio = np.median(r["times"]["weights"]) / np.median(r["times"]["kernel"])
+  assert f"kernel form x{ratio:.2f} (ratio of medians)" in out
+  for form in ("weights", "kernel"):
+    assert f"median {np.median(r['times'][form]):.3f}" in out

@@ -6,6 +6,7 @@
     python experiments/bench.py --table2 ml100k --jobs 2 --data-dir ../shared/data
     python experiments/bench.py --authors ../FAST --authors-python ../torch-env/bin/python \
         --rounds 3 --data-dir ../shared/data
+    python experiments/bench.py --inner-forms --rounds 6 --data-dir ../shared/data
 
 ``--breakdown`` trains the configuration as a run does (one seed, or ``--seeds``) and
 prints where its time goes, for the first seed, each later seed (which reuses the first
@@ -31,6 +32,13 @@ MeLU+FAST epoch with what a run does after it, in step mode (the paper's and fas
 default) and in epoch mode (the authors' setting, with its pass over the training users),
 and prints each round and the median ratios. Rounds interleave the two so that a machine
 whose speed drifts slows both.
+
+``--inner-forms`` times the epoch of a one-step setting (MeLU on Book-Crossing, MetaCS on
+any dataset) with its inner step in kernel form (the default,
+:func:`fast_jax.models.one_step_query`) and with the adapted weights formed, compiled in
+one process and run alternately for ``--rounds`` rounds, and prints both, the ratio of
+their medians and how far the two sets of parameters are apart after one epoch (rounding,
+which Adam's steps amplify; relative to each array's largest value).
 
 Without those flags it prints,
 for MeLU+FAST (or --backbone/--method, any meta-learning method) on the
@@ -106,6 +114,60 @@ def bench_scan(runner: Runner, epochs: int, method: Method | None = None) -> dic
   return {"compile_s": compile_s, "epoch_s": float(np.median(times)),
           "epoch_with_valid_s": float(np.median(with_valid)),
           "users_per_s": n / float(np.median(times))}
+
+
+@contextlib.contextmanager
+def one_step_kernel(on: bool):
+  """Methods built inside take one inner step in kernel form (``on``) or by forming the
+  adapted weights (:data:`fast_jax.methods.learner.ONE_STEP_KERNEL`)."""
+  before = learn.ONE_STEP_KERNEL
+  learn.ONE_STEP_KERNEL = on
+  try:
+    yield
+  finally:
+    learn.ONE_STEP_KERNEL = before
+
+
+def bench_inner_forms(cfg: Config, data, rounds: int) -> dict:
+  """Seconds per epoch with one inner step in kernel form against forming the adapted
+  weights: both epoch programs compiled in this process, then run alternately, ``rounds``
+  times each from the same state (so a drifting machine slows both). Returns
+  {"times": {form: [s per round]}, "compile_s": {form: s}, "state_diff": the largest
+  difference between the two forms' parameters after one epoch, relative to the largest
+  value of the array it is in}."""
+  key = jax.random.key(0)
+  programs, compile_s, after = {}, {}, {}
+  for form, on in (("weights", False), ("kernel", True)):
+    with one_step_kernel(on):
+      m = Runner(cfg, data).method
+      state, fit = m.init(key), m.splits["fit"]
+      t0 = time.perf_counter()
+      epoch = m.epoch.lower(state, fit, key).compile()
+      after[form] = jax.block_until_ready(epoch(state, fit, key))[0].params
+      compile_s[form] = time.perf_counter() - t0
+      programs[form] = (epoch, state, fit)
+  times = {form: [] for form in programs}
+  for r in range(rounds):
+    for form, (epoch, state, fit) in programs.items():
+      times[form].append(timed(epoch, state, fit, jax.random.fold_in(key, r + 1))[1])
+  floats = lambda t: [np.asarray(v, np.float64) for v in jax.tree.leaves(t)
+                      if jnp.issubdtype(v.dtype, jnp.floating)]
+  # Relative to each array's scale. Adam steps a parameter whose gradient is within
+  # rounding of zero by up to its full rate either way, so rounding shows there first.
+  diff = max(float(np.max(np.abs(a - b)) / max(np.max(np.abs(a)), 1e-30))
+             for a, b in zip(floats(after["weights"]), floats(after["kernel"])) if a.size)
+  return {"times": times, "compile_s": compile_s, "state_diff": diff}
+
+
+def print_inner_forms(r: dict) -> None:
+  """Each form's epochs and median, and the ratio of the medians (:func:`bench_inner_forms`)."""
+  for form, label in (("weights", "adapted weights"), ("kernel", "kernel form")):
+    t = r["times"][form]
+    print(f"  {label:16s} {' '.join(f'{v:.3f}' for v in t)} s/epoch, median "
+          f"{np.median(t):.3f} (compile+first epoch {r['compile_s'][form]:.1f} s)")
+  ratio = np.median(r["times"]["weights"]) / np.median(r["times"]["kernel"])
+  print(f"  kernel form x{ratio:.2f} (ratio of medians); the parameters after one epoch "
+        f"differ by at most {r['state_diff']:.1e} of an array's largest value")
 
 
 def bench_vmapped_seeds(runner: Runner, seeds: int) -> dict:
@@ -429,7 +491,11 @@ def main(argv=None) -> int:
                       "Book-Crossing MeLU+FAST, 1 and --epochs epochs, --rounds times")
   p.add_argument("--authors-python", metavar="PY", default="python",
                  help="--authors: the Python of an environment with torch (default: python)")
-  p.add_argument("--rounds", type=int, default=2, help="--authors: rounds (default 2)")
+  p.add_argument("--inner-forms", action="store_true",
+                 help="time a one-step setting's epoch with its inner step in kernel form "
+                      "against forming the adapted weights, --rounds rounds alternating")
+  p.add_argument("--rounds", type=int, default=None,
+                 help="--authors: rounds (default 2); --inner-forms: rounds (default 5)")
   p.add_argument("--out", default=None,
                  help="--table2: train the runs into this (new or empty) folder and keep them, "
                       "to compare their results with committed ones")
@@ -446,12 +512,32 @@ def main(argv=None) -> int:
       print(f"  {row:<22s} {seconds:8.1f} s" + ("" if "wall" in row else
                                                  "  (epochs and validation)"))
     return 0
+  if args.rounds is not None and args.rounds < 1:
+    p.error(f"--rounds must be at least 1, got {args.rounds}")
+  if args.inner_forms:
+    cfg = Config(dataset=args.dataset, data_dir=args.data_dir, backbone=args.backbone,
+                 method=args.method, p_update=args.p_update, batch_size=args.batch_size,
+                 first_order=args.first_order, length_parts=args.length_parts)
+    if args.method not in config_lib.META_METHODS or args.method == "clover":
+      p.error(f"--inner-forms: --method must be a MAML method "
+              f"({', '.join(m for m in config_lib.META_METHODS if m != 'clover')}), "
+              f"got {args.method!r}")
+    data = load_dataset(cfg, progress=False)
+    cfg = resolve(cfg, data.meta["dataset"])
+    if cfg.inner_steps != 1:
+      p.error(f"--inner-forms: {cfg.backbone} on {cfg.dataset} takes {cfg.inner_steps} inner "
+              "steps; the kernel form is for one (MeLU on bookcrossing, MetaCS on any dataset)")
+    rounds = args.rounds or 5
+    print(f"{cfg.backbone}+{cfg.method} on {cfg.dataset}, one inner step, {rounds} rounds "
+          f"alternating, backend {jax.default_backend()}:")
+    print_inner_forms(bench_inner_forms(cfg, data, rounds))
+    return 0
   if args.authors is not None:
     if not (pathlib.Path(args.authors) / "main.py").is_file():
       p.error(f"--authors {args.authors}: expected a checkout of zhengz99/FAST (a folder "
               "with main.py)")
-    if args.epochs < 2 or args.rounds < 1:
-      p.error("--authors needs --epochs of at least 2 and --rounds of at least 1")
+    if args.epochs < 2:
+      p.error("--authors needs --epochs of at least 2")
     probe = subprocess.run([args.authors_python, "-c", "import torch; print(torch.__version__)"],
                            capture_output=True, text=True) if shutil.which(args.authors_python) \
         else None
@@ -460,8 +546,8 @@ def main(argv=None) -> int:
     print(f"authors' code: {args.authors} (torch {probe.stdout.strip()}, CPU); fast-jax: JAX "
           f"{jax.__version__} on {jax.default_backend()}")
     try:
-      rounds = bench_authors(args.authors, args.authors_python, args.data_dir, args.rounds,
-                             args.epochs)
+      rounds = bench_authors(args.authors, args.authors_python, args.data_dir,
+                             args.rounds or 2, args.epochs)
     except RuntimeError as e:
       print(f"bench: {e}", file=sys.stderr)
       return 1
