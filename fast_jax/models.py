@@ -176,13 +176,12 @@ class MeLU(nn.Module):
     return self.head(self.embed(x))
 
 
-
-def one_step_query(module: MeLU, params: Params, local_modules: Sequence[str], alpha: jax.Array,
-                   e: jax.Array, y: jax.Array, support: jax.Array, e_query: jax.Array, *,
-                   shared_user: bool, first_order: bool = False,
-                   loss_fn: Callable | None = None) -> jax.Array:
-  """MeLU's query output after one inner SGD step on the support rows, without forming
-  the adapted weights: the *kernel form* of the step.
+def one_step_forward(module: MeLU, params: Params, local_modules: Sequence[str],
+                     alpha: jax.Array, e: jax.Array, e_query: jax.Array,
+                     support_loss: Callable, *, shared_user: bool,
+                     first_order: bool = False) -> tuple[tuple, tuple]:
+  """MeLU's forward pass on the query rows after one inner SGD step on a support loss,
+  without forming the adapted weights: the *kernel form* of the step.
 
   One step of a local dense layer ``z = x W + b`` on the support loss moves it to
   ``W' = W - alpha X^T dZ`` and ``b' = b - alpha 1^T dZ``, where X [L, in] holds the
@@ -192,13 +191,14 @@ def one_step_query(module: MeLU, params: Params, local_modules: Sequence[str], a
       x_q W' + b' = x_q W + b - alpha ((x_q X^T) dZ + 1^T dZ)
 
   so the per-user products are [Q, in] x [in, L] and [Q, L] x [L, out] instead of the
-  weight gradient [in, L] x [L, out] and the adapted layer [Q, in] x [in, out]: about a
-  third of the multiply-adds with Q = 10 query rows, and the same function up to
-  rounding (the second-order meta-gradient included, as autodiff sees the same math).
-  dZ comes from one backward pass to zero "taps" added to the local pre-activations.
-  With ``shared_user`` the user tower runs once per user on row 0, as in
-  :meth:`MeLU.head_one_user`; fc1's user half then sees that row broadcast to all L, so
-  its weight gradient is ``h_u^T (1^T dZ)``.
+  weight gradient [in, L] x [L, out] and the adapted layer [Q, in] x [in, out]: at
+  Book-Crossing's mean of 32 rows and Q = 10 query rows, 3.4x fewer per-user
+  multiply-adds in the forward pass (x_q W is one product with the shared weights for
+  the whole batch). The same function up to rounding, the second-order meta-gradient
+  included, as autodiff sees the same math. dZ comes from one backward pass to zero
+  "taps" added to the local pre-activations. With ``shared_user`` the user tower runs
+  once per user on row 0, as in :meth:`MeLU.head_one_user`; fc1's user half then sees
+  that row broadcast to all L, so its weight gradient is ``h_u^T (1^T dZ)``.
 
   Only one step: a second step's support pass would need [L, L] support kernels, which
   cost more than the weight gradients they replace.
@@ -206,14 +206,15 @@ def one_step_query(module: MeLU, params: Params, local_modules: Sequence[str], a
   Args:
     module: the MeLU network; params: its parameters; local_modules: the adapted layers.
     alpha: the scalar inner learning rate.
-    e: the user's embedded rows [L, D]; y: float32[L]; support: bool[L];
-    e_query: the embedded query rows [Q, D].
+    e: the user's embedded rows [L, D]; e_query: the embedded query rows [Q, D].
+    support_loss: ``support_loss((out, h_item, h_user)) -> scalar``: the inner loss of
+      the forward pass on the L rows (as :meth:`MeLU.forward_one_user` returns it).
     first_order: stop the gradient through the inner gradient (FOMAML).
-    loss_fn: the inner loss ``loss_fn(out, y, mask)``; the masked MSE by default.
   Returns:
-    the head's output on the query rows, float32[Q] (or [Q, C] for C > 1 outputs).
+    ((out, h_item, h_user) on the query rows after the step, the same on the L rows
+    before it); out [R] (or [R, C] for C > 1 outputs), h_user broadcast to the rows or
+    None.
   """
-  loss_fn = loss_fn or metrics.masked_mse
   item_dim = module.embed_dim * len(module._used("item"))
   has_user = bool(module._used("user"))
   shared = shared_user and has_user
@@ -234,7 +235,13 @@ def one_step_query(module: MeLU, params: Params, local_modules: Sequence[str], a
   def user_rows(rows):
     return rows[:1, item_dim:] if shared else rows[:, item_dim:]
 
-  def support_loss(taps):
+  def output(out, h_item, h_user):
+    out = out[..., 0] if module.out_dim == 1 else out
+    if h_user is not None:
+      h_user = jnp.broadcast_to(h_user, h_item.shape[:-1] + h_user.shape[-1:])
+    return out, h_item, h_user
+
+  def loss(taps):
     tap = lambda name, z: z + taps[name] if name in taps else z
     inputs = {"item_fc": e[:, :item_dim]}
     h_item = nn.relu(tap("item_fc", dense("item_fc", inputs["item_fc"])))
@@ -245,15 +252,15 @@ def one_step_query(module: MeLU, params: Params, local_modules: Sequence[str], a
     inputs["fc1"] = (h_item, h_user)
     inputs["fc2"] = nn.relu(tap("fc1", fc1(h_item, h_user)))
     inputs["out"] = nn.relu(tap("fc2", dense("fc2", inputs["fc2"])))
-    out = tap("out", dense("out", inputs["out"]))
-    return loss_fn(out[..., 0] if module.out_dim == 1 else out, y, support), inputs
+    forward = output(tap("out", dense("out", inputs["out"])), h_item, h_user)
+    return support_loss(forward), (inputs, forward)
 
   rows = e.shape[0]
   widths = {"item_fc": split, "user_fc": split, "fc1": module.hidden, "fc2": module.hidden,
             "out": module.out_dim}
   taps = {name: jnp.zeros((1 if name == "user_fc" and shared else rows, widths[name]), e.dtype)
           for name in local}
-  dz, inputs = jax.grad(support_loss, has_aux=True)(taps)
+  dz, (inputs, support_forward) = jax.grad(loss, has_aux=True)(taps)
   if first_order:
     inputs, dz = jax.lax.stop_gradient((inputs, dz))
 
@@ -277,8 +284,23 @@ def one_step_query(module: MeLU, params: Params, local_modules: Sequence[str], a
       z = z - alpha * ((h_user @ s_user.T) @ (jnp.sum(d, 0, keepdims=True) if shared else d))
   h = nn.relu(z)
   h = nn.relu(step("fc2", dense("fc2", h), h, inputs["fc2"]))
-  out = step("out", dense("out", h), h, inputs["out"])
-  return out[..., 0] if module.out_dim == 1 else out
+  return output(step("out", dense("out", h), h, inputs["out"]), h_item, h_user), support_forward
+
+
+def one_step_query(module: MeLU, params: Params, local_modules: Sequence[str], alpha: jax.Array,
+                   e: jax.Array, y: jax.Array, support: jax.Array, e_query: jax.Array, *,
+                   shared_user: bool, first_order: bool = False,
+                   loss_fn: Callable | None = None) -> jax.Array:
+  """The query output after one inner SGD step on ``loss_fn(out, y, support)`` (the
+  masked MSE by default), in kernel form (:func:`one_step_forward`). e: [L, D];
+  y: float32[L]; support: bool[L]; e_query: [Q, D] -> float32[Q] (or [Q, C])."""
+  loss_fn = loss_fn or metrics.masked_mse
+  (out, _, _), _ = one_step_forward(
+      module, params, local_modules, alpha, e, e_query,
+      lambda forward: loss_fn(forward[0], y, support), shared_user=shared_user,
+      first_order=first_order)
+  return out
+
 
 # Local (inner-loop) modules. The FAST code adapts item_fc, user_fc, fc1, fc2 but, by a
 # name typo, not the output layer (docs/methods.md §4); MeLU and CLOVER adapt it too.

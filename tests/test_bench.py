@@ -138,7 +138,8 @@ def test_run_authors_failure_is_one_line_naming_the_folder(tmp_path):
     (["--authors", "{tmp}", "--authors-python", "no-such-python", "--rounds", "0"],
      "--rounds must be at least 1, got 0"),
     (["--inner-forms", "--rounds", "0"], "--rounds must be at least 1, got 0"),
-    (["--inner-forms", "--method", "clover"], "--inner-forms: --method must be a MAML method"),
+    (["--inner-forms", "--method", "widedeep"],
+     "--inner-forms: --method must be a meta-learning method"),
 ])
 def test_authors_flags_are_checked_before_anything_runs(tmp_path, capsys, argv, message):
   import importlib.util

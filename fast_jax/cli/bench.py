@@ -34,7 +34,7 @@ and prints each round and the median ratios. Rounds interleave the two so that a
 whose speed drifts slows both.
 
 ``--inner-forms`` times the epoch of a one-step setting (MeLU on Book-Crossing, MetaCS on
-any dataset) with its inner step in kernel form (the default,
+any dataset; any meta-learning method, CLOVER included) with its inner step in kernel form (the default,
 :func:`fast_jax.models.one_step_query`) and with the adapted weights formed, compiled in
 one process and run alternately for ``--rounds`` rounds, and prints both, the ratio of
 their medians and how far the two sets of parameters are apart after one epoch (rounding,
@@ -518,10 +518,9 @@ def main(argv=None) -> int:
     cfg = Config(dataset=args.dataset, data_dir=args.data_dir, backbone=args.backbone,
                  method=args.method, p_update=args.p_update, batch_size=args.batch_size,
                  first_order=args.first_order, length_parts=args.length_parts)
-    if args.method not in config_lib.META_METHODS or args.method == "clover":
-      p.error(f"--inner-forms: --method must be a MAML method "
-              f"({', '.join(m for m in config_lib.META_METHODS if m != 'clover')}), "
-              f"got {args.method!r}")
+    if args.method not in config_lib.META_METHODS:
+      p.error(f"--inner-forms: --method must be a meta-learning method "
+              f"({', '.join(config_lib.META_METHODS)}), got {args.method!r}")
     data = load_dataset(cfg, progress=False)
     cfg = resolve(cfg, data.meta["dataset"])
     if cfg.inner_steps != 1:

@@ -68,7 +68,7 @@ import numpy as np
 import optax
 
 from fast_jax import config as config_lib
-from fast_jax import fairness, meta, metrics
+from fast_jax import fairness, meta, metrics, models
 from fast_jax.config import Config, UsageError
 from fast_jax.methods import fast, origin
 from fast_jax.methods import learner as learn
@@ -243,6 +243,9 @@ class Players:
                inner_steps: int, first_order: bool, adv_inner_lr: float):
     self.backbone, self.labels, self.spec = backbone, labels, spec
     self.inner_steps, self.first_order, self.adv_inner_lr = inner_steps, first_order, adv_inner_lr
+    # One inner step in kernel form, as learner.maml's (docs/methods.md §4).
+    self.kernel_form = (learn.ONE_STEP_KERNEL and inner_steps == 1
+                        and isinstance(backbone.module, models.MeLU))
     self.adversaries = {"a1": Adversary(spec.num_groups, item_branch=self._branch(spec.out1))}
     if spec.use_a2:
       self.adversaries["a2"] = Adversary(spec.num_groups, item_branch=self._branch(spec.out2))
@@ -357,10 +360,36 @@ class Players:
                           first_order=self.first_order)
     return merge_params(local, glob), adv
 
+  def adapt_forward(self, rec: Params, adv: Params, alpha, e: jax.Array, y: jax.Array,
+                    support: jax.Array, group: jax.Array, e_query: jax.Array, *,
+                    inner_max: bool, inner_adv: bool):
+    """:meth:`adapt` for one inner step, in kernel form
+    (:func:`fast_jax.models.one_step_forward`): the adapted recommender's (output, h_item,
+    h_user) on the query rows e_query [Q, D], without forming its parameters, and the
+    adapted adversary. The recommender steps down the same loss as in :meth:`adapt`, the
+    adversary down its own from the same forward pass."""
+    fool = self.spec.lam1 if inner_max else 0.0
+
+    def rec_loss(forward):
+      if not (inner_max or inner_adv):
+        return metrics.masked_mean(self.rating_loss(forward[0], y), support)
+      l_rec, l_adv = self.losses_of(forward, adv, y, support, group)
+      return l_rec - fool * l_adv if fool else l_rec
+    forward_query, forward = models.one_step_forward(
+        self.backbone.module, rec, self.backbone.local_modules, alpha, e, e_query, rec_loss,
+        shared_user=self.backbone.user_rows_shared, first_order=self.first_order)
+    if inner_adv:
+      g_adv = jax.grad(lambda a: self.losses_of(forward, a, y, support, group)[1])(adv)
+      if self.first_order:
+        g_adv = jax.lax.stop_gradient(g_adv)
+      adv = jax.tree.map(lambda a, g: a - self.adv_inner_lr * g, adv, g_adv)
+    return forward_query, adv
+
   def batch_losses(self, rec: Params, adv: Params, alpha, batch: dict, support: jax.Array,
                    query_idx: jax.Array, *, run: Callable = meta.whole_batch):
     """Per-user query (L_rec, L_adv) after the training inner loop: (float[B], float[B]).
     ``run``: the batch runner (:func:`fast_jax.methods.learner.batch_runner`)."""
+    direct = self.kernel_form and not isinstance(alpha, dict)
 
     def part(support, query_idx, x, y, group):
       e = self.backbone.embed(rec, x)
@@ -368,8 +397,12 @@ class Players:
       q_mask = jnp.ones(y_q.shape[-1], bool)
 
       def one_user(e_u, y_u, s_u, g_u, eq_u, yq_u):
-        rec_u, adv_u = self.adapt(rec, adv, alpha, e_u, y_u, s_u, g_u,
-                                  inner_max=self.spec.inner_max, inner_adv=self.spec.inner_adv)
+        flags = dict(inner_max=self.spec.inner_max, inner_adv=self.spec.inner_adv)
+        if direct:
+          forward, adv_u = self.adapt_forward(rec, adv, alpha, e_u, y_u, s_u, g_u, eq_u,
+                                              **flags)
+          return self.losses_of(forward, adv_u, yq_u, q_mask, g_u)
+        rec_u, adv_u = self.adapt(rec, adv, alpha, e_u, y_u, s_u, g_u, **flags)
         return self.losses(rec_u, adv_u, eq_u, yq_u, q_mask, g_u)
       return jax.vmap(one_user)(e, y, support, group, e_q, y_q)
     return run(part, support, query_idx, batch["x"], batch["y"], batch["group"])
@@ -386,9 +419,17 @@ class Players:
                               inner_max=inner_max, inner_adv=with_adv and inner_max)
         return rec_u
       return adapt
+
+    def query_output(params, alpha, e_u, y_u, s_u, g_u, eq_u):
+      # One step: both players step from the same point, so the adversary's own step
+      # does not move the recommender's, and is skipped.
+      (out, _, _), _ = self.adapt_forward(params["rec"], params["adv"], alpha, e_u, y_u, s_u,
+                                          g_u, eq_u, inner_max=inner_max, inner_adv=False)
+      return out
     return learn.Learner(self.backbone, self.labels, adapter(inner_adv),
                          recommender=lambda params: params["rec"], readout=self.to_rating,
-                         adapt_for_repr=adapter(False))
+                         adapt_for_repr=adapter(False),
+                         query_output=query_output if self.kernel_form else None)
 
 
 def player_grads(objectives: Callable, rec: Params, adv: Params, lam1: float, *,

@@ -84,9 +84,10 @@ class Learner(NamedTuple):
   query_output: Callable | None = None
 
 
-# One-step MAML runs in kernel form (Backbone.one_step_query): on a 2-core CPU an epoch of
-# every one-step row (MeLU on Book-Crossing, MetaCS on all three datasets) ran x1.21-1.31
-# faster, the same function up to rounding (EXPERIMENTS.md, Speed).
+# One-step MAML runs in kernel form (Backbone.one_step_query; CLOVER's players too): on a
+# 2-core CPU an epoch of every one-step row (MeLU on Book-Crossing, MetaCS and MetaCS+CLOVER
+# on all three datasets) ran x1.18-1.31 faster alone, x1.06-1.17 beside a second job; the
+# same function up to rounding (EXPERIMENTS.md, Speed). bench.py --inner-forms times both.
 ONE_STEP_KERNEL = True
 
 
