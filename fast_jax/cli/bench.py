@@ -34,11 +34,11 @@ and prints each round and the median ratios. Rounds interleave the two so that a
 whose speed drifts slows both.
 
 ``--inner-forms`` times the epoch of a one-step setting (MeLU on Book-Crossing, MetaCS on
-any dataset; any meta-learning method, CLOVER included) with its inner step in kernel form (the default,
-:func:`fast_jax.models.one_step_query`) and with the adapted weights formed, compiled in
-one process and run alternately for ``--rounds`` rounds, and prints both, the ratio of
-their medians and how far the two sets of parameters are apart after one epoch (rounding,
-which Adam's steps amplify; relative to each array's largest value).
+any dataset; any meta-learning method, CLOVER included) with its inner step in kernel
+form (the default, :func:`fast_jax.models.one_step_forward`) and with the adapted weights
+formed, compiled in one process and run alternately for ``--rounds`` rounds, and prints
+both, the ratio of their medians and how far the two sets of parameters are apart after
+one epoch (rounding, which Adam's steps amplify; relative to each array's largest value).
 
 Without those flags it prints,
 for MeLU+FAST (or --backbone/--method, any meta-learning method) on the
