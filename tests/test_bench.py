@@ -189,7 +189,6 @@ def test_inner_forms_refuses_a_setting_of_more_than_one_inner_step(prepared, mon
 def test_inner_forms_times_both_programs_alternately_and_prints_their_median_ratio(
     prepared, monkeypatch, capsys, fast_compilation):
   data = prepared("synthetic", **TINY)
-  monkeypatch.setattr(bench, "load_dataset", lambda cfg, progress: data)
   forms = []
   real_runner = bench.Runner
 
@@ -197,17 +196,23 @@ def test_inner_forms_times_both_programs_alternately_and_prints_their_median_rat
     forms.append(bench.learn.ONE_STEP_KERNEL)
     return real_runner(cfg, data)
   monkeypatch.setattr(bench, "Runner", runner)
-  assert bench.main(["--inner-forms", "--dataset", "synthetic", "--backbone", "metacs",
-                     "--batch-size", "8", "--rounds", "2"]) == 0
-  assert forms == [False, True]  # the weights form, then the kernel form
-  assert "metacs+fast on synthetic, one inner step, 2 rounds" in capsys.readouterr().out
   cfg = config_lib.resolve(Config(dataset="synthetic", backbone="metacs", batch_size=8),
                            "synthetic")
   r = bench.bench_inner_forms(cfg, data, rounds=3)
+  assert forms == [False, True]  # the weights form, then the kernel form
+  assert bench.learn.ONE_STEP_KERNEL  # switched back
   assert [len(t) for t in r["times"].values()] == [3, 3]
   assert 0 <= r["state_diff"] < 1e-2  # the same function up to (Adam-amplified) rounding
-  bench.print_inner_forms(r)
+  # The command line: its settings reach the bench, whose result it prints.
+  calls = []
+  monkeypatch.setattr(bench, "load_dataset", lambda cfg, progress: data)
+  monkeypatch.setattr(bench, "bench_inner_forms",
+                      lambda cfg, data, rounds: calls.append((cfg.backbone, rounds)) or r)
+  assert bench.main(["--inner-forms", "--dataset", "synthetic", "--backbone", "metacs",
+                     "--batch-size", "8", "--rounds", "3"]) == 0
+  assert calls == [("metacs", 3)]
   out = capsys.readouterr().out
+  assert "metacs+fast on synthetic, one inner step, 3 rounds" in out
   ratio = np.median(r["times"]["weights"]) / np.median(r["times"]["kernel"])
   assert f"kernel form x{ratio:.2f} (ratio of medians)" in out
   for form in ("weights", "kernel"):
