@@ -223,81 +223,72 @@ def one_step_forward(module: MeLU, params: Params, local_modules: Sequence[str],
   if not has_user:
     local.discard("user_fc")
 
-  def dense(name, x):
-    return x @ params[name]["kernel"] + params[name]["bias"]
+  def forward(rows, adjust):
+    """The head on ``rows`` with ``adjust(name, z, x) -> z`` applied to each local layer's
+    pre-activation z of input x (fc1's input: the item and user halves) -> (output,
+    {layer: its input})."""
+    def dense(name, x):
+      z = x @ params[name]["kernel"] + params[name]["bias"]
+      return adjust(name, z, x) if name in local else z
 
-  def fc1(h_item, h_user):
-    if h_user is None:
-      return dense("fc1", h_item)
-    w = params["fc1"]["kernel"]
-    return h_item @ w[:split] + (h_user @ w[split:] + params["fc1"]["bias"])
-
-  def user_rows(rows):
-    return rows[:1, item_dim:] if shared else rows[:, item_dim:]
-
-  def output(out, h_item, h_user):
+    x_item = rows[:, :item_dim]
+    h_item = nn.relu(dense("item_fc", x_item))
+    h_user, inputs = None, {"item_fc": x_item}
+    if has_user:
+      inputs["user_fc"] = rows[:1, item_dim:] if shared else rows[:, item_dim:]
+      h_user = nn.relu(dense("user_fc", inputs["user_fc"]))
+      w = params["fc1"]["kernel"]
+      z = h_item @ w[:split] + (h_user @ w[split:] + params["fc1"]["bias"])
+      inputs["fc1"] = (h_item, h_user)
+      h = nn.relu(adjust("fc1", z, inputs["fc1"]) if "fc1" in local else z)
+    else:
+      inputs["fc1"] = h_item
+      h = nn.relu(dense("fc1", h_item))
+    inputs["fc2"] = h
+    inputs["out"] = h = nn.relu(dense("fc2", h))
+    out = dense("out", h)
     out = out[..., 0] if module.out_dim == 1 else out
     if h_user is not None:
       h_user = jnp.broadcast_to(h_user, h_item.shape[:-1] + h_user.shape[-1:])
-    return out, h_item, h_user
+    return (out, h_item, h_user), inputs
 
   def loss(taps):
-    tap = lambda name, z: z + taps[name] if name in taps else z
-    inputs = {"item_fc": e[:, :item_dim]}
-    h_item = nn.relu(tap("item_fc", dense("item_fc", inputs["item_fc"])))
-    h_user = None
-    if has_user:
-      inputs["user_fc"] = user_rows(e)
-      h_user = nn.relu(tap("user_fc", dense("user_fc", inputs["user_fc"])))
-    inputs["fc1"] = (h_item, h_user)
-    inputs["fc2"] = nn.relu(tap("fc1", fc1(h_item, h_user)))
-    inputs["out"] = nn.relu(tap("fc2", dense("fc2", inputs["fc2"])))
-    forward = output(tap("out", dense("out", inputs["out"])), h_item, h_user)
-    return support_loss(forward), (inputs, forward)
+    output, inputs = forward(e, lambda name, z, x: z + taps[name])
+    return support_loss(output), (output, inputs)
 
   rows = e.shape[0]
   widths = {"item_fc": split, "user_fc": split, "fc1": module.hidden, "fc2": module.hidden,
             "out": module.out_dim}
   taps = {name: jnp.zeros((1 if name == "user_fc" and shared else rows, widths[name]), e.dtype)
           for name in local}
-  dz, (inputs, support_forward) = jax.grad(loss, has_aux=True)(taps)
+  dz, (support_output, support) = jax.grad(loss, has_aux=True)(taps)
   if first_order:
-    inputs, dz = jax.lax.stop_gradient((inputs, dz))
+    support, dz = jax.lax.stop_gradient((support, dz))
 
-  def step(name, z, x_query, x):
-    if name not in local:
-      return z
-    return z - alpha * ((x_query @ x.T) @ dz[name] + jnp.sum(dz[name], axis=0))
+  def step(name, z, x):
+    d = dz[name]
+    if not isinstance(x, tuple):
+      return z - alpha * ((x @ support[name].T) @ d + jnp.sum(d, axis=0))
+    (x_item, x_user), (s_item, s_user) = x, support[name]
+    # fc1's user half saw one row broadcast to all L when the tower is shared.
+    d_user = jnp.sum(d, 0, keepdims=True) if shared else d
+    return z - alpha * ((x_item @ s_item.T) @ d + (x_user @ s_user.T) @ d_user
+                        + jnp.sum(d, axis=0))
 
-  x_item = e_query[:, :item_dim]
-  h_item = nn.relu(step("item_fc", dense("item_fc", x_item), x_item, inputs["item_fc"]))
-  h_user = None
-  if has_user:
-    x_user = user_rows(e_query)
-    h_user = nn.relu(step("user_fc", dense("user_fc", x_user), x_user, inputs["user_fc"]))
-  z = fc1(h_item, h_user)
-  if "fc1" in local:
-    s_item, s_user = inputs["fc1"]
-    d = dz["fc1"]
-    z = z - alpha * ((h_item @ s_item.T) @ d + jnp.sum(d, axis=0))
-    if h_user is not None:
-      z = z - alpha * ((h_user @ s_user.T) @ (jnp.sum(d, 0, keepdims=True) if shared else d))
-  h = nn.relu(z)
-  h = nn.relu(step("fc2", dense("fc2", h), h, inputs["fc2"]))
-  return output(step("out", dense("out", h), h, inputs["out"]), h_item, h_user), support_forward
+  query_output, _ = forward(e_query, step)
+  return query_output, support_output
 
 
 def one_step_query(module: MeLU, params: Params, local_modules: Sequence[str], alpha: jax.Array,
                    e: jax.Array, y: jax.Array, support: jax.Array, e_query: jax.Array, *,
-                   shared_user: bool, first_order: bool = False,
-                   loss_fn: Callable | None = None) -> jax.Array:
-  """The query output after one inner SGD step on ``loss_fn(out, y, support)`` (the
-  masked MSE by default), in kernel form (:func:`one_step_forward`). e: [L, D];
-  y: float32[L]; support: bool[L]; e_query: [Q, D] -> float32[Q] (or [Q, C])."""
-  loss_fn = loss_fn or metrics.masked_mse
+                   shared_user: bool, first_order: bool = False) -> jax.Array:
+  """The query output after one inner SGD step on the masked MSE of the support rows (the
+  MAML step of :func:`fast_jax.meta.inner_adapt`), in kernel form
+  (:func:`one_step_forward`). e: [L, D]; y: float32[L]; support: bool[L];
+  e_query: [Q, D] -> float32[Q] (or [Q, C])."""
   (out, _, _), _ = one_step_forward(
       module, params, local_modules, alpha, e, e_query,
-      lambda forward: loss_fn(forward[0], y, support), shared_user=shared_user,
+      lambda output: metrics.masked_mse(output[0], y, support), shared_user=shared_user,
       first_order=first_order)
   return out
 
@@ -365,14 +356,17 @@ class Backbone:
       return self.head(params, e)
     return self.module.apply({"params": params}, e, method="head_one_user")
 
+  @property
+  def kernel_form(self) -> bool:
+    """Whether one inner step can run in kernel form (:func:`one_step_forward`): MeLU's
+    network; any other adapts its parameters and calls :meth:`head_user`."""
+    return isinstance(self.module, MeLU)
+
   def one_step_query(self, params: Params, alpha: jax.Array, e: jax.Array, y: jax.Array,
                      support: jax.Array, e_query: jax.Array, *,
-                     first_order: bool = False) -> jax.Array | None:
+                     first_order: bool = False) -> jax.Array:
     """The query output after one inner SGD step on one user's embedded rows, in kernel
-    form (:func:`one_step_query`); None when the network is not MeLU's (then adapt the
-    parameters and call :meth:`head_user`)."""
-    if not isinstance(self.module, MeLU):
-      return None
+    form (:func:`one_step_query`; only when :attr:`kernel_form`)."""
     return one_step_query(self.module, params, self.local_modules, alpha, e, y, support,
                           e_query, shared_user=self.user_rows_shared, first_order=first_order)
 

@@ -196,13 +196,14 @@ def test_inner_forms_times_both_programs_alternately_and_prints_their_median_rat
     forms.append(bench.learn.ONE_STEP_KERNEL)
     return real_runner(cfg, data)
   monkeypatch.setattr(bench, "Runner", runner)
+  monkeypatch.setattr(bench.learn, "ONE_STEP_KERNEL", None)
   cfg = config_lib.resolve(Config(dataset="synthetic", backbone="metacs", batch_size=8),
                            "synthetic")
   r = bench.bench_inner_forms(cfg, data, rounds=3)
   assert forms == [False, True]  # the weights form, then the kernel form
-  assert bench.learn.ONE_STEP_KERNEL  # switched back
+  assert bench.learn.ONE_STEP_KERNEL is None  # the switch is put back as it was
   assert [len(t) for t in r["times"].values()] == [3, 3]
-  assert 0 <= r["state_diff"] < 1e-2  # the same function up to (Adam-amplified) rounding
+  assert 0 <= r["params_diff"] < 1e-2  # the same function up to (Adam-amplified) rounding
   # The command line: its settings reach the bench, whose result it prints.
   calls = []
   monkeypatch.setattr(bench, "load_dataset", lambda cfg, progress: data)

@@ -11,15 +11,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fast_jax import meta, metrics
+from fast_jax import meta
 from fast_jax.methods import learner as learn
 from fast_jax.models import FAST_LOCAL, MELU_LOCAL, make_backbone
 
-# (dataset, user tower once per user, adapted layers, first order)
+# (dataset, user tower: once per user / per row / no user fields, adapted layers, first order)
 CASES = [
-    ("ml100k", True, FAST_LOCAL, False),
-    ("ml100k", False, MELU_LOCAL, False),
-    ("bookcrossing", True, MELU_LOCAL, True),
+    ("ml100k", "once", FAST_LOCAL, False),
+    ("ml100k", "per row", MELU_LOCAL, False),
+    ("bookcrossing", "once", MELU_LOCAL, True),
+    ("bookcrossing", "none", MELU_LOCAL, False),
 ]
 USERS, ALPHA = 4, 0.05
 
@@ -36,10 +37,12 @@ def _numpy_one_step(params, e, y, support, e_query, item_dim, local, alpha):
   e, y, s = np.asarray(e, np.float64), np.asarray(y, np.float64), np.asarray(support, bool)
   relu = lambda a: np.maximum(a, 0.0)
 
+  towers = ("item_fc", "user_fc") if e.shape[1] > item_dim else ("item_fc",)
+
   def forward(p, e):
     acts = {"item_fc": e[:, :item_dim], "user_fc": e[:, item_dim:]}
-    z = {name: acts[name] @ p[name]["kernel"] + p[name]["bias"] for name in ("item_fc", "user_fc")}
-    acts["fc1"] = np.concatenate([relu(z["item_fc"]), relu(z["user_fc"])], -1)
+    z = {name: acts[name] @ p[name]["kernel"] + p[name]["bias"] for name in towers}
+    acts["fc1"] = np.concatenate([relu(z[name]) for name in towers], -1)
     z["fc1"] = acts["fc1"] @ p["fc1"]["kernel"] + p["fc1"]["bias"]
     acts["fc2"] = relu(z["fc1"])
     z["fc2"] = acts["fc2"] @ p["fc2"]["kernel"] + p["fc2"]["bias"]
@@ -54,8 +57,9 @@ def _numpy_one_step(params, e, y, support, e_query, item_dim, local, alpha):
   d_concat = dz["fc1"] @ p["fc1"]["kernel"].T
   half = p["item_fc"]["kernel"].shape[1]
   dz["item_fc"] = d_concat[:, :half] * (z["item_fc"] > 0)
-  dz["user_fc"] = d_concat[:, half:] * (z["user_fc"] > 0)
-  for name in local:
+  if "user_fc" in towers:
+    dz["user_fc"] = d_concat[:, half:] * (z["user_fc"] > 0)
+  for name in set(local) & set(dz):
     p[name] = {"kernel": p[name]["kernel"] - alpha * acts[name].T @ dz[name],
                "bias": p[name]["bias"] - alpha * dz[name].sum(0)}
   return forward(p, np.asarray(e_query, np.float64))[1]["out"][:, 0]
@@ -67,12 +71,14 @@ def _batch(data):
   return x, jnp.asarray(data.train.y[:USERS]), support, query
 
 
-@pytest.mark.parametrize("name,shared,local,first_order", CASES)
-def test_one_step_query_equals_a_numpy_step_and_adapting_the_weights(prepared, name, shared,
+@pytest.mark.parametrize("name,tower,local,first_order", CASES)
+def test_one_step_query_equals_a_numpy_step_and_adapting_the_weights(prepared, name, tower,
                                                                      local, first_order):
   data = prepared(name)
-  bb = make_backbone(data.meta, out_bias=3.5, user_rows_shared=shared)
-  bb = dataclasses.replace(bb, local_modules=local)
+  bb = make_backbone(data.meta, out_bias=3.5, user_rows_shared=tower == "once")
+  user_fields = tuple(f["name"] for f in data.meta["fields"] if f["side"] == "user")
+  module = bb.module.clone(drop_fields=user_fields) if tower == "none" else bb.module
+  bb = dataclasses.replace(bb, module=module, local_modules=local)
   x, y, support, query = _batch(data)
   params = bb.init(jax.random.key(0), x[0])
   labels = bb.labels(params)

@@ -132,7 +132,7 @@ def bench_inner_forms(cfg: Config, data, rounds: int) -> dict:
   """Seconds per epoch with one inner step in kernel form against forming the adapted
   weights: both epoch programs compiled in this process, then run alternately, ``rounds``
   times each from the same state (so a drifting machine slows both). Returns
-  {"times": {form: [s per round]}, "compile_s": {form: s}, "state_diff": the largest
+  {"times": {form: [s per round]}, "compile_s": {form: s}, "params_diff": the largest
   difference between the two forms' parameters after one epoch, relative to the largest
   value of the array it is in}."""
   key = jax.random.key(0)
@@ -156,7 +156,7 @@ def bench_inner_forms(cfg: Config, data, rounds: int) -> dict:
   # rounding of zero by up to its full rate either way, so rounding shows there first.
   diff = max(float(np.max(np.abs(a - b)) / max(np.max(np.abs(a)), 1e-30))
              for a, b in zip(floats(after["weights"]), floats(after["kernel"])) if a.size)
-  return {"times": times, "compile_s": compile_s, "state_diff": diff}
+  return {"times": times, "compile_s": compile_s, "params_diff": diff}
 
 
 def print_inner_forms(r: dict) -> None:
@@ -167,7 +167,7 @@ def print_inner_forms(r: dict) -> None:
           f"{np.median(t):.3f} (compile+first epoch {r['compile_s'][form]:.1f} s)")
   ratio = np.median(r["times"]["weights"]) / np.median(r["times"]["kernel"])
   print(f"  kernel form x{ratio:.2f} (ratio of medians); the parameters after one epoch "
-        f"differ by at most {r['state_diff']:.1e} of an array's largest value")
+        f"differ by at most {r['params_diff']:.1e} of an array's largest value")
 
 
 def bench_vmapped_seeds(runner: Runner, seeds: int) -> dict:

@@ -244,8 +244,7 @@ class Players:
     self.backbone, self.labels, self.spec = backbone, labels, spec
     self.inner_steps, self.first_order, self.adv_inner_lr = inner_steps, first_order, adv_inner_lr
     # One inner step in kernel form, as learner.maml's (docs/methods.md §4).
-    self.kernel_form = (learn.ONE_STEP_KERNEL and inner_steps == 1
-                        and isinstance(backbone.module, models.MeLU))
+    self.kernel_form = learn.ONE_STEP_KERNEL and inner_steps == 1 and backbone.kernel_form
     self.adversaries = {"a1": Adversary(spec.num_groups, item_branch=self._branch(spec.out1))}
     if spec.use_a2:
       self.adversaries["a2"] = Adversary(spec.num_groups, item_branch=self._branch(spec.out2))

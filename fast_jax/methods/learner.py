@@ -21,7 +21,7 @@ import optax
 
 from fast_jax import meta, metrics
 from fast_jax.config import Config
-from fast_jax.models import Backbone, MeLU, make_backbone, split_params
+from fast_jax.models import Backbone, make_backbone, split_params
 
 Params = Any
 
@@ -102,7 +102,7 @@ def maml(backbone: Backbone, labels: Params, *, steps: int, first_order: bool) -
 
   def query_output(params, alpha, e_u, y_u, s_u, g_u, eq_u):
     return backbone.one_step_query(params, alpha, e_u, y_u, s_u, eq_u, first_order=first_order)
-  direct = ONE_STEP_KERNEL and steps == 1 and isinstance(backbone.module, MeLU)
+  direct = ONE_STEP_KERNEL and steps == 1 and backbone.kernel_form
   return Learner(backbone, labels, adapt, query_output=query_output if direct else None)
 
 
