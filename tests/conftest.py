@@ -92,14 +92,31 @@ def prepared(data_cache):
 TINY = dict(num_minority=12, num_majority=36)
 
 
-@pytest.fixture
-def fast_compilation():
-  """XLA without most optimisations: on tiny runs compiling, not running, dominates."""
+@pytest.fixture(scope="session", autouse=True)
+def _fast_compilation():
+  """XLA without most optimisations, in this process and the tests' subprocesses: on the
+  suite's tiny runs compiling, not running, dominates (the whole suite ran 548 s instead
+  of 618 s). A test marked ``optimized`` compiles as users do."""
   import jax
   before = jax.config.read("jax_disable_most_optimizations")
   jax.config.update("jax_disable_most_optimizations", True)
-  yield
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setenv("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+    yield
   jax.config.update("jax_disable_most_optimizations", before)
+
+
+@pytest.fixture(autouse=True)
+def _optimized_when_marked(request):
+  if request.node.get_closest_marker("optimized") is None:
+    yield
+    return
+  import jax
+  jax.config.update("jax_disable_most_optimizations", False)
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setenv("JAX_DISABLE_MOST_OPTIMIZATIONS", "0")
+    yield
+  jax.config.update("jax_disable_most_optimizations", True)
 
 
 def assert_one_line_error(result, *names: str) -> str:

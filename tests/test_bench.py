@@ -57,8 +57,7 @@ def test_breakdown_table_sums_the_seeds_and_takes_the_median_of_the_later_ones(p
       assert middle == []
 
 
-def test_breakdown_of_a_tiny_run_times_every_phase_of_every_seed(prepared, monkeypatch,
-                                                                  fast_compilation):
+def test_breakdown_of_a_tiny_run_times_every_phase_of_every_seed(prepared, monkeypatch):
   data = prepared("synthetic", **TINY)
   monkeypatch.setattr(bench, "load_dataset", lambda cfg, progress: data)
   per_seed = bench.bench_breakdown(Config(dataset="synthetic", method="fast", batch_size=8),
@@ -154,8 +153,7 @@ def test_authors_flags_are_checked_before_anything_runs(tmp_path, capsys, argv, 
 
 
 def test_side_by_side_rounds_time_both_modes_and_print_median_ratios(tmp_path, prepared,
-                                                                     monkeypatch, capsys,
-                                                                     fast_compilation):
+                                                                     monkeypatch, capsys):
   import sys
   data = prepared("synthetic", **TINY)
   monkeypatch.setattr(bench, "load_dataset", lambda cfg, progress: data)
@@ -187,7 +185,7 @@ def test_inner_forms_refuses_a_setting_of_more_than_one_inner_step(prepared, mon
 
 
 def test_inner_forms_times_both_programs_alternately_and_prints_their_median_ratio(
-    prepared, monkeypatch, capsys, fast_compilation):
+    prepared, monkeypatch, capsys):
   data = prepared("synthetic", **TINY)
   forms = []
   real_runner = bench.Runner

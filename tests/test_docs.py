@@ -12,7 +12,6 @@ import re
 import sys
 import types
 
-import jax
 import pytest
 
 from conftest import PROJECT_ROOT
@@ -35,14 +34,11 @@ def test_extending_guide_snippets_run(tmp_path, monkeypatch):
   module = types.ModuleType("extending_md")  # Flax modules (dataclasses) need a real module
   monkeypatch.setitem(sys.modules, module.__name__, module)
   namespace = module.__dict__
-  optimizations_off = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)  # tiny runs: compiling dominates
   registered = dict(methods.REGISTRY)  # the guide registers a method: not for later tests
   try:
     for i, block in enumerate(blocks):  # a traceback names "extending.md block N", line
       exec(compile(block, f"{GUIDE.name} block {i + 1}", "exec"), namespace)
   finally:
-    jax.config.update("jax_disable_most_optimizations", optimizations_off)
     methods.REGISTRY.clear()
     methods.REGISTRY.update(registered)
   # The snippets did what the guide says they do.
@@ -77,16 +73,11 @@ def test_results_guide_recomputes_results_json_and_fairlearn_agrees(prepared, tm
   from fast_jax.config import Config
   from fast_jax.experiment import train_and_evaluate
   run = tmp_path / "run"
-  optimizations_off = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)  # a tiny run: compiling dominates
-  try:
-    results = train_and_evaluate(
-        Config(dataset="synthetic", method="origin", epochs=1, seeds=1, batch_size=8,
-               lr=1e-3, inner_lr=1e-2, attack=False), run,
-        data=prepared("synthetic", num_minority=12, num_majority=36), progress=False,
-        echo=lambda text: None)
-  finally:
-    jax.config.update("jax_disable_most_optimizations", optimizations_off)
+  results = train_and_evaluate(
+      Config(dataset="synthetic", method="origin", epochs=1, seeds=1, batch_size=8,
+             lr=1e-3, inner_lr=1e-2, attack=False), run,
+      data=prepared("synthetic", num_minority=12, num_majority=36), progress=False,
+      echo=lambda text: None)
   ns.update(run=run, results=results)
   for i, block in enumerate(blocks[2:], start=3):
     exec(compile(block, f"{RESULTS_GUIDE.name} block {i}", "exec"), ns)

@@ -34,11 +34,6 @@ SETTINGS = {"clover": {"clover_preset": "a1-ext", "loss": "mse"}}
 SPREAD = dict(TINY, min_ratings=11, max_ratings=80, num_items=120)
 
 
-@pytest.fixture(autouse=True)
-def _fast_compilation(fast_compilation):
-  yield
-
-
 @pytest.mark.parametrize("lengths, chunk, budgets", PLANS)
 def test_chunk_plan_covers_every_user_once_on_the_smallest_budget_that_fits(lengths, chunk,
                                                                             budgets):

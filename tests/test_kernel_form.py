@@ -25,11 +25,6 @@ CASES = [
 USERS, ALPHA = 4, 0.05
 
 
-@pytest.fixture(autouse=True)
-def _fast_compilation(fast_compilation):
-  yield
-
-
 def _numpy_one_step(params, e, y, support, e_query, item_dim, local, alpha):
   """One SGD step of the per-row head on the masked MSE, gradients by hand, float64;
   then the adapted head on the query rows."""

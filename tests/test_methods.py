@@ -22,11 +22,6 @@ CASES = ([(m, b, SETTINGS.get(m, {})) for m in META for b in BACKBONES]
          + [(m, "melu", {}) for m in BASELINES])
 
 
-@pytest.fixture(autouse=True)
-def _fast_compilation(fast_compilation):
-  yield
-
-
 def test_every_method_is_registered():
   assert set(methods.REGISTRY) == set(META) | set(BASELINES)
 

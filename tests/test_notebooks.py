@@ -71,7 +71,6 @@ def executed(tmp_path_factory):
     mp.setenv("FAST_JAX_CACHE", str(root / "cache"))
     mp.setenv("JAX_PLATFORMS", "cpu")
     mp.setenv("MPLBACKEND", "agg")
-    mp.setenv("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")  # tiny runs: compiling dominates
     with concurrent.futures.ThreadPoolExecutor(len(runs)) as pool:
       futures = {name: pool.submit(execute, name, params, root) for name, params in runs.items()}
       return {name: (f.result(), root) for name, f in futures.items()}

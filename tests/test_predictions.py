@@ -20,11 +20,6 @@ from conftest import TINY
 COLUMNS = ["user_id", "group", "item_row", "y", "y_hat", "y_hat_unadapted"]
 
 
-@pytest.fixture(autouse=True)
-def _fast_compilation(fast_compilation):
-  yield
-
-
 def _cfg(method="origin", **kw):
   return Config(**{**dict(dataset="synthetic", method=method, epochs=1, seeds=1, batch_size=8,
                           lr=1e-3, inner_lr=1e-2, attack=False), **kw})
@@ -39,12 +34,7 @@ def _user_mae(pred: pd.DataFrame, column: str) -> float:
 def origin_run(prepared, tmp_path_factory):
   data = prepared("synthetic", **TINY)
   out = tmp_path_factory.mktemp("origin")
-  before = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)  # module scope: set here too
-  try:
-    results = train_and_evaluate(_cfg(), out, data=data, progress=False, echo=lambda t: None)
-  finally:
-    jax.config.update("jax_disable_most_optimizations", before)
+  results = train_and_evaluate(_cfg(), out, data=data, progress=False, echo=lambda t: None)
   return data, out, results
 
 

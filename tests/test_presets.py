@@ -73,6 +73,7 @@ def test_an_older_run_without_a_preset_reads_as_the_code_preset():
   assert config_lib.from_record(record).preset == "code"
 
 
+@pytest.mark.optimized
 def test_the_code_preset_reproduces_a_committed_per_seed_result(prepared, tmp_path):
   """MeLU Origin on ML-100K, seed 1024, 50 epochs, --preset code and nothing else: the
   committed run.sh-regime result (results/runs_code), to float32 accumulation noise (its

@@ -178,7 +178,7 @@ INNER_LR_BACKBONES = ["melu", "metacs"]
 
 
 @pytest.mark.parametrize("backbone", INNER_LR_BACKBONES)
-def test_inner_lr_lanes_match_sequential_runs(prepared, tmp_path, backbone, fast_compilation):
+def test_inner_lr_lanes_match_sequential_runs(prepared, tmp_path, backbone):
   data = prepared("synthetic")
   base = dict(dataset="synthetic", backbone=backbone, method="origin", epochs=1, seeds=1,
               lr=1e-3, attack=False)
@@ -191,8 +191,7 @@ def test_inner_lr_lanes_match_sequential_runs(prepared, tmp_path, backbone, fast
   assert abs(vec[0]["mean"]["mae"] - vec[1]["mean"]["mae"]) > 1e-4  # the lanes' own rates
 
 
-def test_vmapped_epoch_mode_lanes_carry_their_own_end_of_epoch_p(prepared, tmp_path,
-                                                                fast_compilation):
+def test_vmapped_epoch_mode_lanes_carry_their_own_end_of_epoch_p(prepared, tmp_path):
   """FAST's epoch mode moves p after each epoch on the host: written back lane by lane,
   every lane's p per epoch equals its sequential run's."""
   data = prepared("synthetic")

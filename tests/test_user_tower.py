@@ -51,11 +51,6 @@ def test_head_one_user_equals_the_per_row_head_and_numpy(prepared, name):
   chex.assert_trees_all_close(per_user, ref, rtol=1e-4, atol=1e-4)
 
 
-@pytest.fixture(autouse=True)
-def _fast_compilation(fast_compilation):
-  yield
-
-
 @pytest.mark.parametrize("name", GRADIENT_DATASETS)
 def test_adapted_predictions_and_meta_gradient_match_the_per_row_head(prepared, name):
   steps = 2  # the first inner step at the shared parameters, the second at adapted ones
