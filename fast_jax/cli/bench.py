@@ -405,7 +405,7 @@ def bench_authors(folder: str, python: str, data_dir: str | None, rounds: int,
   (:func:`bench_scan`). Each round runs theirs and then ours, so that a machine whose
   speed drifts slows both."""
   cfg = Config(dataset=dataset, data_dir=data_dir, backbone="melu", method="fast",
-               batch_size=batch_size, length_parts=2)
+               batch_size=batch_size)  # batches as a run's (whole: one step in kernel form)
   data = load_dataset(cfg, progress=False)
   runners = {mode: Runner(resolve(cfg.replace(p_update=mode), data.meta["dataset"]), data)
              for mode in ("step", "epoch")}  # resolved per mode: the gap loss depends on it
@@ -588,7 +588,8 @@ def main(argv=None) -> int:
           f"user {data.train.length.mean():.1f} uncut):")
     for rows, mean, epoch_s in bench_cut_rows(cfg, data, args.cut_rows, args.epochs):
       print(f"  L={rows:<4d} mean length {mean:5.1f}: {epoch_s:.3f} s/epoch")
-  parts = learn.length_parts(runner.ctx)
+  parts = learn.length_parts(runner.ctx, kernel_form=learn.kernel_form_step(
+      runner.ctx, learn.network(runner.ctx)[0]))
   if parts > 1:
     whole = bench_scan(runner, args.epochs, runner.lanes_method)
     print(f"by length ({parts} parts where they fit) vs "
