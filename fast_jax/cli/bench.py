@@ -35,8 +35,9 @@ whose speed drifts slows both.
 
 ``--inner-forms`` times the epoch of a one-step setting (MeLU on Book-Crossing, MetaCS on
 any dataset; any meta-learning method, CLOVER included) with its inner step in kernel
-form (the default, :func:`fast_jax.models.one_step_forward`) and with the adapted weights
-formed, compiled in one process and run alternately for ``--rounds`` rounds, and prints
+form (the default, :func:`fast_jax.models.one_step_forward`; on a CPU on whole batches)
+and with the adapted weights formed (by length, where a run takes the parts), compiled in
+one process and run alternately for ``--rounds`` rounds, and prints
 both, the ratio of their medians and how far the two sets of parameters are apart after
 one epoch (rounding, which Adam's steps amplify; relative to each array's largest value).
 
@@ -45,7 +46,8 @@ for MeLU+FAST (or --backbone/--method, any meta-learning method) on the
 dataset's training users: compile time, seconds per training epoch (jitted epoch scan,
 and the epoch plus what a run does after it: the end-of-epoch update, which only
 ``--p-update epoch`` has, and validation), users per second, peak resident memory, the
-epoch by length against whole batches, with ``--cut-rows L ...`` the epoch on whole
+epoch by length against whole batches (where a run takes parts, or with
+``--length-parts N``), with ``--cut-rows L ...`` the epoch on whole
 batches with every user cut to its first L rows (a padding probe: what an epoch with
 fewer padded rows per user would cost), and the same epoch run as a per-user Python loop
 over the same JAX functions (the structure of the authors' PyTorch code), extrapolated
@@ -130,8 +132,10 @@ def one_step_kernel(on: bool):
 
 def bench_inner_forms(cfg: Config, data, rounds: int) -> dict:
   """Seconds per epoch with one inner step in kernel form against forming the adapted
-  weights: both epoch programs compiled in this process, then run alternately, ``rounds``
-  times each from the same state (so a drifting machine slows both). Returns
+  weights, each batched as a run batches it
+  (:func:`fast_jax.methods.learner.length_parts`): both epoch programs compiled in this
+  process, then run alternately, ``rounds`` times each from the same state (so a drifting
+  machine slows both). Returns
   {"times": {form: [s per round]}, "compile_s": {form: s}, "params_diff": the largest
   difference between the two forms' parameters after one epoch, relative to the largest
   value of the array it is in}."""
