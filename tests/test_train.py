@@ -271,27 +271,20 @@ def test_step_mode_valid_gap_is_the_validation_users_adapted_query_loss(prepared
   assert not np.allclose(np.asarray(steps_train["group_loss"])[0], expected, rtol=1e-3)
 
 
-# (backend, training steps, default length parts): by length only on a CPU and long runs.
-LENGTH_PARTS = [("cpu", 600, 1, 2), ("cpu", 100, 1, 1), ("gpu", 600, 1, 1), ("tpu", 600, 1, 1),
-                ("cpu", 600, 3, 2)]
+# (backend, training steps, inner steps, default length parts): by length only on a CPU
+# and long runs, one inner step (in kernel form) as well as several.
+LENGTH_PARTS = [("cpu", 600, 1, 2), ("cpu", 600, 3, 2), ("cpu", 100, 1, 1), ("gpu", 600, 1, 1),
+                ("tpu", 600, 3, 1)]
 
 
 @pytest.mark.parametrize("backend, steps, inner_steps, parts", LENGTH_PARTS)
-def test_default_length_parts_depend_on_the_backend_the_run_length_and_the_inner_form(
+def test_default_length_parts_depend_on_the_backend_and_the_run_length(
     prepared, backend, steps, inner_steps, parts):
-  """By length only on a CPU, for runs of 500 steps or more, and not with one inner step
-  in kernel form (whole batches then; three inner steps adapt the weights)."""
   data = prepared("synthetic", num_minority=12, num_majority=36)
   per_epoch = data.train.x.shape[0] // 8
   cfg = resolve(Config(dataset="synthetic", batch_size=8, epochs=-(-steps // per_epoch),
                        inner_steps=inner_steps), data.name)
   ctx = make_context(cfg, data)
-  kernel_form = learn.kernel_form_step(ctx, learn.network(ctx)[0])
-  assert kernel_form == (inner_steps == 1)
   assert learn.length_parts(ctx, backend=backend) == parts
-  assert learn.length_parts(ctx, backend=backend, kernel_form=kernel_form) == (
-      1 if kernel_form else parts)
-  per_param = make_context(cfg.replace(backbone="metacs", alpha_mode="per-param"), data)
-  assert not learn.kernel_form_step(per_param, learn.network(per_param)[0])
   assert learn.length_parts(make_context(cfg.replace(length_parts=3), data),
-                            backend=backend, kernel_form=kernel_form) == 3
+                            backend=backend) == 3

@@ -35,9 +35,9 @@ whose speed drifts slows both.
 
 ``--inner-forms`` times the epoch of a one-step setting (MeLU on Book-Crossing, MetaCS on
 any dataset; any meta-learning method, CLOVER included) with its inner step in kernel
-form (the default, :func:`fast_jax.models.one_step_forward`; on a CPU on whole batches)
-and with the adapted weights formed (by length, where a run takes the parts), compiled in
-one process and run alternately for ``--rounds`` rounds, and prints
+form (the default, :func:`fast_jax.models.one_step_forward`) and with the adapted weights
+formed, each batched as a run batches it (by length where a run takes the parts), compiled
+in one process and run alternately for ``--rounds`` rounds, and prints
 both, the ratio of their medians and how far the two sets of parameters are apart after
 one epoch (rounding, which Adam's steps amplify; relative to each array's largest value).
 
@@ -409,7 +409,7 @@ def bench_authors(folder: str, python: str, data_dir: str | None, rounds: int,
   (:func:`bench_scan`). Each round runs theirs and then ours, so that a machine whose
   speed drifts slows both."""
   cfg = Config(dataset=dataset, data_dir=data_dir, backbone="melu", method="fast",
-               batch_size=batch_size)  # batches as a run's (whole: one step in kernel form)
+               batch_size=batch_size)  # batched as a run's (by length on a CPU)
   data = load_dataset(cfg, progress=False)
   runners = {mode: Runner(resolve(cfg.replace(p_update=mode), data.meta["dataset"]), data)
              for mode in ("step", "epoch")}  # resolved per mode: the gap loss depends on it
@@ -592,8 +592,7 @@ def main(argv=None) -> int:
           f"user {data.train.length.mean():.1f} uncut):")
     for rows, mean, epoch_s in bench_cut_rows(cfg, data, args.cut_rows, args.epochs):
       print(f"  L={rows:<4d} mean length {mean:5.1f}: {epoch_s:.3f} s/epoch")
-  parts = learn.length_parts(runner.ctx, kernel_form=learn.kernel_form_step(
-      runner.ctx, learn.network(runner.ctx)[0]))
+  parts = learn.length_parts(runner.ctx)
   if parts > 1:
     whole = bench_scan(runner, args.epochs, runner.lanes_method)
     print(f"by length ({parts} parts where they fit) vs "

@@ -523,8 +523,7 @@ def game(ctx: Context, *, run: Callable | None = None, one_pass: bool | None = N
                     first_order=cfg.first_order, adv_inner_lr=cfg.inner_lr)
   rate, tx, adv_tx = learn.inner_rate(cfg), optax.adam(cfg.lr), optax.adam(cfg.lr)
   if run is None:
-    run = learn.batch_runner(ctx, by_length=True, max_short=MAX_SHORT_ROWS,
-                             kernel_form=learn.kernel_form_step(ctx, backbone))
+    run = learn.batch_runner(ctx, by_length=True, max_short=MAX_SHORT_ROWS)
   step = make_train_step(players, tx, adv_tx, rate, ctx=ctx, run=run, one_pass=one_pass)
 
   def init(key):

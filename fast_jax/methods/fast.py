@@ -261,9 +261,8 @@ def meta_method(ctx: Context, obj: Objective, *, by_length: bool = True,
   backbone, labels = network(ctx)
   lrn = learn.maml(backbone, labels, steps=cfg.inner_steps, first_order=cfg.first_order)
   rate, tx = learn.inner_rate(cfg), optax.adam(cfg.lr)
-  run = learn.batch_runner(ctx, by_length=by_length,
-                           kernel_form=learn.kernel_form_step(ctx, backbone))
-  step = make_train_step(lrn, obj, rate, tx, ctx=ctx, run=run)
+  step = make_train_step(lrn, obj, rate, tx, ctx=ctx,
+                         run=learn.batch_runner(ctx, by_length=by_length))
   return Method(
       init=lambda key: init_state(ctx, backbone, labels, rate, tx, key),
       epoch=scan_epoch(step, batches(obj, ctx), mesh=ctx.mesh),

@@ -32,25 +32,22 @@ class InnerRate(NamedTuple):
   init: ``init(params, labels) -> alpha`` (a scalar, or a dict of per-parameter rates
     with the structure of the local parameters).
   tx: Adam on alpha, or None when alpha stays fixed.
-  per_param: whether alpha is per parameter (a dict).
   """
   init: Callable
   tx: optax.GradientTransformation | None
-  per_param: bool = False
 
 
 def inner_rate(cfg: Config) -> InnerRate:
   """The policy of ``cfg.backbone``: MetaCS learns alpha (``cfg.alpha_mode`` scalar or
   per-param, Adam at the outer ``cfg.lr``); MeLU keeps ``cfg.inner_lr``."""
-  per_param = cfg.backbone == "metacs" and cfg.alpha_mode == "per-param"
-  if per_param:
+  if cfg.backbone == "metacs" and cfg.alpha_mode == "per-param":
     def init(params, labels):
       local, _ = split_params(params, labels)
       return jax.tree.map(lambda v: jnp.full_like(v, cfg.inner_lr), local)
   else:
     def init(params, labels):
       return jnp.asarray(cfg.inner_lr, jnp.float32)
-  return InnerRate(init, optax.adam(cfg.lr) if cfg.backbone == "metacs" else None, per_param)
+  return InnerRate(init, optax.adam(cfg.lr) if cfg.backbone == "metacs" else None)
 
 
 def learn_rate(rate: InnerRate, alpha, opt_state, loss_fn: Callable):
@@ -191,44 +188,35 @@ def class_log_priors(ctx, num_classes: int) -> tuple[float, ...]:
   return tuple(float(v) for v in np.log(counts / counts.sum()))
 
 
-def kernel_form_step(ctx, backbone: Backbone) -> bool:
-  """Whether training's inner step runs in kernel form on ``backbone`` (one step, a
-  scalar rate, a network that has the form: :func:`maml`, :func:`predict`)."""
-  return (ONE_STEP_KERNEL and ctx.cfg.inner_steps == 1 and backbone.kernel_form
-          and not inner_rate(ctx.cfg).per_param)
-
-
-def length_parts(ctx, *, backend: str | None = None, kernel_form: bool = False) -> int:
+def length_parts(ctx, *, backend: str | None = None) -> int:
   """Parts of a batch run by length: ``cfg.length_parts``, or by default, on a CPU,
   2 on runs of at least 500 training steps, where the time saved (x1.02-1.38 per epoch
   idle, x1.2-1.3 with two jobs sharing a 2-core CPU; EXPERIMENTS.md) outweighs the
-  longer compilation (4-5 s more on that CPU, idle), and 1 on shorter runs. An inner step
-  in kernel form (``kernel_form``, :func:`kernel_form_step`) takes whole batches on a CPU
-  too: whole runs took as long or less (x1.04-1.06, two jobs at once) in three quarters of
-  the memory. On a GPU or TPU (``backend``: default JAX's) whole batches: there the parts
-  cost more than the padded rows they save (a Book-Crossing MeLU+FAST epoch on an H200:
-  0.034 s in parts, 0.021 s whole)."""
+  longer compilation (4-5 s more on that CPU, idle), and 1 on shorter runs. So too with
+  one inner step in kernel form: alone such an epoch gains x0.7-1.2 from the parts, but
+  as two jobs at once, as a Table 2 block runs, Book-Crossing's block took 2,244 s in
+  parts against 2,481 s on whole batches (EXPERIMENTS.md, Speed). On a GPU or
+  TPU (``backend``: default JAX's) whole batches: there the parts cost more than the
+  padded rows they save (a Book-Crossing MeLU+FAST epoch on an H200: 0.034 s in parts,
+  0.021 s whole)."""
   if ctx.cfg.length_parts is not None:
     return ctx.cfg.length_parts
-  if (backend or jax.default_backend()) != "cpu" or kernel_form:
+  if (backend or jax.default_backend()) != "cpu":
     return 1
   return 2 if ctx.num_train_steps >= 500 else 1
 
 
-def row_budgets(ctx, *, max_short: float = 0.75, kernel_form: bool = False) -> tuple[int, ...]:
+def row_budgets(ctx, *, max_short: float = 0.75) -> tuple[int, ...]:
   """Row budgets of a training batch's length-sorted parts (:func:`fast_jax.meta.row_budgets`);
   () (whole batches) when the users are split across devices."""
   if ctx.mesh is not None:
     return ()
   return meta.row_budgets(np.asarray(ctx.data.train.length), ctx.cfg.batch_size, ctx.max_len,
-                          parts=length_parts(ctx, kernel_form=kernel_form),
-                          max_short=max_short)
+                          parts=length_parts(ctx), max_short=max_short)
 
 
-def batch_runner(ctx, *, by_length: bool, max_short: float = 0.75,
-                 kernel_form: bool = False) -> Callable:
+def batch_runner(ctx, *, by_length: bool, max_short: float = 0.75) -> Callable:
   """The batch runner of a training step, chosen once: by length
   (:func:`fast_jax.meta.by_rows`) when asked and worth it (:func:`row_budgets`), whole
   batches otherwise."""
-  return meta.length_bucketing(
-      row_budgets(ctx, max_short=max_short, kernel_form=kernel_form) if by_length else ())
+  return meta.length_bucketing(row_budgets(ctx, max_short=max_short) if by_length else ())
