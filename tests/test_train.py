@@ -271,19 +271,17 @@ def test_step_mode_valid_gap_is_the_validation_users_adapted_query_loss(prepared
   assert not np.allclose(np.asarray(steps_train["group_loss"])[0], expected, rtol=1e-3)
 
 
-# (backend, training steps, inner steps, default length parts): by length only on a CPU
-# and long runs, one inner step (in kernel form) as well as several.
-LENGTH_PARTS = [("cpu", 600, 1, 2), ("cpu", 600, 3, 2), ("cpu", 100, 1, 1), ("gpu", 600, 1, 1),
-                ("tpu", 600, 3, 1)]
+# (backend, training steps, default length parts): by length only on a CPU and long runs.
+LENGTH_PARTS = [("cpu", 600, 2), ("cpu", 100, 1), ("gpu", 600, 1), ("tpu", 600, 1)]
 
 
-@pytest.mark.parametrize("backend, steps, inner_steps, parts", LENGTH_PARTS)
-def test_default_length_parts_depend_on_the_backend_and_the_run_length(
-    prepared, backend, steps, inner_steps, parts):
+@pytest.mark.parametrize("backend, steps, parts", LENGTH_PARTS)
+def test_default_length_parts_depend_on_the_backend_and_the_run_length(prepared, backend,
+                                                                        steps, parts):
   data = prepared("synthetic", num_minority=12, num_majority=36)
   per_epoch = data.train.x.shape[0] // 8
-  cfg = resolve(Config(dataset="synthetic", batch_size=8, epochs=-(-steps // per_epoch),
-                       inner_steps=inner_steps), data.name)
+  cfg = resolve(Config(dataset="synthetic", batch_size=8, epochs=-(-steps // per_epoch)),
+                data.name)
   ctx = make_context(cfg, data)
   assert learn.length_parts(ctx, backend=backend) == parts
   assert learn.length_parts(make_context(cfg.replace(length_parts=3), data),

@@ -195,7 +195,8 @@ def length_parts(ctx, *, backend: str | None = None) -> int:
   longer compilation (4-5 s more on that CPU, idle), and 1 on shorter runs. So too with
   one inner step in kernel form: alone such an epoch gains x0.7-1.2 from the parts, but
   as two jobs at once, as a Table 2 block runs, Book-Crossing's block took 2,244 s in
-  parts against 2,481 s on whole batches (EXPERIMENTS.md, Speed). On a GPU or
+  parts against 2,481 s on whole batches (EXPERIMENTS.md, Speed; two alike runs outside
+  a block were as fast or faster whole, which is not yet explained). On a GPU or
   TPU (``backend``: default JAX's) whole batches: there the parts cost more than the
   padded rows they save (a Book-Crossing MeLU+FAST epoch on an H200: 0.034 s in parts,
   0.021 s whole)."""
