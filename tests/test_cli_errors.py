@@ -1,14 +1,20 @@
 """Bad input at the command line: one line `error: ...` on stderr, exit code 2, no traceback.
 
-Every case runs the real CLI (`experiments/run.py`, `python -m data_prep`) in a
-subprocess on a small synthetic prepared folder or a broken copy of it. Flag errors
-must come before any data is read, so they are also checked against a broken folder and
-an empty offline cache. Last, the same run.py command twice gives identical result files.
+Every case runs the CLI's ``main`` (that of `experiments/run.py` and of `python -m
+data_prep`) on a small synthetic prepared folder or a broken copy of it: in this process
+(a Python start and JAX import cost about 3 s a case), and for the cases in
+:data:`IN_A_PROCESS` as the real command in a subprocess (the exit code and stderr of the
+process itself; joining a multi-process job, which cannot be undone in this one). Flag
+errors must come before any data is read, so they are also checked against a broken
+folder and an empty offline cache. Last, the same run.py command twice gives identical
+result files.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
+import io
 import json
 import os
 import pathlib
@@ -38,6 +44,36 @@ def _env(cache: pathlib.Path) -> dict:
 def _run(args, env, cwd, timeout=300) -> subprocess.CompletedProcess:
   return subprocess.run([sys.executable, *map(str, args)], cwd=cwd, env=env,
                         capture_output=True, text=True, timeout=timeout)
+
+
+def _main(main, args, env, monkeypatch) -> subprocess.CompletedProcess:
+  """``main(args)`` in this process under ``env``: its exit code and what it wrote to
+  stderr (an exception other than SystemExit propagates, failing the test)."""
+  for k, v in env.items():
+    if os.environ.get(k) != v:
+      monkeypatch.setenv(k, v)
+  monkeypatch.delenv("FAST_JAX_DATA_URL", raising=False)
+  err, out = io.StringIO(), io.StringIO()
+  with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+    try:
+      code = main([str(a) for a in args])
+    except SystemExit as e:
+      code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+  return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+
+
+def _cli(command, args, env, cwd, monkeypatch, case) -> subprocess.CompletedProcess:
+  """``command`` ("run" or "data_prep") with ``args``: in a subprocess for the cases in
+  IN_A_PROCESS, else its main in this process."""
+  if case in IN_A_PROCESS:
+    script = [RUN] if command == "run" else ["-m", "data_prep"]
+    return _run([*script, *args], env, cwd)
+  if command == "run":
+    from fast_jax.cli.run import main
+  else:
+    from fast_jax.data_prep.cli import main
+  monkeypatch.chdir(cwd)
+  return _main(main, args, env, monkeypatch)
 
 
 
@@ -118,16 +154,23 @@ RUN_CASES = [
     ("resume-and-overwrite", ["--resume", "--overwrite"], ["--resume", "--overwrite"]),
 ]
 
+# Cases run as real commands in a subprocess: one flag error and one data error of each
+# command, and joining a multi-process job (jax.distributed), which would stay joined here.
+IN_A_PROCESS = {"unknown-backbone", "corrupt-npz", "distributed-outside-a-cluster",
+                "unknown-protocol", "one-group", "--tau"}
+
 
 def _fill(args, folders) -> list[str]:
   return [a.format(**{k: str(v) for k, v in folders.items()}) for a in args]
 
 
 @pytest.mark.parametrize("case,args,names", RUN_CASES, ids=[c[0] for c in RUN_CASES])
-def test_run_py_reports_bad_input_in_one_line(folders, tmp_path, case, args, names):
+def test_run_py_reports_bad_input_in_one_line(folders, tmp_path, monkeypatch, case, args,
+                                              names):
   base = ["--dataset", folders["good"], "--out", tmp_path / "out", "--epochs", "1",
           "--seeds", "1", "--quiet"]
-  result = _run([RUN, *base, *_fill(args, folders)], _env(tmp_path / "cache"), tmp_path)
+  result = _cli("run", [*base, *_fill(args, folders)], _env(tmp_path / "cache"), tmp_path,
+                monkeypatch, case)
   assert_one_line_error(result, *names)
   assert not (tmp_path / "out" / "results.json").exists()
 
@@ -135,11 +178,12 @@ def test_run_py_reports_bad_input_in_one_line(folders, tmp_path, case, args, nam
 @pytest.mark.parametrize("flag,value,dataset", [
     ("--backbone", "transformer", "{missing-split}"), ("--tau", "2", "ml100k"),
     ("--seeds", "0", "{one-group}")])
-def test_flag_errors_come_before_any_data_is_read(folders, tmp_path, flag, value, dataset):
+def test_flag_errors_come_before_any_data_is_read(folders, tmp_path, monkeypatch, flag, value,
+                                                  dataset):
   # A broken folder, or a named dataset that is not cached and cannot be downloaded: the
   # flag must be reported, not the data.
-  result = _run([RUN, flag, value, "--dataset", *_fill([dataset], folders), "--quiet"],
-                _env(tmp_path / "empty-cache"), tmp_path)
+  result = _cli("run", [flag, value, "--dataset", *_fill([dataset], folders), "--quiet"],
+                _env(tmp_path / "empty-cache"), tmp_path, monkeypatch, flag)
   assert_one_line_error(result, flag)
   assert not (tmp_path / "empty-cache").exists()
 
@@ -178,15 +222,16 @@ DATA_PREP_CASES = [
 
 @pytest.mark.parametrize("case,args,names", DATA_PREP_CASES,
                          ids=[c[0] for c in DATA_PREP_CASES])
-def test_data_prep_reports_bad_input_in_one_line(folders, tmp_path, case, args, names):
+def test_data_prep_reports_bad_input_in_one_line(folders, tmp_path, monkeypatch, case, args,
+                                                 names):
   _write_csvs(tmp_path / "one", groups=("F",))
   _write_csvs(tmp_path / "two")
   places = {**folders, "one": tmp_path / "one", "two": tmp_path / "two"}
   args = [a.format(**{k: str(v) for k, v in places.items()}) for a in args]
   if "--out" not in args:
     args += ["--out", str(tmp_path / "out")]
-  result = _run(["-m", "data_prep", *args, "--no-progress"], _env(tmp_path / "cache"),
-                PROJECT_ROOT)
+  result = _cli("data_prep", [*args, "--no-progress"], _env(tmp_path / "cache"), PROJECT_ROOT,
+                monkeypatch, case)
   assert_one_line_error(result, *names)
   assert not (tmp_path / "out").exists()
 
