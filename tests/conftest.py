@@ -37,6 +37,15 @@ from data_prep import ensure_prepared
 from fast_jax.dataset import load_prepared
 
 
+def pytest_configure(config):
+  """With ``-n`` (pytest-xdist), each test file's tests run in one worker (``--dist
+  loadfile`` in place of xdist's default ``load``), so a module fixture (prepared
+  folders, executed notebooks, compiled programs) is built once. Set here rather than in
+  ``addopts``, so that pytest without xdist still runs the suite."""
+  if getattr(config.option, "dist", "no") == "load":
+    config.option.dist = "loadfile"
+
+
 def shared_data_path() -> pathlib.Path:
   return pathlib.Path(os.environ.get("FAST_JAX_SHARED_DATA")
                       or PROJECT_ROOT.parent / "shared" / "data")
