@@ -216,3 +216,12 @@ def test_inner_forms_times_both_programs_alternately_and_prints_their_median_rat
   assert f"kernel form x{ratio:.2f} (ratio of medians)" in out
   for form in ("weights", "kernel"):
     assert f"median {np.median(r['times'][form]):.3f}" in out
+
+
+@pytest.mark.parametrize("flags", ["", "--xla_cpu_use_fusion_emitters=false"])
+def test_header_names_the_backend_jax_version_and_xla_flags_when_set(monkeypatch, flags):
+  import jax
+  monkeypatch.setenv("XLA_FLAGS", flags)
+  line = bench.backend()
+  assert line.startswith(f"{jax.default_backend()} (JAX {jax.__version__}")
+  assert ("XLA_FLAGS" in line) == bool(flags) and flags in line

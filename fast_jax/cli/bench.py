@@ -83,6 +83,14 @@ from fast_jax.methods.base import Method
 from fast_jax.runner import Runner, cut_rows
 
 
+def backend() -> str:
+  """The backend JAX runs on, its version, and XLA_FLAGS when set (they can change both
+  compile and step times: EXPERIMENTS.md §Speed), for the figures' header lines."""
+  import jax
+  flags = os.environ.get("XLA_FLAGS", "").strip()
+  return f"{jax.default_backend()} (JAX {jax.__version__}" + (
+      f", XLA_FLAGS={flags!r})" if flags else ")")
+
 def peak_rss_mb() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -510,7 +518,7 @@ def main(argv=None) -> int:
       p.error(f"--out {args.out}: the folder is not empty; a timing needs a fresh one")
     rows = bench_table2(args.table2, data_dir=args.data_dir, seeds=args.seeds or 5,
                         epochs=None, jobs=args.jobs, vmap=args.vmap, out=args.out)
-    print(f"Table 2 block of {args.table2} on {jax.default_backend()} "
+    print(f"Table 2 block of {args.table2} on {backend()} "
           f"({args.seeds or 5} seeds, --jobs {args.jobs}{', --vmap' if args.vmap else ''}):")
     for row, seconds in rows:
       print(f"  {row:<22s} {seconds:8.1f} s" + ("" if "wall" in row else
@@ -532,7 +540,7 @@ def main(argv=None) -> int:
               "steps; the kernel form is for one (MeLU on bookcrossing, MetaCS on any dataset)")
     rounds = args.rounds or 5
     print(f"{cfg.backbone}+{cfg.method} on {cfg.dataset}, one inner step, {rounds} rounds "
-          f"alternating, backend {jax.default_backend()}:")
+          f"alternating, backend {backend()}:")
     print_inner_forms(bench_inner_forms(cfg, data, rounds))
     return 0
   if args.authors is not None:
@@ -546,8 +554,8 @@ def main(argv=None) -> int:
         else None
     if probe is None or probe.returncode != 0:
       p.error(f"--authors-python {args.authors_python}: expected a Python that can import torch")
-    print(f"authors' code: {args.authors} (torch {probe.stdout.strip()}, CPU); fast-jax: JAX "
-          f"{jax.__version__} on {jax.default_backend()}")
+    print(f"authors' code: {args.authors} (torch {probe.stdout.strip()}, CPU); fast-jax: "
+          f"{backend()}")
     try:
       rounds = bench_authors(args.authors, args.authors_python, args.data_dir,
                              args.rounds or 2, args.epochs)
@@ -563,7 +571,7 @@ def main(argv=None) -> int:
     seeds = max(args.seeds, 1)
     print_breakdown(bench_breakdown(cfg, args.epochs, seeds),
                     f"{args.backbone}+{args.method} on {args.dataset}, {seeds} seed(s) of "
-                    f"{args.epochs} epochs, backend {jax.default_backend()}")
+                    f"{args.epochs} epochs, backend {backend()}")
     print(f"peak RSS: {peak_rss_mb():.0f} MB")
     return 0
   if args.method not in config_lib.META_METHODS:
@@ -580,7 +588,7 @@ def main(argv=None) -> int:
   print(f"{cfg.backbone}+{cfg.method} ({cfg.p_update} mode, "
         f"{'first' if cfg.first_order else 'second'} order) on {data.meta['dataset']}: "
         f"{n} training users, L={runner.ctx.max_len}, batch {cfg.batch_size}, "
-        f"{n // cfg.batch_size} steps/epoch; backend {jax.default_backend()}, "
+        f"{n // cfg.batch_size} steps/epoch; backend {backend()}, "
         f"{jax.device_count()} device(s)")
   scan = bench_scan(runner, args.epochs)
   print(f"jitted epoch scan: compile+first epoch {scan['compile_s']:.2f} s, "
