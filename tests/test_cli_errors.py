@@ -3,7 +3,7 @@
 Every case runs the CLI's ``main`` (that of `experiments/run.py` and of `python -m
 data_prep`) on a small synthetic prepared folder or a broken copy of it: in this process
 (a Python start and JAX import cost about 3 s a case), and for the cases in
-:data:`IN_A_PROCESS` as the real command in a subprocess (the exit code and stderr of the
+:data:`AS_SUBPROCESS` as the real command in a subprocess (the exit code and stderr of the
 process itself; joining a multi-process job, which cannot be undone in this one). Flag
 errors must come before any data is read, so they are also checked against a broken
 folder and an empty offline cache. Last, the same run.py command twice gives identical
@@ -50,9 +50,7 @@ def _main(main, args, env, monkeypatch) -> subprocess.CompletedProcess:
   """``main(args)`` in this process under ``env``: its exit code and what it wrote to
   stderr (an exception other than SystemExit propagates, failing the test)."""
   for k, v in env.items():
-    if os.environ.get(k) != v:
-      monkeypatch.setenv(k, v)
-  monkeypatch.delenv("FAST_JAX_DATA_URL", raising=False)
+    monkeypatch.setenv(k, v)
   err, out = io.StringIO(), io.StringIO()
   with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
     try:
@@ -64,8 +62,8 @@ def _main(main, args, env, monkeypatch) -> subprocess.CompletedProcess:
 
 def _cli(command, args, env, cwd, monkeypatch, case) -> subprocess.CompletedProcess:
   """``command`` ("run" or "data_prep") with ``args``: in a subprocess for the cases in
-  IN_A_PROCESS, else its main in this process."""
-  if case in IN_A_PROCESS:
+  AS_SUBPROCESS, else its main in this process."""
+  if case in AS_SUBPROCESS:
     script = [RUN] if command == "run" else ["-m", "data_prep"]
     return _run([*script, *args], env, cwd)
   if command == "run":
@@ -74,8 +72,6 @@ def _cli(command, args, env, cwd, monkeypatch, case) -> subprocess.CompletedProc
     from fast_jax.data_prep.cli import main
   monkeypatch.chdir(cwd)
   return _main(main, args, env, monkeypatch)
-
-
 
 
 @pytest.fixture(scope="module")
@@ -154,9 +150,10 @@ RUN_CASES = [
     ("resume-and-overwrite", ["--resume", "--overwrite"], ["--resume", "--overwrite"]),
 ]
 
-# Cases run as real commands in a subprocess: one flag error and one data error of each
-# command, and joining a multi-process job (jax.distributed), which would stay joined here.
-IN_A_PROCESS = {"unknown-backbone", "corrupt-npz", "distributed-outside-a-cluster",
+# Cases run as real commands in a subprocess (by case id; "one-group" is a case of both
+# commands, so seven in all): flag and data errors of each command, and joining a
+# multi-process job (jax.distributed), which would stay joined in this process.
+AS_SUBPROCESS = {"unknown-backbone", "corrupt-npz", "distributed-outside-a-cluster",
                 "unknown-protocol", "one-group", "--tau"}
 
 

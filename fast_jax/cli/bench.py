@@ -86,10 +86,10 @@ from fast_jax.runner import Runner, cut_rows
 def backend() -> str:
   """The backend JAX runs on, its version, and XLA_FLAGS when set (they can change both
   compile and step times: EXPERIMENTS.md §Speed), for the figures' header lines."""
-  import jax
   flags = os.environ.get("XLA_FLAGS", "").strip()
   return f"{jax.default_backend()} (JAX {jax.__version__}" + (
       f", XLA_FLAGS={flags!r})" if flags else ")")
+
 
 def peak_rss_mb() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
