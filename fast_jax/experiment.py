@@ -26,6 +26,8 @@ import numpy as np
 from fast_jax import compile_cache, diagnostics, sharding
 from fast_jax import config as config_lib
 from fast_jax.config import Config, UsageError
+from fast_jax.methods import learner as learn
+from fast_jax.methods import rows as row_lanes
 from fast_jax.metrics import METRIC_KEYS
 from fast_jax.runfolder import RunFolder
 from fast_jax.runner import Diverged, Runner
@@ -88,10 +90,11 @@ def check_data(cfg: Config, data) -> None:
                      f"users; fairness methods need at least two")
 
 
-def make_runner(cfg: Config, data) -> Runner:
+def make_runner(cfg: Config, data, *, make: Callable | None = None) -> Runner:
   """The runner of a resolved ``cfg`` on ``data``: every method trains through
-  :class:`fast_jax.runner.Runner` (``run_seed``, ``run_lanes``)."""
-  return Runner(cfg, data)
+  :class:`fast_jax.runner.Runner` (``run_seed``, ``run_lanes``); ``make`` builds another
+  method than ``cfg.method`` (:func:`fast_jax.methods.rows.maker`)."""
+  return Runner(cfg, data, make=make)
 
 
 def finish(folder: RunFolder, cfg: Config, per_seed: list[dict], diverged: list[dict],
@@ -164,13 +167,17 @@ def train_and_evaluate(cfg: Config, out_dir: str | os.PathLike | None = None, *,
 
 # Config fields a vectorised sweep may vary: they live in the train state (FAST's gamma
 # and tau in ``state.hyper``, the inner learning rate as the initial alpha), not the program.
+# The method may vary too among the rows of :mod:`fast_jax.methods.rows` (Origin, Reg,
+# IPW, FAST in step mode): each lane's in ``state.hyper["row"]``.
 SWEEPABLE = ("gamma", "tau", "inner_lr")
 
 
 def sweep_and_evaluate(cfgs: list[Config], out_dirs: list | None = None, *, data=None,
                        progress: bool = True, echo: Callable[[str], None] = print) -> list[dict]:
   """Train configurations that differ only in :data:`SWEEPABLE` settings (FAST's ``gamma``
-  and ``tau``, the inner learning rate) as one vectorised program: each (configuration, seed) is a lane of a ``vmap``-ped epoch.
+  and ``tau``, the inner learning rate) and in their method among the rows of
+  :mod:`fast_jax.methods.rows` as one vectorised program: each (configuration, seed) is
+  a lane of a ``vmap``-ped epoch.
 
   Each configuration gets the files of :func:`train_and_evaluate` in its ``out_dirs``
   entry (None: no files); results match running them one by one. A folder holding part
@@ -191,14 +198,22 @@ def sweep_and_evaluate(cfgs: list[Config], out_dirs: list | None = None, *, data
     data = load_dataset(cfgs[0], progress=progress)
   cfgs = [config_lib.resolve(c, data.meta.get("dataset")) for c in cfgs]
   base = cfgs[0].to_dict()
+  methods = list(dict.fromkeys(c.method for c in cfgs))
+  varied = SWEEPABLE + (("method",) if len(methods) > 1 else ())
   for cfg in cfgs:
     check_data(cfg, data)
-    other = {k: v for k, v in cfg.to_dict().items() if k not in SWEEPABLE and v != base[k]}
+    other = {k: v for k, v in cfg.to_dict().items() if k not in varied and v != base[k]}
     if other:
       k = next(iter(other))
-      raise UsageError(f"a vectorised sweep varies only {', '.join(SWEEPABLE)}; "
-                       f"{k} is {base[k]!r} in one configuration and {other[k]!r} in another")
-  runner = make_runner(cfgs[0], data)
+      raise UsageError(f"a vectorised sweep varies only {', '.join(SWEEPABLE)} (and the "
+                       f"method among {', '.join(row_lanes.OBJECTIVES)}); {k} is "
+                       f"{base[k]!r} in one configuration and {other[k]!r} in another")
+  if len(methods) > 1 and not all(row_lanes.joins(c) for c in cfgs):
+    raise UsageError(f"--method {', '.join(methods)}: only "
+                     f"{', '.join(row_lanes.OBJECTIVES)} (FAST in step mode) train as lanes "
+                     "of one program")
+  runner = make_runner(cfgs[0], data,
+                       make=row_lanes.maker(methods) if len(methods) > 1 else None)
   if not runner.method.lanes:
     raise UsageError(f"--method {cfgs[0].method} is not meta-learned: it has no "
                      f"vectorised seeds or sweeps")
@@ -209,7 +224,7 @@ def sweep_and_evaluate(cfgs: list[Config], out_dirs: list | None = None, *, data
   results = []
   for cfg, folder, (per_seed, diverged) in zip(cfgs, folders, outcomes):
     results.append(finish(folder, cfg, per_seed, diverged, runner.group_names))
-    echo(f"gamma={cfg.gamma:g} tau={cfg.tau:g} inner_lr={cfg.inner_lr:g}: "
+    echo(f"{cfg.method} gamma={cfg.gamma:g} tau={cfg.tau:g} inner_lr={cfg.inner_lr:g}: "
          + format_table(results[-1], data.meta))
   return results
 
@@ -218,23 +233,37 @@ def _run_lanes(runner, runs: list[tuple[Config, RunFolder]], *,
                progress: bool) -> list[tuple[list[dict], list[dict]]]:
   """Every unfinished (run, seed) of ``runs`` as one lane of ``runner.run_lanes``;
   per run, its per-seed reports and diverged seeds, with the folders' seed files written."""
+  methods = list(dict.fromkeys(cfg.method for cfg, _ in runs))
+
+  def hypers(cfg: Config) -> dict:  # a lane's: its sweep point, and its row if they vary
+    row = {"row": methods.index(cfg.method)} if len(methods) > 1 else {}
+    return {**{k: getattr(cfg, k) for k in SWEEPABLE}, **row}
   lanes = [(i, seed) for i, (cfg, folder) in enumerate(runs)
            for seed in config_lib.seed_list(cfg.seeds) if folder.finished_seed(seed) is None]
   records: dict[tuple[int, int], list[dict]] = {lane: [] for lane in lanes}
-  rows: dict[tuple[int, int], dict] = {}
-  reports = runner.run_lanes(
-      [seed for _, seed in lanes],
-      hypers=[{k: getattr(runs[i][0], k) for k in SWEEPABLE} for i, _ in lanes],
-      log=lambda k, record: records[lanes[k]].append(record),
-      progress=progress,
-      predictions=lambda k, columns: rows.__setitem__(lanes[k], columns)) if lanes else []
-  by_lane = dict(zip(lanes, reports))
+  columns: dict[tuple[int, int], dict] = {}
+  # Where a run goes by length (a CPU, learner.row_budgets), the lanes of each seed train
+  # together by length, one seed after another; elsewhere all lanes at once, whole.
+  if len(runs) > 1 and learn.row_budgets(runner.ctx):
+    seeds = dict.fromkeys(seed for _, seed in lanes)
+    groups = [[lane for lane in lanes if lane[1] == seed] for seed in seeds]
+  else:
+    groups = [lanes] if lanes else []
+  by_lane = {}
+  for group in groups:
+    reports = runner.run_lanes(
+        [seed for _, seed in group],
+        hypers=[hypers(runs[i][0]) for i, _ in group],
+        log=lambda k, record, group=group: records[group[k]].append(record),
+        progress=progress,
+        predictions=lambda k, cols, group=group: columns.__setitem__(group[k], cols))
+    by_lane.update(zip(group, reports))
 
   def collected(i: int, cfg: Config, folder: RunFolder):
     def train(seed: int):
       for r in records[(i, seed)]:
         folder.log(r)
-      return by_lane[(i, seed)], records[(i, seed)], rows.get((i, seed))
+      return by_lane[(i, seed)], records[(i, seed)], columns.get((i, seed))
     return _collect(folder, config_lib.seed_list(cfg.seeds), train)
   return [collected(i, cfg, folder) for i, (cfg, folder) in enumerate(runs)]
 

@@ -122,6 +122,7 @@ class Runner:
     self._make = make or methods.make
     self.method: Method = self._make(self.ctx)
     self._lanes_method: Method | None = None
+    self._lanes_epochs: dict[bool, Callable] = {}
     self._chunk_cache: dict[str, list] = {}
 
     @jax.jit
@@ -339,7 +340,11 @@ class Runner:
     points of a sweep train together.
 
     Keys, initial states and selection are those of :meth:`run_seed`, so each lane's
-    result matches a sequential run up to floating-point reassociation. The end of an
+    result matches a sequential run up to floating-point reassociation. Lanes of one seed
+    (the points of a sweep, or rows, at that seed) share their keys, batches and step
+    counter: they run by length as :meth:`run_seed` does, the key and the counter kept
+    out of the ``vmap`` so that a part's ``lax.cond`` stays one; other lanes run on whole
+    batches (under ``vmap`` the cond would run both branches). The end of an
     epoch (validation, FAST's epoch-mode p, logging as ``log(lane, record)``) runs per
     lane on the host. No mid-run checkpoints. ``predictions(lane, columns)`` receives
     each finished lane's test rows (:meth:`test_report`).
@@ -348,7 +353,8 @@ class Runner:
       per lane, its test report, or the :class:`Diverged` error that stopped it (its
       state keeps computing with the others but is no longer logged or selected).
     """
-    m = self.lanes_method
+    one_seed = len(set(seeds)) == 1
+    m = self.method if one_seed else self.lanes_method
     if not m.lanes:
       raise UsageError(f"--method {self.cfg.method} keeps its hyperparameters out of its "
                        f"train state: it has no vectorised seeds or sweeps")
@@ -357,7 +363,9 @@ class Runner:
       raise ValueError(f"{len(seeds)} seeds but {len(hypers)} hyperparameter sets")
     k_init, k_train = zip(*(jax.random.split(jax.random.key(s)) for s in seeds))
     states = _stack([with_hypers(m.init(k), h) for k, h in zip(k_init, hypers)])
-    epoch_fn = jax.jit(jax.vmap(m.epoch, in_axes=(0, None, 0)))
+    if one_seed not in self._lanes_epochs:  # compiled once, for every seed's lanes
+      self._lanes_epochs[one_seed] = _lanes_epoch(m, shared_key=one_seed)
+    epoch_fn = self._lanes_epochs[one_seed]
     best: list[tuple[float, Any, int]] = [(np.inf, _index(states, i), 0)
                                           for i in range(len(seeds))]
     failed: dict[int, Diverged] = {}
@@ -365,7 +373,7 @@ class Runner:
                       disable=not progress, leave=False):
       t0 = time.perf_counter()
       keys = jnp.stack([jax.random.fold_in(k, epoch) for k in k_train])
-      states, steps = epoch_fn(states, m.splits["fit"], keys)
+      states, steps = epoch_fn(states, m.splits["fit"], keys[0] if one_seed else keys)
       steps = jax.device_get(steps)
       changed = {}
       for i, seed in enumerate(seeds):
@@ -393,6 +401,21 @@ class Runner:
           state, selected_epoch=selected, epochs_run=epochs,
           predictions=None if predictions is None else lambda rows: predictions(i, rows))
     return [failed[i] if i in failed else report(i) for i in range(len(seeds))]
+
+
+def _lanes_epoch(m: Method, *, shared_key: bool) -> Callable:
+  """``epoch(stacked states, data, keys) -> (stacked states, per-lane step metrics)``:
+  ``m.epoch`` vmapped over the lanes; with ``shared_key`` one key (not stacked) and the
+  step counter, the same in every lane, kept out of the vmap (:meth:`Runner.run_lanes`)."""
+  if not shared_key:
+    return jax.jit(jax.vmap(m.epoch, in_axes=(0, None, 0)))
+
+  def epoch(states, data, key):
+    axes = jax.tree.map(lambda _: 0, states).replace(step=None)
+    run = jax.vmap(m.epoch, in_axes=(axes, None, None), out_axes=(axes, 0))
+    out, steps = run(states.replace(step=states.step[0]), data, key)
+    return out.replace(step=jnp.broadcast_to(out.step, states.step.shape)), steps
+  return jax.jit(epoch)
 
 
 def with_hypers(state, hypers: dict):

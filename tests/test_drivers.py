@@ -128,7 +128,8 @@ def test_figure4_p_stability_is_the_last_ten_epochs_mean_and_range(tmp_path):
   assert rows[0]["p0_swing_last10"] == pytest.approx((0.2 + 0.0) / 2)
 
 
-def test_vmapped_grid_groups_the_runs_that_differ_in_gamma_and_tau_only(tmp_path, monkeypatch):
+def test_vmapped_grid_groups_the_runs_that_differ_in_sweep_points_and_rows(tmp_path,
+                                                                           monkeypatch):
   from fast_jax.cli import grid
   from fast_jax import experiment
   from fast_jax.config import Config
@@ -136,7 +137,7 @@ def test_vmapped_grid_groups_the_runs_that_differ_in_gamma_and_tau_only(tmp_path
   fake = {"mean": {k: 0.0 for k in grid.METRICS}}
 
   def sweep(cfgs, folders, **kw):
-    calls.append(("sweep", [(c.backbone, c.gamma) for c in cfgs]))
+    calls.append(("sweep", [(c.backbone, c.method, c.gamma) for c in cfgs]))
     return [fake] * len(cfgs)
 
   def single(cfg, folder, **kw):
@@ -146,13 +147,18 @@ def test_vmapped_grid_groups_the_runs_that_differ_in_gamma_and_tau_only(tmp_path
   monkeypatch.setattr(experiment, "train_and_evaluate", single)
   runs = [grid.Run(f"r{i}", Config(backbone=b, method=m, gamma=g))
           for i, (b, m, g) in enumerate([("melu", "fast", 1.0), ("metacs", "fast", 1.0),
-                                         ("melu", "fast", 2.0), ("melu", "global-mean", 1.0)])]
+                                         ("melu", "fast", 2.0), ("melu", "global-mean", 1.0),
+                                         ("melu", "origin", 1.0), ("melu", "ipw", 1.0),
+                                         ("melu", "static", 1.0), ("melu", "clover", 1.0)])]
   out = grid.run_grid(runs, tmp_path, vmap=True, log=lambda s: None)
-  assert sorted(out) == ["r0", "r1", "r2", "r3"]
+  assert sorted(out) == [f"r{i}" for i in range(8)]
   assert sorted(calls) == [("single", [("global-mean", 1.0)]),
-                           ("sweep", [("melu", 1.0), ("melu", 2.0)]),
-                           ("sweep", [("metacs", 1.0)])]
-  assert "one vectorised program with 2 runs" in (tmp_path / "r2" / "wall_time.txt").read_text()
+                           ("sweep", [("melu", "clover", 1.0)]),
+                           ("sweep", [("melu", "fast", 1.0), ("melu", "fast", 2.0),
+                                      ("melu", "origin", 1.0), ("melu", "ipw", 1.0)]),
+                           ("sweep", [("melu", "static", 1.0)]),
+                           ("sweep", [("metacs", "fast", 1.0)])]
+  assert "one vectorised program with 4 runs" in (tmp_path / "r2" / "wall_time.txt").read_text()
 
 
 def test_table2_trains_runs_two_at_a_time_in_their_own_processes(tmp_path, shared_data_dir):

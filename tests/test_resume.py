@@ -11,6 +11,7 @@ from fast_jax import runfolder
 from fast_jax.checkpoint import SeedCheckpoint
 from fast_jax.config import Config, resolve
 from fast_jax.experiment import UsageError, sweep_and_evaluate, train_and_evaluate
+from fast_jax.methods import learner as learn
 from fast_jax.runner import Diverged, Runner
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
@@ -168,8 +169,55 @@ def test_vmapped_seeds_and_sweep_points_match_sequential_runs(prepared, tmp_path
   assert not np.allclose(p["vec-a"], p["vec-b"])  # the lanes really had their own gamma/tau
   assert (tmp_path / "vec-a" / "seeds" / "seed-1024.json").exists()
 
-  with pytest.raises(UsageError, match="varies only gamma, tau, inner_lr; lr"):
+  with pytest.raises(UsageError, match=r"varies only gamma, tau, inner_lr .*; lr is"):
     sweep_and_evaluate([cfgs[0], Config(**{**base, "lr": 1e-2})], data=data, **QUIET)
+
+
+# The methods that train as lanes of one program (fast_jax.methods.rows), in a sweep of
+# all four with two seeds each; on whole batches (all eight lanes at once) and by length
+# (each seed's four lanes at once, the key and step counter shared: Runner.run_lanes).
+ROW_METHODS = ["origin", "reg", "ipw", "fast"]
+ROW_LANE_PARTS = [1, 2]
+
+
+@pytest.mark.parametrize("length_parts", ROW_LANE_PARTS)
+def test_rows_as_lanes_match_their_own_runs(prepared, tmp_path, monkeypatch, length_parts):
+  data = prepared("synthetic", min_ratings=15, max_ratings=80, num_minority=40,
+                  num_majority=160)  # lengths that 2 parts cut
+  base = dict(dataset="synthetic", epochs=1, seeds=2, lr=1e-3, gamma=3.0, tau=0.01,
+              reg_weight=1.0, attack=False, length_parts=length_parts)
+  cfgs = [Config(**base, method=m) for m in ROW_METHODS]
+  calls, run_lanes = [], Runner.run_lanes
+
+  def spy(self, seeds, **kw):
+    calls.append((list(seeds), bool(learn.row_budgets(self.ctx))))
+    return run_lanes(self, seeds, **kw)
+  monkeypatch.setattr(Runner, "run_lanes", spy)
+  vec = sweep_and_evaluate(cfgs, [tmp_path / f"vec-{m}" for m in ROW_METHODS], data=data,
+                           **QUIET)
+  if length_parts == 1:
+    assert calls == [([1024, 3145] * 4, False)]
+  else:  # by length: one seed's four rows at a time
+    assert calls == [([1024] * 4, True), ([3145] * 4, True)]
+  for m, cfg, v in zip(ROW_METHODS, cfgs, vec):
+    s = train_and_evaluate(cfg, tmp_path / f"seq-{m}", data=data, **QUIET)
+    assert v["config"]["method"] == m
+    for a, b in zip(s["per_seed"], v["per_seed"]):
+      assert a["seed"] == b["seed"]
+      for k in ("mae", "mse", "gf_mae"):
+        np.testing.assert_allclose(b[k], a[k], rtol=1e-4, atol=1e-6, err_msg=f"{m} {k}")
+    np.testing.assert_allclose([r["p"] for r in _records(tmp_path / f"vec-{m}")],
+                               [r["p"] for r in _records(tmp_path / f"seq-{m}")], atol=1e-5)
+  maes = [v["per_seed"][0]["mae"] for v in vec]
+  assert min(abs(a - b) for i, a in enumerate(maes) for b in maes[i + 1:]) > 1e-6, maes
+  assert _records(tmp_path / "vec-origin")[-1]["p"] == [0.5, 0.5]  # only FAST's p moves
+  assert _records(tmp_path / "vec-fast")[-1]["p"] != [0.5, 0.5]
+
+  with pytest.raises(UsageError, match="only origin, reg, ipw, fast"):
+    sweep_and_evaluate([cfgs[0], Config(**base, method="static")], data=data, **QUIET)
+  with pytest.raises(UsageError, match="only origin, reg, ipw, fast"):
+    sweep_and_evaluate([Config(**base, method=m, p_update="epoch") for m in ROW_METHODS],
+                       data=data, **QUIET)
 
 
 # Backbones whose inner learning rate a sweep varies per lane: fixed (MeLU) and learned

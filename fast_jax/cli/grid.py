@@ -74,12 +74,15 @@ def run_grid(runs: list[Run], root: pathlib.Path, *, progress: bool = False,
   """Run every configuration that has no results yet; return name -> results.
 
   With ``vmap``, the unfinished meta-learning runs that differ only in gamma, tau and
-  the inner lr (and each run's seeds) train together as one vectorised program
-  (:func:`fast_jax.experiment.sweep_and_evaluate`); the others run one by one. With
+  the inner lr, and in their method among Origin, Reg, IPW and FAST in step mode
+  (:mod:`fast_jax.methods.rows`), train together, each run's seeds too, as one
+  vectorised program (:func:`fast_jax.experiment.sweep_and_evaluate`); the others run
+  one by one. With
   ``jobs > 1``, that many runs (or vectorised groups) train at once, each in its own
   process, CLOVER's (the slowest) first.
   """
   from fast_jax.experiment import SWEEPABLE
+  from fast_jax.methods import rows as row_lanes
   root.mkdir(parents=True, exist_ok=True)
   out, todo = {}, []
   for run in runs:
@@ -94,7 +97,8 @@ def run_grid(runs: list[Run], root: pathlib.Path, *, progress: bool = False,
       todo.append(run)
   groups: dict = {}
   for run in todo:
-    shared = {k: v for k, v in run.cfg.to_dict().items() if k not in SWEEPABLE}
+    varied = SWEEPABLE + (("method",) if row_lanes.joins(run.cfg) else ())
+    shared = {k: v for k, v in run.cfg.to_dict().items() if k not in varied}
     key = json.dumps(shared, sort_keys=True, default=str) if (
         vmap and run.cfg.method not in BASELINES) else run.name
     groups.setdefault(key, []).append(run)
@@ -323,8 +327,9 @@ def add_grid_args(parser, *, out_name: str) -> None:
                       help="runs training at once, each in its own process (2 suits a 2-core "
                            "CPU: one run keeps about 1.4 cores busy)")
   parser.add_argument("--vmap", action="store_true",
-                      help="train each run's seeds, and the gamma/tau/inner-lr points of a sweep, as one "
-                           "vectorised program (no mid-run checkpoints)")
+                      help="train each run's seeds, the gamma/tau/inner-lr points of a sweep "
+                           "and a backbone's Origin, Reg, IPW and FAST rows as one vectorised "
+                           "program (no mid-run checkpoints)")
 
 
 def parse_grid_args(parser, argv=None):

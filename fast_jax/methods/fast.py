@@ -46,11 +46,15 @@ class Objective(NamedTuple):
     training users after each epoch, the FAST code).
   weights: ``weights(key, group[B], p[G]) -> float[B]`` outer weights of the batch users.
   penalty: ``penalty(terms: OuterTerms) -> scalar`` added to the loss.
+  rows: objectives of several methods that share the sampler (:func:`row_lanes`): each
+    lane's p, weights and penalty are those of ``rows[state.hyper["row"]]``; the fields
+    above then describe the whole (the sampler, and "step" if any row moves p).
   """
   sampler: str
   p_rule: str
   weights: Callable
   penalty: Callable
+  rows: tuple = ()
 
 
 class OuterTerms(NamedTuple):
@@ -127,17 +131,25 @@ def make_train_step(lrn: learn.Learner, obj: Objective, rate: learn.InnerRate, t
       else:
         gap_values, gap_group = jax.lax.stop_gradient((mse, mae)[gap_index]), batch["group"]
       group_loss, present = fairness.group_means(gap_values, gap_group, num_groups)
-      p = state.p
-      if obj.p_rule == "step" and cfg.p_average:  # a decaying cap
-        p = fairness.update_p_decaying(p, group_loss, present, state.hyper["gamma"],
-                                       state.hyper["tau"], state.step, steps_per_epoch(ctx))
-      elif obj.p_rule == "step":
-        p = fairness.update_p(p, group_loss, present, state.hyper["gamma"], state.hyper["tau"])
-      # B': the batch resampled with p, as weights over its users.
-      w = obj.weights(k_weights, batch["group"], p)
-      terms = OuterTerms(mse=mse, mae=mae, group=batch["group"], weights=w, pred=pred, y=y_q,
-                         x=meta.take_rows(batch["x"], query))
-      loss = weighted_mean(mse, w) + obj.penalty(terms)
+
+      def outer(o: Objective):  # p, B' as weights over the batch's users, the penalty
+        p = state.p
+        if o.p_rule == "step" and cfg.p_average:  # a decaying cap
+          p = fairness.update_p_decaying(p, group_loss, present, state.hyper["gamma"],
+                                         state.hyper["tau"], state.step, steps_per_epoch(ctx))
+        elif o.p_rule == "step":
+          p = fairness.update_p(p, group_loss, present, state.hyper["gamma"],
+                                state.hyper["tau"])
+        w = o.weights(k_weights, batch["group"], p)
+        terms = OuterTerms(mse=mse, mae=mae, group=batch["group"], weights=w, pred=pred,
+                           y=y_q, x=meta.take_rows(batch["x"], query))
+        return p, w, o.penalty(terms)
+      if obj.rows:  # this lane's row: every row's terms, one taken (they are small)
+        row = state.hyper["row"].astype(jnp.int32)
+        p, w, penalty = jax.tree.map(lambda *a: jnp.stack(a)[row], *map(outer, obj.rows))
+      else:
+        p, w, penalty = outer(obj)
+      loss = weighted_mean(mse, w) + penalty
       return loss, (p, w, mse, group_loss, present)
 
     # Outer step.

@@ -1,0 +1,55 @@
+"""Rows as lanes: meta-learning methods that differ only in their outer objective.
+
+Origin, Reg, IPW and FAST in step mode draw their batches the same way (every user once
+per epoch, shuffled) and differ only in how the outer step weighs the batch (uniform,
+IPW's inverse group shares, FAST's B' resampled with p), in its penalty (Reg's) and in
+whether p moves (FAST's). Runs of these methods at otherwise identical settings can
+therefore train as lanes of one vectorised program, as seeds and FAST's gamma and tau
+do (:meth:`fast_jax.runner.Runner.run_lanes`): each lane carries the index of its
+method in ``state.hyper["row"]`` and takes that method's p, weights and penalty
+(:class:`fast_jax.methods.fast.Objective`'s ``rows``). A lane's keys, batches and
+initial parameters are those of the method's own run, so its results are the run's up
+to floating-point reassociation (``tests/test_resume.py``).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+from fast_jax.config import Config
+from fast_jax.methods import fast, ipw, origin, reg
+from fast_jax.methods.base import Context, Method
+
+# The methods that can share a program, and their objectives.
+OBJECTIVES: dict[str, Callable[[Context], fast.Objective]] = {
+    "origin": lambda ctx: origin.OBJECTIVE,
+    "reg": reg.objective,
+    "ipw": ipw.objective,
+    "fast": fast.objective,
+}
+
+
+def joins(cfg: Config) -> bool:
+  """Whether a run of ``cfg`` can be a row lane: one of :data:`OBJECTIVES`, FAST in step
+  mode (in epoch mode its sampler draws from p, and p moves on the host)."""
+  return cfg.method in OBJECTIVES and not (cfg.method == "fast" and cfg.p_update == "epoch")
+
+
+def objective(ctx: Context, methods: Sequence[str]) -> fast.Objective:
+  """One objective whose lanes take ``methods[state.hyper["row"]]``'s."""
+  rows = tuple(OBJECTIVES[m](ctx) for m in methods)
+  if {o.sampler for o in rows} != {"uniform"} or any(o.p_rule == "epoch" for o in rows):
+    raise ValueError(f"{', '.join(methods)}: rows as lanes need the uniform sampler and no "
+                     "end-of-epoch p")
+  p_rule = "step" if any(o.p_rule == "step" for o in rows) else "none"
+  return fast.Objective("uniform", p_rule, rows[0].weights, rows[0].penalty, rows=rows)
+
+
+def maker(methods: Sequence[str]) -> Callable[..., Method]:
+  """``make(ctx, *, by_length) -> Method`` of the meta-learner whose lanes are the rows
+  ``methods`` (for :class:`fast_jax.runner.Runner`'s ``make``)."""
+  methods = tuple(methods)
+
+  def make(ctx: Context, *, by_length: bool = True) -> Method:
+    return fast.meta_method(ctx, objective(ctx, methods), by_length=by_length)
+  return make
