@@ -503,7 +503,8 @@ def main(argv=None) -> int:
   p.add_argument("--table2", metavar="DATASET", default=None,
                  help="time the whole Table 2 block of DATASET (--seeds, default 5)")
   p.add_argument("--jobs", type=int, default=1, help="--table2: runs at once")
-  p.add_argument("--vmap", action="store_true", help="--table2: vmapped seeds")
+  p.add_argument("--vmap", action="store_true",
+                 help="--table2: seeds, and each backbone's Origin/Reg/IPW/FAST rows, as lanes")
   p.add_argument("--cut-rows", type=int, nargs="+", default=None, metavar="L",
                  help="padding probe: the epoch on whole batches with every user cut to its "
                       "first L rows, for each L")
