@@ -46,9 +46,10 @@ class Objective(NamedTuple):
     training users after each epoch, the FAST code).
   weights: ``weights(key, group[B], p[G]) -> float[B]`` outer weights of the batch users.
   penalty: ``penalty(terms: OuterTerms) -> scalar`` added to the loss.
-  rows: objectives of several methods that share the sampler (:func:`row_lanes`): each
-    lane's p, weights and penalty are those of ``rows[state.hyper["row"]]``; the fields
-    above then describe the whole (the sampler, and "step" if any row moves p).
+  rows: the objectives of several methods that share the sampler
+    (:mod:`fast_jax.methods.rows`): each lane's p, weights and penalty are those of
+    ``rows[state.hyper["row"]]``; the fields above then describe the whole (the sampler,
+    and "step" if any row moves p).
   """
   sampler: str
   p_rule: str
