@@ -242,9 +242,12 @@ def _run_lanes(runner, runs: list[tuple[Config, RunFolder]], *,
            for seed in config_lib.seed_list(cfg.seeds) if folder.finished_seed(seed) is None]
   records: dict[tuple[int, int], list[dict]] = {lane: [] for lane in lanes}
   columns: dict[tuple[int, int], dict] = {}
-  # Where a run goes by length (a CPU, learner.row_budgets), the lanes of each seed train
-  # together by length, one seed after another; elsewhere all lanes at once, whole.
-  if len(runs) > 1 and learn.row_budgets(runner.ctx):
+  # Where a run goes by length (a CPU, learner.row_budgets) and its batches do not depend
+  # on p (the uniform sampler of the rows' methods), the lanes of each seed share their
+  # batches and train together by length, one seed after another; otherwise all lanes at
+  # once, on whole batches.
+  if (len(runs) > 1 and all(row_lanes.joins(cfg) for cfg, _ in runs)
+      and learn.row_budgets(runner.ctx)):
     seeds = dict.fromkeys(seed for _, seed in lanes)
     groups = [[lane for lane in lanes if lane[1] == seed] for seed in seeds]
   else:
