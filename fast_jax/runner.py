@@ -341,10 +341,11 @@ class Runner:
 
     Keys, initial states and selection are those of :meth:`run_seed`, so each lane's
     result matches a sequential run up to floating-point reassociation. Lanes of one seed
-    (the points of a sweep, or rows, at that seed) share their keys, batches and step
-    counter: they run by length as :meth:`run_seed` does, the key and the counter kept
-    out of the ``vmap`` so that a part's ``lax.cond`` stays one; other lanes run on whole
-    batches (under ``vmap`` the cond would run both branches). The end of an
+    (the points of a sweep, or rows, at that seed) share their key and step counter,
+    kept out of the ``vmap``, and run by length as :meth:`run_seed` does; where their
+    batches do not depend on p (the uniform sampler) they share those too, and a part's
+    ``lax.cond`` stays one branch (with a predicate that differs per lane it runs both).
+    Lanes of several seeds run on whole batches. The end of an
     epoch (validation, FAST's epoch-mode p, logging as ``log(lane, record)``) runs per
     lane on the host. No mid-run checkpoints. ``predictions(lane, columns)`` receives
     each finished lane's test rows (:meth:`test_report`).
