@@ -128,8 +128,15 @@ def test_figure4_p_stability_is_the_last_ten_epochs_mean_and_range(tmp_path):
   assert rows[0]["p0_swing_last10"] == pytest.approx((0.2 + 0.0) / 2)
 
 
+# Backends of the vmapped grid's grouping: on a CPU a lone run trains on its own.
+GRID_BACKENDS = ["cpu", "gpu"]
+
+
+@pytest.mark.parametrize("backend", GRID_BACKENDS)
 def test_vmapped_grid_groups_the_runs_that_differ_in_sweep_points_and_rows(tmp_path,
-                                                                           monkeypatch):
+                                                                           monkeypatch,
+                                                                           backend):
+  import jax
   from fast_jax.cli import grid
   from fast_jax import experiment
   from fast_jax.config import Config
@@ -145,6 +152,7 @@ def test_vmapped_grid_groups_the_runs_that_differ_in_sweep_points_and_rows(tmp_p
     return fake
   monkeypatch.setattr(experiment, "sweep_and_evaluate", sweep)
   monkeypatch.setattr(experiment, "train_and_evaluate", single)
+  monkeypatch.setattr(jax, "default_backend", lambda: backend)
   runs = [grid.Run(f"r{i}", Config(backbone=b, method=m, gamma=g))
           for i, (b, m, g) in enumerate([("melu", "fast", 1.0), ("metacs", "fast", 1.0),
                                          ("melu", "fast", 2.0), ("melu", "global-mean", 1.0),
@@ -152,12 +160,15 @@ def test_vmapped_grid_groups_the_runs_that_differ_in_sweep_points_and_rows(tmp_p
                                          ("melu", "static", 1.0), ("melu", "clover", 1.0)])]
   out = grid.run_grid(runs, tmp_path, vmap=True, log=lambda s: None)
   assert sorted(out) == [f"r{i}" for i in range(8)]
-  assert sorted(calls) == [("single", [("global-mean", 1.0)]),
-                           ("sweep", [("melu", "clover", 1.0)]),
-                           ("sweep", [("melu", "fast", 1.0), ("melu", "fast", 2.0),
-                                      ("melu", "origin", 1.0), ("melu", "ipw", 1.0)]),
-                           ("sweep", [("melu", "static", 1.0)]),
-                           ("sweep", [("metacs", "fast", 1.0)])]
+  alone = [("melu", "clover", 1.0), ("melu", "static", 1.0), ("metacs", "fast", 1.0)]
+  if backend == "cpu":  # a run with nothing to group with: its seeds one after another
+    alone = [("single", [(m, g)]) for _, m, g in alone]
+  else:
+    alone = [("sweep", [run]) for run in alone]
+  assert sorted(calls) == sorted([("single", [("global-mean", 1.0)]),
+                                  ("sweep", [("melu", "fast", 1.0), ("melu", "fast", 2.0),
+                                             ("melu", "origin", 1.0), ("melu", "ipw", 1.0)]),
+                                  *alone])
   assert "one vectorised program with 4 runs" in (tmp_path / "r2" / "wall_time.txt").read_text()
 
 

@@ -467,7 +467,7 @@ def bench_table2(dataset: str, *, data_dir: str | None, seeds: int, epochs: int 
       folder = pathlib.Path(tmp) / run.name
       wall = (folder / "wall_time.txt").read_text().splitlines()[-1] \
           if (folder / "wall_time.txt").exists() else ""
-      if vmap and run.cfg.method not in grid.BASELINES and wall:
+      if wall and ("vectorised" in wall or (vmap and grid.vectorised_group([run]))):
         # lanes: each lane's records hold the whole program's epochs
         note = wall[wall.index("(") + 1:-1] if "(" in wall else "its seeds vectorised"
         rows.append((run.row, float(wall.split()[0]), f"wall: {note}"))

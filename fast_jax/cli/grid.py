@@ -77,7 +77,8 @@ def run_grid(runs: list[Run], root: pathlib.Path, *, progress: bool = False,
   the inner lr, and in their method among Origin, Reg, IPW and FAST in step mode
   (:mod:`fast_jax.methods.rows`), train together, each run's seeds too, as one
   vectorised program (:func:`fast_jax.experiment.sweep_and_evaluate`); the others run
-  one by one. With
+  one by one, and so does on a CPU a meta-learner's run with nothing to group with
+  (:func:`vectorised_group`). With
   ``jobs > 1``, that many runs (or vectorised groups) train at once, each in its own
   process, CLOVER's (the slowest) first.
   """
@@ -102,8 +103,7 @@ def run_grid(runs: list[Run], root: pathlib.Path, *, progress: bool = False,
     key = json.dumps(shared, sort_keys=True, default=str) if (
         vmap and run.cfg.method not in BASELINES) else run.name
     groups.setdefault(key, []).append(run)
-  work = [(g, [root / r.name for r in g], vmap and g[0].cfg.method not in BASELINES)
-          for g in groups.values()]
+  work = [(g, [root / r.name for r in g], vmap and vectorised_group(g)) for g in groups.values()]
 
   def record(group, folders, done, seconds, resumed):
     for run, folder, res in zip(group, folders, done):
@@ -136,6 +136,18 @@ def run_grid(runs: list[Run], root: pathlib.Path, *, progress: bool = False,
     log(f"{sum(len(g) for g, _, _ in work)} runs in {time.perf_counter() - t0:.0f} s of wall "
         f"time ({jobs} job{'s' if jobs > 1 else ''} at once)")
   return out
+
+
+def vectorised_group(group: list[Run]) -> bool:
+  """Whether a ``--vmap`` group of runs trains as one vectorised program: a
+  meta-learner's, except on a CPU a single run's seeds, which there ran x0.73-0.82 slower
+  as lanes than one after another (EXPERIMENTS.md, Speed); such a run trains as a run of
+  its own, with its checkpoints. Several runs (a sweep's points, a backbone's rows) go
+  together everywhere: on a CPU each seed's lanes by length."""
+  if group[0].cfg.method in BASELINES:
+    return False
+  import jax
+  return len(group) > 1 or jax.default_backend() != "cpu"
 
 
 # Settings that do not change what a finished run computed (where the data was found,
