@@ -142,7 +142,8 @@ def train_and_evaluate(cfg: Config, out_dir: str | os.PathLike | None = None, *,
                      write=sharding.is_writer())
   runner = make_runner(cfg, data)
   if cfg.vmap_seeds and runner.method.lanes:
-    [(per_seed, diverged)] = _run_lanes(runner, [(cfg, folder)], progress=progress)
+    [(per_seed, diverged)] = _run_lanes(runner, [(cfg, folder)], [cfg.method],
+                                        progress=progress)
   else:
     def train(seed: int):
       records: list[dict] = []
@@ -220,7 +221,7 @@ def sweep_and_evaluate(cfgs: list[Config], out_dirs: list | None = None, *, data
   folders = [RunFolder(o, c, data, resume=o is not None and
                        (pathlib.Path(o) / "config.json").exists(), write=sharding.is_writer())
              for c, o in zip(cfgs, out_dirs)]
-  outcomes = _run_lanes(runner, list(zip(cfgs, folders)), progress=progress)
+  outcomes = _run_lanes(runner, list(zip(cfgs, folders)), methods, progress=progress)
   results = []
   for cfg, folder, (per_seed, diverged) in zip(cfgs, folders, outcomes):
     results.append(finish(folder, cfg, per_seed, diverged, runner.group_names))
@@ -229,11 +230,11 @@ def sweep_and_evaluate(cfgs: list[Config], out_dirs: list | None = None, *, data
   return results
 
 
-def _run_lanes(runner, runs: list[tuple[Config, RunFolder]], *,
+def _run_lanes(runner, runs: list[tuple[Config, RunFolder]], methods: list[str], *,
                progress: bool) -> list[tuple[list[dict], list[dict]]]:
   """Every unfinished (run, seed) of ``runs`` as one lane of ``runner.run_lanes``;
-  per run, its per-seed reports and diverged seeds, with the folders' seed files written."""
-  methods = list(dict.fromkeys(cfg.method for cfg, _ in runs))
+  per run, its per-seed reports and diverged seeds, with the folders' seed files written.
+  ``methods``: the runs' methods, in the order of the runner's rows (when several)."""
 
   def hypers(cfg: Config) -> dict:  # a lane's: its sweep point, and its row if they vary
     row = {"row": methods.index(cfg.method)} if len(methods) > 1 else {}

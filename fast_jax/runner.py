@@ -373,8 +373,9 @@ class Runner:
     for epoch in tqdm(range(1, self.cfg.epochs + 1), desc=f"{len(seeds)} lanes",
                       disable=not progress, leave=False):
       t0 = time.perf_counter()
-      keys = jnp.stack([jax.random.fold_in(k, epoch) for k in k_train])
-      states, steps = epoch_fn(states, m.splits["fit"], keys[0] if one_seed else keys)
+      keys = (jax.random.fold_in(k_train[0], epoch) if one_seed
+              else jnp.stack([jax.random.fold_in(k, epoch) for k in k_train]))
+      states, steps = epoch_fn(states, m.splits["fit"], keys)
       steps = jax.device_get(steps)
       changed = {}
       for i, seed in enumerate(seeds):
