@@ -172,6 +172,32 @@ def test_vmapped_grid_groups_the_runs_that_differ_in_sweep_points_and_rows(tmp_p
   assert "one vectorised program with 4 runs" in (tmp_path / "r2" / "wall_time.txt").read_text()
 
 
+@pytest.mark.parametrize("vmap", [False, True])
+def test_a_grid_of_several_jobs_starts_its_largest_groups_first(shared_data_dir, vmap):
+  """With --jobs > 1 the grid starts its groups largest first (a long group started last
+  leaves the other jobs idle); one job at a time keeps the given order."""
+  from fast_jax.cli import grid, table2
+  from fast_jax.config import Config
+  runs = table2.make_runs(["ml100k"], table2.ROWS, seeds=5, epochs=None,
+                          data_dir=str(shared_data_dir), p_update="step")
+  given = grid.plan(runs, vmap=vmap, largest_first=False)  # each group where it first appears
+  names = [r.name for r in runs]
+  assert [g[0].name for g in given] == sorted((g[0].name for g in given), key=names.index)
+  assert sorted(r.name for g in given for r in g) == sorted(names)
+  order = [[r.name.split("/")[1] for r in g]
+           for g in grid.plan(runs, vmap=vmap, largest_first=True)]
+  rows = ["melu-origin", "melu-reg", "melu-ipw", "melu-fast-step"]
+  if vmap:  # a backbone's four rows in one program outweigh its CLOVER run
+    assert order[:3] == [rows, [r.replace("melu", "metacs") for r in rows], ["melu-clover"]]
+  else:  # MeLU's 3 inner steps and CLOVER's adversary first, MetaCS's rows after MeLU's
+    assert order[:5] == [["melu-clover"], *[[r] for r in rows]]
+    assert order[5] == ["metacs-clover"]
+  assert sorted(g[0] for g in order[-3:]) == sorted(REFERENCE)  # they train nothing
+  # The estimate: runs x seeds x epochs x training users x (inner steps + 1).
+  cfg = Config(backbone="melu", method="origin", dataset="ml1m", seeds=5)
+  assert grid.work_estimate([cfg] * 4, {"ml1m": (2322, "ml1m")}) == 4 * 5 * 50 * 2322 * (3 + 1)
+
+
 def test_table2_trains_runs_two_at_a_time_in_their_own_processes(tmp_path, shared_data_dir):
   """--jobs 2 on real ML-100K rows: each run in a spawned process gives the committed
   result, and the log reports the grid's wall time."""

@@ -80,10 +80,8 @@ def run_grid(runs: list[Run], root: pathlib.Path, *, progress: bool = False,
   one by one, and so does on a CPU a meta-learner's run with nothing to group with
   (:func:`vectorised_group`). With
   ``jobs > 1``, that many runs (or vectorised groups) train at once, each in its own
-  process, CLOVER's (the slowest) first.
+  process, the largest first (:func:`plan`).
   """
-  from fast_jax.experiment import SWEEPABLE
-  from fast_jax.methods import rows as row_lanes
   root.mkdir(parents=True, exist_ok=True)
   out, todo = {}, []
   for run in runs:
@@ -96,14 +94,8 @@ def run_grid(runs: list[Run], root: pathlib.Path, *, progress: bool = False,
       out[run.name] = done
     else:  # not run, interrupted, or run with fewer seeds: (re)start or resume it
       todo.append(run)
-  groups: dict = {}
-  for run in todo:
-    varied = SWEEPABLE + (("method",) if row_lanes.joins(run.cfg) else ())
-    shared = {k: v for k, v in run.cfg.to_dict().items() if k not in varied}
-    key = json.dumps(shared, sort_keys=True, default=str) if (
-        vmap and run.cfg.method not in BASELINES) else run.name
-    groups.setdefault(key, []).append(run)
-  work = [(g, [root / r.name for r in g], vmap and vectorised_group(g)) for g in groups.values()]
+  work = [(g, [root / r.name for r in g], vmap and vectorised_group(g))
+          for g in plan(todo, vmap=vmap, largest_first=jobs > 1)]
 
   def record(group, folders, done, seconds, resumed):
     for run, folder, res in zip(group, folders, done):
@@ -121,7 +113,6 @@ def run_grid(runs: list[Run], root: pathlib.Path, *, progress: bool = False,
       record(group, folders, *_run_group([r.cfg for r in group], folders, vectorised,
                                          progress))
   else:
-    work.sort(key=lambda w: w[0][0].cfg.method != "clover")  # stable: the given order after
     context = multiprocessing.get_context("spawn")  # no fork of a process that may hold JAX
     with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
       futures = {pool.submit(_run_group, [r.cfg for r in g], f, v, False): (g, f)
@@ -135,6 +126,67 @@ def run_grid(runs: list[Run], root: pathlib.Path, *, progress: bool = False,
   if work:
     log(f"{sum(len(g) for g, _, _ in work)} runs in {time.perf_counter() - t0:.0f} s of wall "
         f"time ({jobs} job{'s' if jobs > 1 else ''} at once)")
+  return out
+
+
+def plan(runs: list[Run], *, vmap: bool, largest_first: bool) -> list[list[Run]]:
+  """The grid's unfinished runs as the groups that train together (each run alone
+  without ``vmap``), in the order they start: as given, or with ``largest_first`` (several
+  jobs at once) the largest :func:`work_estimate` first, so that no long group starts last
+  while the other jobs run out of work."""
+  from fast_jax.experiment import SWEEPABLE
+  from fast_jax.methods import rows as row_lanes
+  groups: dict = {}
+  for run in runs:
+    varied = SWEEPABLE + (("method",) if row_lanes.joins(run.cfg) else ())
+    shared = {k: v for k, v in run.cfg.to_dict().items() if k not in varied}
+    key = json.dumps(shared, sort_keys=True, default=str) if (
+        vmap and run.cfg.method not in BASELINES) else run.name
+    groups.setdefault(key, []).append(run)
+  out = list(groups.values())
+  if largest_first:
+    sizes = _dataset_sizes({r.cfg.dataset: r.cfg for r in runs})
+    out.sort(key=lambda g: -work_estimate([r.cfg for r in g], sizes))  # stable
+  return out
+
+
+# A run's work per training user and epoch, relative to one inner step of a meta-learner,
+# beside the number of inner steps: measured on the whole Table 2 at 3f436fb (2 jobs;
+# EXPERIMENTS.md, Wall time). CLOVER's adversary costs half as much again; a baseline
+# trains a plain network; a reference predictor trains nothing.
+_WORK = {"clover": 1.5, "widedeep": 0.3, "dropoutnet": 0.3, "nlba": 0.3}
+
+
+def work_estimate(cfgs: list[Config], sizes: dict[str, tuple[int, str]]) -> float:
+  """A group of runs' training work in arbitrary units, to order a grid's jobs largest
+  first: runs x seeds x epochs x training users x (inner steps + 1), scaled by
+  :data:`_WORK`. ``sizes`` maps a dataset to (its training users, its name); a dataset
+  not in it counts one user. Only the order matters: on the whole Table 2 it ranks the
+  groups as their wall times do."""
+  from fast_jax.config import REFERENCE, resolve
+  cfg = cfgs[0]
+  if cfg.method in REFERENCE:
+    return 0.0
+  users, name = sizes.get(cfg.dataset, (1, cfg.dataset))
+  per_user = _WORK.get(cfg.method, 1.0)
+  if cfg.method in META_METHODS:
+    per_user *= (resolve(cfg, name).inner_steps or 1) + 1
+  return len(cfgs) * cfg.seeds * (cfg.epochs or 50) * users * per_user
+
+
+def _dataset_sizes(cfgs: dict[str, Config]) -> dict[str, tuple[int, str]]:
+  """dataset -> (training users, dataset name), from the prepared data (prepared here
+  if need be, once, rather than by two jobs at a time). A dataset that does not load is
+  left out: its run reports why."""
+  from fast_jax.experiment import load_dataset
+  out = {}
+  for dataset, cfg in cfgs.items():
+    try:
+      meta = load_dataset(cfg, progress=False).meta
+    except Exception:  # noqa: BLE001 - the run itself raises the clear error
+      continue
+    out[dataset] = (int(meta.get("counts", {}).get("train", {}).get("users", 1)),
+                    meta.get("dataset", dataset))
   return out
 
 
