@@ -187,18 +187,28 @@ def test_rows_as_lanes_match_their_own_runs(prepared, tmp_path, monkeypatch, len
   base = dict(dataset="synthetic", epochs=1, seeds=2, lr=1e-3, gamma=3.0, tau=0.01,
               reg_weight=1.0, attack=False, length_parts=length_parts)
   cfgs = [Config(**base, method=m) for m in ROW_METHODS]
-  calls, run_lanes = [], Runner.run_lanes
+  calls, run_lanes, stop = [], Runner.run_lanes, []
+  folders = [tmp_path / f"vec-{m}" for m in ROW_METHODS]
 
   def spy(self, seeds, **kw):
-    calls.append((list(seeds), bool(learn.row_budgets(self.ctx))))
+    filed = {f.name for d in folders for f in (d / "seeds").glob("*.json")} if (
+        folders[0] / "seeds").exists() else set()
+    calls.append((list(seeds), bool(learn.row_budgets(self.ctx)), sorted(filed)))
+    if stop and len(calls) == stop[0]:
+      raise KeyboardInterrupt
     return run_lanes(self, seeds, **kw)
   monkeypatch.setattr(Runner, "run_lanes", spy)
-  vec = sweep_and_evaluate(cfgs, [tmp_path / f"vec-{m}" for m in ROW_METHODS], data=data,
-                           **QUIET)
+  if length_parts == 2:  # stopped in the second seed: the first is filed, and a rerun resumes
+    stop.append(2)
+    with pytest.raises(KeyboardInterrupt):
+      sweep_and_evaluate(cfgs, folders, data=data, **QUIET)
+    assert calls[1][2] == ["seed-1024.json"]
+    calls.clear(), stop.clear()
+  vec = sweep_and_evaluate(cfgs, folders, data=data, **QUIET)
   if length_parts == 1:
-    assert calls == [([1024, 3145] * 4, False)]
-  else:  # by length: one seed's four rows at a time
-    assert calls == [([1024] * 4, True), ([3145] * 4, True)]
+    assert calls == [([1024, 3145] * 4, False, [])]
+  else:  # by length: one seed's four rows at a time; here only the seed left
+    assert calls == [([3145] * 4, True, ["seed-1024.json"])]
   for m, cfg, v in zip(ROW_METHODS, cfgs, vec):
     s = train_and_evaluate(cfg, tmp_path / f"seq-{m}", data=data, **QUIET)
     assert v["config"]["method"] == m
@@ -208,6 +218,8 @@ def test_rows_as_lanes_match_their_own_runs(prepared, tmp_path, monkeypatch, len
         np.testing.assert_allclose(b[k], a[k], rtol=1e-4, atol=1e-6, err_msg=f"{m} {k}")
     np.testing.assert_allclose([r["p"] for r in _records(tmp_path / f"vec-{m}")],
                                [r["p"] for r in _records(tmp_path / f"seq-{m}")], atol=1e-5)
+    assert [(r["seed"], r["epoch"]) for r in _records(tmp_path / f"vec-{m}")] == \
+        [(r["seed"], r["epoch"]) for r in _records(tmp_path / f"seq-{m}")]  # each record once
   maes = [v["per_seed"][0]["mae"] for v in vec]
   assert min(abs(a - b) for i, a in enumerate(maes) for b in maes[i + 1:]) > 1e-6, maes
   assert _records(tmp_path / "vec-origin")[-1]["p"] == [0.5, 0.5]  # only FAST's p moves
