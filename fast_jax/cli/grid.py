@@ -150,10 +150,10 @@ def plan(runs: list[Run], *, vmap: bool, largest_first: bool) -> list[list[Run]]
   return out
 
 
-# A run's work per training user and epoch, relative to one inner step of a meta-learner,
-# beside the number of inner steps: measured on the whole Table 2 at 3f436fb (2 jobs;
-# EXPERIMENTS.md, Wall time). CLOVER's adversary costs half as much again; a baseline
-# trains a plain network; a reference predictor trains nothing.
+# A run's work per training user and epoch beside a meta-learner's per inner step + 1,
+# read off the whole Table 2 at 3f436fb (2 jobs; EXPERIMENTS.md, Speed): CLOVER's
+# adversary costs half as much again, a baseline trains a plain network (0.3-0.5), a
+# reference predictor trains nothing.
 _WORK = {"clover": 1.5, "widedeep": 0.3, "dropoutnet": 0.3, "nlba": 0.3}
 
 
@@ -161,8 +161,9 @@ def work_estimate(cfgs: list[Config], sizes: dict[str, tuple[int, str]]) -> floa
   """A group of runs' training work in arbitrary units, to order a grid's jobs largest
   first: runs x seeds x epochs x training users x (inner steps + 1), scaled by
   :data:`_WORK`. ``sizes`` maps a dataset to (its training users, its name); a dataset
-  not in it counts one user. Only the order matters: on the whole Table 2 it ranks the
-  groups as their wall times do."""
+  not in it counts one user. Only the order matters, and only roughly: replaying the whole
+  Table 2's measured group times, the order it gives ends 0.1% after the order of those
+  times and 5% before CLOVER's runs first (EXPERIMENTS.md, Speed)."""
   from fast_jax.config import REFERENCE, resolve
   cfg = cfgs[0]
   if cfg.method in REFERENCE:
