@@ -171,7 +171,11 @@ def work_estimate(cfgs: list[Config], sizes: dict[str, tuple[int, str]]) -> floa
   users, name = sizes.get(cfg.dataset, (1, cfg.dataset))
   per_user = _WORK.get(cfg.method, 1.0)
   if cfg.method in META_METHODS:
-    per_user *= (resolve(cfg, name).inner_steps or 1) + 1
+    try:
+      steps = resolve(cfg, name).inner_steps or 1
+    except (KeyError, TypeError, ValueError):  # a bad setting: its run reports it clearly
+      steps = 1
+    per_user *= steps + 1
   return len(cfgs) * cfg.seeds * (cfg.epochs or 50) * users * per_user
 
 
