@@ -234,8 +234,9 @@ def _run_lanes(runner, runs: list[tuple[Config, RunFolder]], methods: list[str],
                progress: bool) -> list[tuple[list[dict], list[dict]]]:
   """Every unfinished (run, seed) of ``runs`` as one lane of ``runner.run_lanes``;
   per run, its per-seed reports and diverged seeds, with the folders' seed files written
-  (where the lanes go one seed at a time, each seed's as soon as it has trained, so that
-  an interrupted group resumes from its finished seeds).
+  as soon as their group of lanes has trained (where lanes go one seed at a time, an
+  interrupted run resumes from its finished seeds); they are then read back as a resume
+  reads them.
   ``methods``: the runs' methods, in the order of the runner's rows (when several)."""
 
   def hypers(cfg: Config) -> dict:  # a lane's: its sweep point, and its row if they vary
@@ -264,11 +265,10 @@ def _run_lanes(runner, runs: list[tuple[Config, RunFolder]], methods: list[str],
         progress=progress,
         predictions=lambda k, cols, group=group: columns.__setitem__(group[k], cols))
     by_lane.update(zip(group, reports))
-    if len(groups) > 1:  # one seed at a time: file it now, so that a stop loses one seed
-      for (i, seed), report in zip(group, reports):
-        if not isinstance(report, Diverged):  # (reported with the rest, below)
-          runs[i][1].save_seed({"seed": seed, **report}, records[(i, seed)],
-                               columns.get((i, seed)))
+    for (i, seed), report in zip(group, reports):  # filed now: a stop loses this group only
+      if not isinstance(report, Diverged):  # (reported with the rest, below)
+        runs[i][1].save_seed({"seed": seed, **report}, records[(i, seed)],
+                             columns.get((i, seed)))
 
   def collected(i: int, cfg: Config, folder: RunFolder):
     def train(seed: int):

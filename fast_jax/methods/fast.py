@@ -132,6 +132,7 @@ def make_train_step(lrn: learn.Learner, obj: Objective, rate: learn.InnerRate, t
       else:
         gap_values, gap_group = jax.lax.stop_gradient((mse, mae)[gap_index]), batch["group"]
       group_loss, present = fairness.group_means(gap_values, gap_group, num_groups)
+      x_q = meta.take_rows(batch["x"], query)
 
       def outer(o: Objective):  # p, B' as weights over the batch's users, the penalty
         p = state.p
@@ -143,7 +144,7 @@ def make_train_step(lrn: learn.Learner, obj: Objective, rate: learn.InnerRate, t
                                 state.hyper["tau"])
         w = o.weights(k_weights, batch["group"], p)
         terms = OuterTerms(mse=mse, mae=mae, group=batch["group"], weights=w, pred=pred,
-                           y=y_q, x=meta.take_rows(batch["x"], query))
+                           y=y_q, x=x_q)
         return p, w, o.penalty(terms)
       if obj.rows:  # this lane's row: every row's terms, one taken (they are small)
         row = state.hyper["row"].astype(jnp.int32)
