@@ -3,6 +3,7 @@ results/runs_code) correctly."""
 
 import csv
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -196,6 +197,47 @@ def test_a_grid_of_several_jobs_starts_its_largest_groups_first(shared_data_dir,
   # The estimate: runs x seeds x epochs x training users x (inner steps + 1).
   cfg = Config(backbone="melu", method="origin", dataset="ml1m", seeds=5)
   assert grid.work_estimate([cfg] * 4, {"ml1m": (2322, "ml1m")}) == 4 * 5 * 50 * 2322 * (3 + 1)
+
+
+# (CPUs the process may use, jobs) -> the CPUs each worker is held to.
+WORKER_CPUS = [
+    ({0, 1}, 2, [{0}, {1}]),
+    ({0, 1}, 3, [{0}, {1}, {0}]),            # more jobs than CPUs: one CPU each, round robin
+    (set(range(16)), 3, [set(range(6)), set(range(6, 11)), set(range(11, 16))]),
+    ({2, 5, 7, 9}, 2, [{2, 5}, {7, 9}]),
+    ({0, 1}, 1, [None]),                       # one job keeps every CPU
+]
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no CPU affinity here")
+@pytest.mark.parametrize("available, jobs, expected", WORKER_CPUS)
+def test_a_grid_holds_each_job_to_its_own_cpus(monkeypatch, available, jobs, expected):
+  from fast_jax.cli import grid
+  monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+  monkeypatch.delenv("FAST_JAX_PIN_JOBS", raising=False)
+  assert [set(c) if c else None for c in grid.worker_cpus(jobs, available)] == expected
+  # Not where JAX may run on an accelerator, nor when switched off.
+  monkeypatch.setenv("JAX_PLATFORMS", "cuda,cpu")
+  assert grid.worker_cpus(jobs, available) == [None] * jobs
+  monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+  monkeypatch.setenv("FAST_JAX_PIN_JOBS", "0")
+  assert grid.worker_cpus(jobs, available) == [None] * jobs
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs CPU affinity and two CPUs")
+def test_a_grid_worker_runs_on_the_cpus_it_was_given():
+  """The pool's initializer holds the spawned worker to the set it takes from the queue."""
+  import concurrent.futures
+  import multiprocessing
+  from fast_jax.cli import grid
+  last = max(os.sched_getaffinity(0))
+  context = multiprocessing.get_context("spawn")
+  cpus = context.Queue()
+  cpus.put(frozenset({last}))
+  with concurrent.futures.ProcessPoolExecutor(1, mp_context=context, initializer=grid._pin_worker,
+                                              initargs=(cpus,)) as pool:
+    assert pool.submit(os.sched_getaffinity, 0).result(timeout=120) == {last}
 
 
 def test_table2_trains_runs_two_at_a_time_in_their_own_processes(tmp_path, shared_data_dir):

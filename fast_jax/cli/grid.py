@@ -18,6 +18,7 @@ import dataclasses
 import gc
 import json
 import multiprocessing
+import os
 import pathlib
 import sys
 import time
@@ -80,7 +81,8 @@ def run_grid(runs: list[Run], root: pathlib.Path, *, progress: bool = False,
   one by one, and so does on a CPU a meta-learner's run with nothing to group with
   (:func:`vectorised_group`). With
   ``jobs > 1``, that many runs (or vectorised groups) train at once, each in its own
-  process, the largest first (:func:`plan`).
+  process, the largest first (:func:`plan`), and on a CPU each process on its own share
+  of the CPUs (:func:`worker_cpus`).
   """
   root.mkdir(parents=True, exist_ok=True)
   out, todo = {}, []
@@ -114,7 +116,12 @@ def run_grid(runs: list[Run], root: pathlib.Path, *, progress: bool = False,
                                          progress))
   else:
     context = multiprocessing.get_context("spawn")  # no fork of a process that may hold JAX
-    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
+    cpus = context.Queue()
+    for subset in worker_cpus(jobs):
+      cpus.put(subset)
+    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context,
+                                                initializer=_pin_worker,
+                                                initargs=(cpus,)) as pool:
       futures = {pool.submit(_run_group, [r.cfg for r in g], f, v, False): (g, f)
                  for g, f, v in work}
       try:
@@ -229,6 +236,50 @@ def _check_same_run(folder: pathlib.Path, before: dict, cfg: Config) -> None:
     was, now = changed[k]
     raise UsageError(f"{folder} holds a finished run with {k}={was!r}, not {now!r}; move "
                      "it away or use another --root")
+
+
+def cpu_only() -> bool:
+  """Whether JAX can only run on the CPU here: ``JAX_PLATFORMS`` names the CPU alone, or no
+  accelerator plugin (a ``jax_plugins`` package or entry point, or ``libtpu``) is
+  installed. Decided without starting JAX, which on a GPU would claim its memory in the
+  grid's parent."""
+  from importlib import metadata, util
+  platforms = [p.strip() for p in os.environ.get("JAX_PLATFORMS", "").split(",") if p.strip()]
+  if platforms:
+    return set(platforms) == {"cpu"}
+  if any(True for _ in metadata.entry_points(group="jax_plugins")):
+    return False
+  return util.find_spec("jax_plugins") is None and util.find_spec("libtpu") is None
+
+
+def worker_cpus(jobs: int, available=None) -> list[frozenset[int] | None]:
+  """The CPUs each of ``jobs`` workers is held to: this process's CPUs (``available``,
+  default its affinity) split into ``jobs`` contiguous, near-equal sets (one CPU each,
+  round robin, when there are more jobs than CPUs). Two jobs on a 2-core CPU, each on a
+  core of its own, ran their epochs x0.83-0.85 (ML-1M MeLU+FAST) and x0.92 (Book-Crossing)
+  as long as two jobs free to use both cores (EXPERIMENTS.md, Speed): a job's XLA threads
+  wait on each other for much of an epoch, and two jobs' four threads then contend for
+  two cores. ``None`` for every worker (no pinning) where that does not apply: one job,
+  a platform without CPU affinity, JAX able to use an accelerator (:func:`cpu_only`), or
+  ``FAST_JAX_PIN_JOBS=0``."""
+  if (jobs <= 1 or not hasattr(os, "sched_setaffinity")
+      or os.environ.get("FAST_JAX_PIN_JOBS", "1") == "0" or not cpu_only()):
+    return [None] * jobs
+  cpus = sorted(os.sched_getaffinity(0) if available is None else available)
+  if jobs >= len(cpus):
+    return [frozenset({cpus[i % len(cpus)]}) for i in range(jobs)]
+  return [frozenset(int(c) for c in part) for part in np.array_split(cpus, jobs)]
+
+
+def _pin_worker(cpus) -> None:
+  """A grid worker's initializer: hold this process (and so the threads JAX starts in it)
+  to the next set of CPUs in the queue ``cpus`` (:func:`worker_cpus`)."""
+  subset = cpus.get()
+  if subset:
+    try:
+      os.sched_setaffinity(0, subset)
+    except OSError:  # CPUs taken away since: run unpinned
+      pass
 
 
 def _run_group(cfgs: list[Config], folders: list[pathlib.Path], vectorised: bool,
