@@ -274,7 +274,11 @@ def worker_cpus(jobs: int, available=None) -> list[frozenset[int] | None]:
 def _pin_worker(cpus) -> None:
   """A grid worker's initializer: hold this process (and so the threads JAX starts in it)
   to the next set of CPUs in the queue ``cpus`` (:func:`worker_cpus`)."""
-  subset = cpus.get()
+  import queue
+  try:
+    subset = cpus.get(timeout=60)
+  except queue.Empty:  # a worker beyond the sets handed out: run unpinned
+    return
   if subset:
     try:
       os.sched_setaffinity(0, subset)
@@ -444,8 +448,9 @@ def add_grid_args(parser, *, out_name: str) -> None:
   parser.set_defaults(out_name=out_name)
   parser.add_argument("--collect-only", action="store_true", help="only tabulate finished runs")
   parser.add_argument("--jobs", type=_at_least_one, default=1,
-                      help="runs training at once, each in its own process (2 suits a 2-core "
-                           "CPU: one run keeps about 1.4 cores busy)")
+                      help="runs training at once, each in its own process, on a CPU each "
+                           "held to its own share of the CPUs (FAST_JAX_PIN_JOBS=0: free to use "
+                           "all); 2 suits a 2-core CPU")
   parser.add_argument("--vmap", action="store_true",
                       help="train each run's seeds, the gamma/tau/inner-lr points of a sweep "
                            "and a backbone's Origin, Reg, IPW and FAST rows as one vectorised "
