@@ -1,6 +1,8 @@
 """``experiments/bench.py``: the run breakdown's table against sums and medians worked out
 here, a tiny real run of two seeds through it, and the padding probe's truncated data."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -225,3 +227,35 @@ def test_header_names_the_backend_jax_version_and_xla_flags_when_set(monkeypatch
   line = bench.backend()
   assert line.startswith(f"{jax.default_backend()} (JAX {jax.__version__}")
   assert ("XLA_FLAGS" in line) == bool(flags) and flags in line
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs CPU affinity and two CPUs")
+def test_side_by_side_trains_copies_at_once_held_to_their_cpus_and_free(prepared, monkeypatch,
+                                                                        capsys):
+  """Two spawned processes per round and mode: held, each on CPUs of its own; free, both on
+  all of this process's CPUs; the printed ratio is that of the medians."""
+  monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+  monkeypatch.delenv("FAST_JAX_PIN_JOBS", raising=False)
+  data = prepared("synthetic", **TINY)
+  cfg = config_lib.resolve(Config(dataset="synthetic", backbone="metacs", batch_size=8),
+                           "synthetic")
+  r = bench.bench_side_by_side(cfg, data, jobs=2, epochs=1, rounds=1)
+  everything = sorted(os.sched_getaffinity(0))
+  (held,), (free,) = r["held"], r["free"]
+  assert len({p["pid"] for p in held}) == 2 and len({p["pid"] for p in free}) == 2
+  assert not set(held[0]["cpus"]) & set(held[1]["cpus"])
+  assert sorted(held[0]["cpus"] + held[1]["cpus"]) == everything
+  assert [p["cpus"] for p in free] == [everything, everything]
+  assert all(p["epoch_s"] > 0 for p in held + free)
+  bench.print_side_by_side(r)
+  out = capsys.readouterr().out
+  ratio = np.median([p["epoch_s"] for p in held]) / np.median([p["epoch_s"] for p in free])
+  assert f"-> held x{ratio:.2f} as long" in out
+  # One copy is not side by side; nor is a setting whose jobs cannot be held to CPUs.
+  with pytest.raises(SystemExit) as e:
+    bench.main(["--side-by-side", "--jobs", "1"])
+  assert e.value.code == 2 and "--jobs must be at least 2" in capsys.readouterr().err
+  monkeypatch.setenv("FAST_JAX_PIN_JOBS", "0")
+  with pytest.raises(ValueError, match="cannot be held to CPUs"):
+    bench.bench_side_by_side(cfg, data, jobs=2, epochs=1, rounds=1)

@@ -7,6 +7,8 @@
     python experiments/bench.py --authors ../FAST --authors-python ../torch-env/bin/python \
         --rounds 3 --data-dir ../shared/data
     python experiments/bench.py --inner-forms --rounds 6 --data-dir ../shared/data
+    python experiments/bench.py --side-by-side --dataset ml1m --jobs 2 --epochs 6 \
+        --data-dir ../shared/data
 
 ``--breakdown`` trains the configuration as a run does (one seed, or ``--seeds``) and
 prints where its time goes, for the first seed, each later seed (which reuses the first
@@ -41,6 +43,13 @@ in one process and run alternately for ``--rounds`` rounds, and prints
 both, the ratio of their medians and how far the two sets of parameters are apart after
 one epoch (rounding, which Adam's steps amplify; relative to each array's largest value).
 
+``--side-by-side`` times the epoch of ``--jobs`` (at least 2) copies of the configuration
+training at once, each in a process of its own as a grid's ``--jobs`` workers run, in
+``--rounds`` rounds: each round once with every process held to its own share of the CPUs
+(what the grid does on a CPU, :func:`fast_jax.cli.grid.worker_cpus`) and once with every
+process free to use them all, and prints each process's median epoch and the ratio of the
+medians.
+
 Without those flags it prints,
 for MeLU+FAST (or --backbone/--method, any meta-learning method) on the
 dataset's training users: compile time, seconds per training epoch (jitted epoch scan,
@@ -57,9 +66,11 @@ from ``--loop-steps`` steps (not for CLOVER, whose step is its own).
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import contextlib
 import dataclasses
 import json
+import multiprocessing
 import os
 import pathlib
 import resource
@@ -199,6 +210,57 @@ def bench_vmapped_seeds(runner: Runner, seeds: int) -> dict:
     jax.block_until_ready(m.epoch(state, data, k))
   sequential = time.perf_counter() - t0
   return {"compile_s": compile_s, "vmapped_s": vmapped, "sequential_s": sequential}
+
+
+def _epochs_side_by_side(cfg: Config, data, epochs: int) -> dict:
+  """One process of :func:`bench_side_by_side`: its median epoch (:func:`bench_scan`), its
+  process id and the CPUs it may use."""
+  epoch_s = bench_scan(Runner(cfg, data), epochs)["epoch_s"]
+  cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+  return {"epoch_s": epoch_s, "pid": os.getpid(), "cpus": cpus}
+
+
+def bench_side_by_side(cfg: Config, data, *, jobs: int, epochs: int, rounds: int) -> dict:
+  """Seconds per epoch of ``jobs`` copies of ``cfg`` training at once, each in a spawned
+  process of its own (as a grid's ``--jobs`` workers), ``rounds`` times with each process
+  held to its own CPUs (:func:`fast_jax.cli.grid.worker_cpus`) and, alternating, free to
+  use them all. Returns {"held": [[process dicts] per round], "free": [...]}, each process's
+  dict from :func:`_epochs_side_by_side`. Raises ValueError where the processes cannot be
+  held to CPUs (one job, no CPU affinity, an accelerator)."""
+  from fast_jax.cli import grid
+  held = grid.worker_cpus(jobs)
+  if any(c is None for c in held):
+    raise ValueError("the processes cannot be held to CPUs here (it needs --jobs of at least "
+                     "2, Linux CPU affinity and JAX on the CPU alone)")
+  context = multiprocessing.get_context("spawn")
+  out = {"held": [], "free": []}
+  for _ in range(rounds):
+    for mode, sets in (("held", held), ("free", [None] * jobs)):
+      queue = context.Queue()
+      for subset in sets:
+        queue.put(subset)
+      with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context,
+                                                  initializer=grid._pin_worker,
+                                                  initargs=(queue,)) as pool:
+        futures = [pool.submit(_epochs_side_by_side, cfg, data, epochs) for _ in range(jobs)]
+        procs = [f.result() for f in futures]
+      if len({p["pid"] for p in procs}) < jobs:  # one process ran two copies: not side by side
+        raise RuntimeError(f"{mode} round: {jobs} copies ran in fewer processes")
+      out[mode].append(procs)
+  return out
+
+
+def print_side_by_side(r: dict) -> None:
+  """Each round's epochs of :func:`bench_side_by_side` and the ratio of the medians."""
+  for mode, label in (("held", "each on its own CPUs"), ("free", "free to use all CPUs")):
+    for i, procs in enumerate(r[mode], 1):
+      epochs = " ".join(f"{p['epoch_s']:.3f}" for p in procs)
+      cpus = "; ".join(",".join(map(str, p["cpus"])) if p["cpus"] else "?" for p in procs)
+      print(f"  {label:<21s} round {i}: {epochs} s/epoch (CPUs {cpus})")
+  held = np.median([p["epoch_s"] for procs in r["held"] for p in procs])
+  free = np.median([p["epoch_s"] for procs in r["free"] for p in procs])
+  print(f"  median {held:.3f} s held against {free:.3f} s free -> held x{held / free:.2f} "
+        f"as long")
 
 
 def bench_python_loop(runner: Runner, steps: int) -> dict:
@@ -502,7 +564,8 @@ def main(argv=None) -> int:
                  help="time every phase of a whole run (--seeds seeds of --epochs epochs)")
   p.add_argument("--table2", metavar="DATASET", default=None,
                  help="time the whole Table 2 block of DATASET (--seeds, default 5)")
-  p.add_argument("--jobs", type=int, default=1, help="--table2: runs at once")
+  p.add_argument("--jobs", type=int, default=None,
+                 help="--table2: runs at once (default 1); --side-by-side: copies (default 2)")
   p.add_argument("--vmap", action="store_true",
                  help="--table2: seeds, and each backbone's Origin/Reg/IPW/FAST rows, as lanes")
   p.add_argument("--cut-rows", type=int, nargs="+", default=None, metavar="L",
@@ -516,8 +579,12 @@ def main(argv=None) -> int:
   p.add_argument("--inner-forms", action="store_true",
                  help="time a one-step setting's epoch with its inner step in kernel form "
                       "against forming the adapted weights, --rounds rounds alternating")
+  p.add_argument("--side-by-side", action="store_true",
+                 help="time --jobs copies of the epoch training at once, each process held to "
+                      "its own CPUs and free to use all, --rounds rounds alternating")
   p.add_argument("--rounds", type=int, default=None,
-                 help="--authors: rounds (default 2); --inner-forms: rounds (default 5)")
+                 help="--authors: rounds (default 2); --inner-forms: rounds (default 5); "
+                      "--side-by-side: rounds (default 2)")
   p.add_argument("--out", default=None,
                  help="--table2: train the runs into this (new or empty) folder and keep them, "
                       "to compare their results with committed ones")
@@ -527,9 +594,9 @@ def main(argv=None) -> int:
     if out is not None and out.is_dir() and any(out.iterdir()):
       p.error(f"--out {args.out}: the folder is not empty; a timing needs a fresh one")
     rows = bench_table2(args.table2, data_dir=args.data_dir, seeds=args.seeds or 5,
-                        epochs=None, jobs=args.jobs, vmap=args.vmap, out=args.out)
+                        epochs=None, jobs=args.jobs or 1, vmap=args.vmap, out=args.out)
     print(f"Table 2 block of {args.table2} on {backend()} "
-          f"({args.seeds or 5} seeds, --jobs {args.jobs}{', --vmap' if args.vmap else ''}):")
+          f"({args.seeds or 5} seeds, --jobs {args.jobs or 1}{', --vmap' if args.vmap else ''}):")
     for row, seconds, what in rows:
       print(f"  {row:<22s} {seconds:8.1f} s" + (f"  ({what})" if what else ""))
     return 0
@@ -551,6 +618,27 @@ def main(argv=None) -> int:
     print(f"{cfg.backbone}+{cfg.method} on {cfg.dataset}, one inner step, {rounds} rounds "
           f"alternating, backend {backend()}:")
     print_inner_forms(bench_inner_forms(cfg, data, rounds))
+    return 0
+  if args.side_by_side:
+    jobs = 2 if args.jobs is None else args.jobs
+    if jobs < 2:
+      p.error(f"--side-by-side: --jobs must be at least 2, got {jobs}")
+    if args.method not in config_lib.META_METHODS:
+      p.error(f"--side-by-side: --method must be a meta-learning method "
+              f"({', '.join(config_lib.META_METHODS)}), got {args.method!r}")
+    cfg = Config(dataset=args.dataset, data_dir=args.data_dir, backbone=args.backbone,
+                 method=args.method, p_update=args.p_update, batch_size=args.batch_size,
+                 first_order=args.first_order, length_parts=args.length_parts)
+    data = load_dataset(cfg, progress=False)
+    cfg = resolve(cfg, data.meta["dataset"])
+    rounds = args.rounds or 2
+    print(f"{cfg.backbone}+{cfg.method} on {cfg.dataset}, {jobs} copies at once, {rounds} "
+          f"rounds of {args.epochs} epochs each way, backend {backend()}:")
+    try:
+      r = bench_side_by_side(cfg, data, jobs=jobs, epochs=args.epochs, rounds=rounds)
+    except ValueError as e:
+      p.error(f"--side-by-side: {e}")
+    print_side_by_side(r)
     return 0
   if args.authors is not None:
     if not (pathlib.Path(args.authors) / "main.py").is_file():
