@@ -633,7 +633,8 @@ def main(argv=None) -> int:
     cfg = resolve(cfg, data.meta["dataset"])
     rounds = args.rounds or 2
     print(f"{cfg.backbone}+{cfg.method} on {cfg.dataset}, {jobs} copies at once, {rounds} "
-          f"rounds of {args.epochs} epochs each way, backend {backend()}:")
+          f"round{'s' if rounds > 1 else ''} of {args.epochs} epochs each way, backend "
+          f"{backend()}:")
     try:
       r = bench_side_by_side(cfg, data, jobs=jobs, epochs=args.epochs, rounds=rounds)
     except ValueError as e:
