@@ -227,17 +227,13 @@ def test_a_grid_holds_each_job_to_its_own_cpus(monkeypatch, available, jobs, exp
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
                     reason="needs CPU affinity and two CPUs")
 def test_a_grid_worker_runs_on_the_cpus_it_was_given():
-  """The pool's initializer holds the spawned worker to the set it takes from the queue."""
-  import concurrent.futures
-  import multiprocessing
+  """The grid's pool holds each spawned worker to its set of CPUs, or leaves it free."""
   from fast_jax.cli import grid
-  last = max(os.sched_getaffinity(0))
-  context = multiprocessing.get_context("spawn")
-  cpus = context.Queue()
-  cpus.put(frozenset({last}))
-  with concurrent.futures.ProcessPoolExecutor(1, mp_context=context, initializer=grid._pin_worker,
-                                              initargs=(cpus,)) as pool:
+  everything, last = os.sched_getaffinity(0), max(os.sched_getaffinity(0))
+  with grid.worker_pool([frozenset({last})]) as pool:
     assert pool.submit(os.sched_getaffinity, 0).result(timeout=120) == {last}
+  with grid.worker_pool([None]) as pool:
+    assert pool.submit(os.sched_getaffinity, 0).result(timeout=120) == everything
 
 
 def test_table2_trains_runs_two_at_a_time_in_their_own_processes(tmp_path, shared_data_dir):

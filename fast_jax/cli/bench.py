@@ -66,11 +66,9 @@ from ``--loop-steps`` steps (not for CLOVER, whose step is its own).
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import contextlib
 import dataclasses
 import json
-import multiprocessing
 import os
 import pathlib
 import resource
@@ -232,16 +230,10 @@ def bench_side_by_side(cfg: Config, data, *, jobs: int, epochs: int, rounds: int
   if any(c is None for c in held):
     raise ValueError("the processes cannot be held to CPUs here (it needs --jobs of at least "
                      "2, Linux CPU affinity and JAX on the CPU alone)")
-  context = multiprocessing.get_context("spawn")
   out = {"held": [], "free": []}
   for _ in range(rounds):
     for mode, sets in (("held", held), ("free", [None] * jobs)):
-      queue = context.Queue()
-      for subset in sets:
-        queue.put(subset)
-      with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context,
-                                                  initializer=grid._pin_worker,
-                                                  initargs=(queue,)) as pool:
+      with grid.worker_pool(sets) as pool:
         futures = [pool.submit(_epochs_side_by_side, cfg, data, epochs) for _ in range(jobs)]
         procs = [f.result() for f in futures]
       if len({p["pid"] for p in procs}) < jobs:  # one process ran two copies: not side by side
@@ -541,6 +533,13 @@ def bench_table2(dataset: str, *, data_dir: str | None, seeds: int, epochs: int 
   return rows + [("whole block (wall)", total, "")]
 
 
+def _config(args) -> Config:
+  """The configuration the command line asks to time (before its preset is resolved)."""
+  return Config(dataset=args.dataset, data_dir=args.data_dir, backbone=args.backbone,
+                method=args.method, p_update=args.p_update, batch_size=args.batch_size,
+                first_order=args.first_order, length_parts=args.length_parts)
+
+
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -603,9 +602,7 @@ def main(argv=None) -> int:
   if args.rounds is not None and args.rounds < 1:
     p.error(f"--rounds must be at least 1, got {args.rounds}")
   if args.inner_forms:
-    cfg = Config(dataset=args.dataset, data_dir=args.data_dir, backbone=args.backbone,
-                 method=args.method, p_update=args.p_update, batch_size=args.batch_size,
-                 first_order=args.first_order, length_parts=args.length_parts)
+    cfg = _config(args)
     if args.method not in config_lib.META_METHODS:
       p.error(f"--inner-forms: --method must be a meta-learning method "
               f"({', '.join(config_lib.META_METHODS)}), got {args.method!r}")
@@ -626,9 +623,7 @@ def main(argv=None) -> int:
     if args.method not in config_lib.META_METHODS:
       p.error(f"--side-by-side: --method must be a meta-learning method "
               f"({', '.join(config_lib.META_METHODS)}), got {args.method!r}")
-    cfg = Config(dataset=args.dataset, data_dir=args.data_dir, backbone=args.backbone,
-                 method=args.method, p_update=args.p_update, batch_size=args.batch_size,
-                 first_order=args.first_order, length_parts=args.length_parts)
+    cfg = _config(args)
     data = load_dataset(cfg, progress=False)
     cfg = resolve(cfg, data.meta["dataset"])
     rounds = args.rounds or 2
@@ -663,9 +658,7 @@ def main(argv=None) -> int:
     print_authors(rounds, args.epochs)
     return 0
   if args.breakdown:
-    cfg = Config(dataset=args.dataset, data_dir=args.data_dir, backbone=args.backbone,
-                 method=args.method, p_update=args.p_update, batch_size=args.batch_size,
-                 first_order=args.first_order, length_parts=args.length_parts)
+    cfg = _config(args)
     seeds = max(args.seeds, 1)
     print_breakdown(bench_breakdown(cfg, args.epochs, seeds),
                     f"{args.backbone}+{args.method} on {args.dataset}, {seeds} seed(s) of "
@@ -676,9 +669,7 @@ def main(argv=None) -> int:
     p.error(f"--method must be a meta-learning method ({', '.join(config_lib.META_METHODS)}), "
             f"got {args.method!r}")
 
-  cfg = Config(dataset=args.dataset, data_dir=args.data_dir, backbone=args.backbone,
-               method=args.method, p_update=args.p_update, batch_size=args.batch_size,
-               first_order=args.first_order, length_parts=args.length_parts)
+  cfg = _config(args)
   data = load_dataset(cfg, progress=False)
   cfg = resolve(cfg, data.meta["dataset"])
   runner = Runner(cfg, data)

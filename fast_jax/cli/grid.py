@@ -115,13 +115,7 @@ def run_grid(runs: list[Run], root: pathlib.Path, *, progress: bool = False,
       record(group, folders, *_run_group([r.cfg for r in group], folders, vectorised,
                                          progress))
   else:
-    context = multiprocessing.get_context("spawn")  # no fork of a process that may hold JAX
-    cpus = context.Queue()
-    for subset in worker_cpus(jobs):
-      cpus.put(subset)
-    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context,
-                                                initializer=_pin_worker,
-                                                initargs=(cpus,)) as pool:
+    with worker_pool(worker_cpus(jobs)) as pool:
       futures = {pool.submit(_run_group, [r.cfg for r in g], f, v, False): (g, f)
                  for g, f, v in work}
       try:
@@ -269,6 +263,18 @@ def worker_cpus(jobs: int, available=None) -> list[frozenset[int] | None]:
   if jobs >= len(cpus):
     return [frozenset({cpus[i % len(cpus)]}) for i in range(jobs)]
   return [frozenset(int(c) for c in part) for part in np.array_split(cpus, jobs)]
+
+
+def worker_pool(cpus: list[frozenset[int] | None]) -> concurrent.futures.ProcessPoolExecutor:
+  """A pool of ``len(cpus)`` spawned worker processes (no fork of a process that may hold
+  JAX), each held to one of the sets in ``cpus`` (None: free to use every CPU) from its
+  start, before JAX sizes its threads (:func:`worker_cpus`, :func:`_pin_worker`)."""
+  context = multiprocessing.get_context("spawn")
+  queue = context.Queue()
+  for subset in cpus:
+    queue.put(subset)
+  return concurrent.futures.ProcessPoolExecutor(len(cpus), mp_context=context,
+                                                initializer=_pin_worker, initargs=(queue,))
 
 
 def _pin_worker(cpus) -> None:
