@@ -96,12 +96,23 @@ class SeedCheckpoint:
     """
     payload = self.payload()
     try:
-      return {"state": serialization.from_state_dict(template_state, payload["state"]),
-              "best_state": serialization.from_state_dict(template_state,
-                                                          payload["best_state"]),
+      state, best = (_with_hypers_of(template_state, payload[k]) for k in ("state", "best_state"))
+      return {"state": serialization.from_state_dict(template_state, state),
+              "best_state": serialization.from_state_dict(template_state, best),
               "best_score": float(payload["best_score"]), "epoch": int(payload["epoch"]),
               "records": json.loads(payload["records"])}
     except (KeyError, ValueError, TypeError) as e:
       raise CheckpointError(f"checkpoint {self.path} is from another configuration "
                             f"({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
                             "delete it to train that seed again from its start") from None
+
+
+def _with_hypers_of(template_state: Any, saved: Any) -> Any:
+  """The saved state with the template's value for any hyperparameter the checkpoint does
+  not hold (``state.hyper``: a checkpoint written before Origin, Reg, IPW and FAST shared
+  one program has no ``row``, which the run's configuration gives)."""
+  template = serialization.to_state_dict(template_state)
+  if not (isinstance(saved, dict) and isinstance(template, dict)
+          and isinstance(saved.get("hyper"), dict) and isinstance(template.get("hyper"), dict)):
+    return saved
+  return {**saved, "hyper": {**template["hyper"], **saved["hyper"]}}

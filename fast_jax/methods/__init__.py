@@ -11,7 +11,7 @@ from typing import Callable
 
 from fast_jax.config import UsageError
 from fast_jax.methods import (clover, dropoutnet, fast, ipw, nlba, origin, reference, reg,
-                              static, widedeep)
+                              rows, static, widedeep)
 from fast_jax.methods.base import Context, Method
 
 REGISTRY: dict[str, Callable[..., Method]] = {
@@ -32,10 +32,13 @@ REGISTRY: dict[str, Callable[..., Method]] = {
 
 def make(ctx: Context, *, by_length: bool = True) -> Method:
   """The Method of ``ctx.cfg.method``; ``by_length=False`` runs whole batches (what
-  vmapped lanes need: under vmap the by-length parts' ``lax.cond`` runs both branches)."""
+  vmapped lanes need: under vmap the by-length parts' ``lax.cond`` runs both branches).
+  Origin, Reg, IPW and FAST in step mode share one program (:func:`rows.make`)."""
   try:
     factory = REGISTRY[ctx.cfg.method]
   except KeyError:
     raise UsageError(f"--method {ctx.cfg.method!r}: expected one of "
                      f"{', '.join(REGISTRY)}") from None
+  if rows.shares(ctx.cfg):
+    return rows.make(ctx, by_length=by_length)
   return factory(ctx, by_length=by_length)

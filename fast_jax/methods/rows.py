@@ -10,11 +10,22 @@ method in ``state.hyper["row"]`` and takes that method's p, weights and penalty
 (:class:`fast_jax.methods.fast.Objective`'s ``rows``). A lane's keys, batches and
 initial parameters are those of the method's own run, so its results are the run's up
 to floating-point reassociation (``tests/test_resume.py``).
+
+The same holds for a run on its own: :func:`make` builds each of these methods on the
+one program of all four rows, its own row chosen by ``state.hyper["row"]``, so at equal
+settings the four runs compile one program between them and the persistent compilation
+cache (:mod:`fast_jax.compile_cache`) serves the other three (a Table 2 block's Origin,
+Reg, IPW and FAST rows of a backbone compile once instead of four times). The extra
+rows' terms are a few operations on the batch's B users; the epoch is as fast as the
+method's own program, and its results are the same up to rounding (EXPERIMENTS.md,
+Speed; ``tests/test_rows.py``).
 """
 
 from __future__ import annotations
 
 from typing import Callable, Sequence
+
+import jax.numpy as jnp
 
 from fast_jax.config import Config
 from fast_jax.methods import fast, ipw, origin, reg
@@ -53,3 +64,27 @@ def maker(methods: Sequence[str]) -> Callable[..., Method]:
   def make(ctx: Context, *, by_length: bool = True) -> Method:
     return fast.meta_method(ctx, objective(ctx, methods), by_length=by_length)
   return make
+
+
+# Whether :func:`fast_jax.methods.make` builds Origin, Reg, IPW and FAST (step mode) on
+# the program of all four rows (:func:`make`); bench.py and the tests switch it off to
+# compare with each method's own program.
+SHARED_PROGRAM = True
+
+
+def shares(cfg: Config) -> bool:
+  """Whether a run of ``cfg`` trains on the program of all four rows (:func:`make`)."""
+  return SHARED_PROGRAM and joins(cfg)
+
+
+def make(ctx: Context, *, by_length: bool = True) -> Method:
+  """``ctx.cfg.method``'s Method on the program of every row of :data:`OBJECTIVES`, its
+  initial state carrying the method's row (``state.hyper["row"]``)."""
+  methods = tuple(OBJECTIVES)
+  method = fast.meta_method(ctx, objective(ctx, methods), by_length=by_length)
+  row = jnp.float32(methods.index(ctx.cfg.method))
+
+  def init(key):
+    state = method.init(key)
+    return state.replace(hyper={**state.hyper, "row": row})
+  return method._replace(init=init)
