@@ -2,6 +2,8 @@
 (fast_jax.methods.rows.make): the same compiled epoch for every row, each run's results
 those of the method's own program, and checkpoints written before the rows shared it."""
 
+import json
+
 import jax
 import numpy as np
 import pytest
@@ -56,7 +58,7 @@ def test_a_row_on_the_shared_program_gives_its_own_programs_results(prepared, tm
     np.testing.assert_allclose(shared["per_seed"][0][k], own["per_seed"][0][k], rtol=1e-5,
                                atol=1e-7, err_msg=k)
   lines = [(tmp_path / d / "metrics.jsonl").read_text() for d in ("shared", "own")]
-  p = [[__import__("json").loads(line)["p"] for line in text.splitlines()] for text in lines]
+  p = [[json.loads(line)["p"] for line in text.splitlines()] for text in lines]
   np.testing.assert_allclose(p[0], p[1], atol=1e-6)
   assert (p[0][-1] == [0.5, 0.5]) == (method != "fast")  # only FAST's p moves
 
