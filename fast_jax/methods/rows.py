@@ -67,8 +67,8 @@ def maker(methods: Sequence[str]) -> Callable[..., Method]:
 
 
 # Whether :func:`fast_jax.methods.make` builds Origin, Reg, IPW and FAST (step mode) on
-# the program of all four rows (:func:`make`); bench.py and the tests switch it off to
-# compare with each method's own program.
+# the program of all four rows (:func:`make`); False gives each method its own program
+# (what tests/test_rows.py compares with).
 SHARED_PROGRAM = True
 
 
@@ -81,7 +81,7 @@ def make(ctx: Context, *, by_length: bool = True) -> Method:
   """``ctx.cfg.method``'s Method on the program of every row of :data:`OBJECTIVES`, its
   initial state carrying the method's row (``state.hyper["row"]``)."""
   methods = tuple(OBJECTIVES)
-  method = fast.meta_method(ctx, objective(ctx, methods), by_length=by_length)
+  method = maker(methods)(ctx, by_length=by_length)
   row = jnp.float32(methods.index(ctx.cfg.method))
 
   def init(key):
