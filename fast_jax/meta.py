@@ -7,7 +7,10 @@ rows, never re-padded copies:
 * ``last``: the query is the last ``Q`` valid rows (evaluation, and the paper's text);
 * ``random``: a fresh random ``Q`` of the valid rows per use (the FAST code's training).
 
-The query is also given as row indices, so its forward pass touches only ``Q`` rows.
+The query is also given as row indices, so its forward pass touches only ``Q`` rows. A
+training step then lays each user's rows out *query first* (:func:`query_first`): its
+query rows, then its support rows, so that the inner loop runs on the rows after the
+query's and no longer carries the query rows as masked padding.
 
 Users are padded to the longest user's ``L`` rows, but most have far fewer (mean 32 of
 100 on Book-Crossing), and the inner loop's cost grows with the rows it runs on. So a
@@ -67,6 +70,33 @@ def query_split(key: jax.Array, length: jax.Array, max_len: int, mode: str):
   if mode == "random":
     return random_query_split(key, length, max_len)
   raise ValueError(f"unknown query split {mode!r}; expected 'last' or 'random'")
+
+
+def query_first(support: jax.Array, query_idx: jax.Array, *rows: jax.Array):
+  """A batch's rows laid out *query first*: each user's ``Q`` query rows (in the order of
+  ``query_idx``), then its support rows (in their order), then its other rows.
+
+  A training step's inner loop then runs on rows ``Q:`` and its query on rows ``:Q``
+  (``query_first=True`` in :func:`fast_jax.methods.learner.predict`), so the inner loop
+  no longer carries the ``Q`` query rows of each user as masked padding: 10 of the 56
+  rows of ML-1M's shorter length part. A user still uses its first ``length`` rows, so
+  the row budgets of :func:`by_rows` stay the same.
+
+  Args:
+    support: bool[B, L]; query_idx: int32[B, Q] (rows that are not in the support);
+    rows: per-user arrays [B, L, ...] (inputs, ratings).
+  Returns:
+    (support bool[B, L], query_idx int32[B, Q] = 0..Q-1, *rows re-laid).
+  """
+  num_rows, q = support.shape[-1], query_idx.shape[-1]
+  pos = jnp.arange(num_rows)
+  is_query = pos[..., None] == query_idx[..., None, :]                  # [B, L, Q]
+  rank = jnp.where(jnp.any(is_query, -1), jnp.argmax(is_query, -1),
+                   jnp.where(support, q + pos, q + num_rows + pos))    # distinct per user
+  order = jnp.argsort(rank, axis=-1)
+  moved = tuple(take_rows(a, order) for a in rows)
+  new_query = jnp.broadcast_to(jnp.arange(q, dtype=jnp.int32), query_idx.shape)
+  return (take_rows(support, order), new_query) + moved
 
 
 def take_rows(a: jax.Array, idx: jax.Array) -> jax.Array:

@@ -387,12 +387,16 @@ class Players:
   def batch_losses(self, rec: Params, adv: Params, alpha, batch: dict, support: jax.Array,
                    query_idx: jax.Array, *, run: Callable = meta.whole_batch):
     """Per-user query (L_rec, L_adv) after the training inner loop: (float[B], float[B]).
-    ``run``: the batch runner (:func:`fast_jax.methods.learner.batch_runner`)."""
+    ``run``: the batch runner (:func:`fast_jax.methods.learner.batch_runner`); the rows
+    laid out as :func:`fast_jax.methods.learner.train_layout` lays them."""
     direct = self.kernel_form and not isinstance(alpha, dict)
+    x, y, support, query_idx, query_first = learn.train_layout(batch["x"], batch["y"],
+                                                               support, query_idx)
 
     def part(support, query_idx, x, y, group):
       e = self.backbone.embed(rec, x)
-      e_q, y_q = meta.take_rows(e, query_idx), meta.take_rows(y, query_idx)
+      y_q = meta.take_rows(y, query_idx)
+      e_q, e, y, support = learn.query_rows(e, y, support, query_idx, query_first)
       q_mask = jnp.ones(y_q.shape[-1], bool)
 
       def one_user(e_u, y_u, s_u, g_u, eq_u, yq_u):
@@ -404,7 +408,7 @@ class Players:
         rec_u, adv_u = self.adapt(rec, adv, alpha, e_u, y_u, s_u, g_u, **flags)
         return self.losses(rec_u, adv_u, eq_u, yq_u, q_mask, g_u)
       return jax.vmap(one_user)(e, y, support, group, e_q, y_q)
-    return run(part, support, query_idx, batch["x"], batch["y"], batch["group"])
+    return run(part, support, query_idx, x, y, batch["group"])
 
   def learner(self) -> learn.Learner:
     """The recommender adapted as at test time (docs/methods.md §6.2: fooling term and adversary
