@@ -141,6 +141,8 @@ def test_run_authors_failure_is_one_line_naming_the_folder(tmp_path):
     (["--inner-forms", "--rounds", "0"], "--rounds must be at least 1, got 0"),
     (["--inner-forms", "--method", "widedeep"],
      "--inner-forms: --method must be a meta-learning method"),
+    (["--query-layouts", "--method", "nlba"],
+     "--query-layouts: --method must be a meta-learning method"),
 ])
 def test_authors_flags_are_checked_before_anything_runs(tmp_path, capsys, argv, message):
   import importlib.util
@@ -186,38 +188,50 @@ def test_inner_forms_refuses_a_setting_of_more_than_one_inner_step(prepared, mon
   assert "melu on ml100k takes 3 inner steps" in capsys.readouterr().err
 
 
-def test_inner_forms_times_both_programs_alternately_and_prints_their_median_ratio(
-    prepared, monkeypatch, capsys):
+# (the command's flag, the switch it turns, what a bench function returns, the printed
+# header, the label of the switch on)
+SWITCHES = [
+    ("--inner-forms", "ONE_STEP_KERNEL", "bench_inner_forms", "one inner step, 3 rounds",
+     "kernel form"),
+    ("--query-layouts", "QUERY_FIRST", "bench_variants", "1 inner step(s), 3 rounds",
+     "query first"),
+]
+
+
+@pytest.mark.parametrize("flag,switch,fn,header,label", SWITCHES)
+def test_variants_time_both_programs_alternately_and_print_their_median_ratio(
+    prepared, monkeypatch, capsys, flag, switch, fn, header, label):
   data = prepared("synthetic", **TINY)
-  forms = []
+  seen = []
   real_runner = bench.Runner
 
   def runner(cfg, data):
-    forms.append(bench.learn.ONE_STEP_KERNEL)
+    seen.append(getattr(bench.learn, switch))
     return real_runner(cfg, data)
   monkeypatch.setattr(bench, "Runner", runner)
-  monkeypatch.setattr(bench.learn, "ONE_STEP_KERNEL", None)
+  monkeypatch.setattr(bench.learn, switch, None)
   cfg = config_lib.resolve(Config(dataset="synthetic", backbone="metacs", batch_size=8),
                            "synthetic")
-  r = bench.bench_inner_forms(cfg, data, rounds=3)
-  assert forms == [False, True]  # the weights form, then the kernel form
-  assert bench.learn.ONE_STEP_KERNEL is None  # the switch is put back as it was
+  pair = bench.INNER_FORMS if switch == "ONE_STEP_KERNEL" else bench.QUERY_LAYOUTS
+  r = bench.bench_variants(cfg, data, 3, pair)
+  assert seen == [False, True]  # the switch off, then on
+  assert getattr(bench.learn, switch) is None  # and put back as it was
   assert [len(t) for t in r["times"].values()] == [3, 3]
   assert 0 <= r["params_diff"] < 1e-2  # the same function up to (Adam-amplified) rounding
   # The command line: its settings reach the bench, whose result it prints.
   calls = []
   monkeypatch.setattr(bench, "load_dataset", lambda cfg, progress: data)
-  monkeypatch.setattr(bench, "bench_inner_forms",
-                      lambda cfg, data, rounds: calls.append((cfg.backbone, rounds)) or r)
-  assert bench.main(["--inner-forms", "--dataset", "synthetic", "--backbone", "metacs",
+  monkeypatch.setattr(bench, fn, lambda cfg, data, rounds, *pair: calls.append(
+      (cfg.backbone, rounds) + pair) or r)
+  assert bench.main([flag, "--dataset", "synthetic", "--backbone", "metacs",
                      "--batch-size", "8", "--rounds", "3"]) == 0
-  assert calls == [("metacs", 3)]
+  assert calls == [("metacs", 3) + (() if fn == "bench_inner_forms" else (pair,))]
   out = capsys.readouterr().out
-  assert "metacs+fast on synthetic, one inner step, 3 rounds" in out
-  ratio = np.median(r["times"]["weights"]) / np.median(r["times"]["kernel"])
-  assert f"kernel form x{ratio:.2f} (ratio of medians)" in out
-  for form in ("weights", "kernel"):
-    assert f"median {np.median(r['times'][form]):.3f}" in out
+  assert f"metacs+fast on synthetic, {header}" in out
+  ratio = np.median(r["times"]["off"]) / np.median(r["times"]["on"])
+  assert f"{label} x{ratio:.2f} (ratio of medians)" in out
+  for variant in ("off", "on"):
+    assert f"median {np.median(r['times'][variant]):.3f}" in out
 
 
 @pytest.mark.parametrize("flags", ["", "--xla_cpu_use_fusion_emitters=false"])

@@ -7,6 +7,7 @@
     python experiments/bench.py --authors ../FAST --authors-python ../torch-env/bin/python \
         --rounds 3 --data-dir ../shared/data
     python experiments/bench.py --inner-forms --rounds 6 --data-dir ../shared/data
+    python experiments/bench.py --query-layouts --dataset ml1m --rounds 6 --data-dir ../shared/data
     python experiments/bench.py --side-by-side --dataset ml1m --jobs 2 --epochs 6 \
         --data-dir ../shared/data
 
@@ -42,6 +43,11 @@ formed, each batched as a run batches it (by length where a run takes the parts)
 in one process and run alternately for ``--rounds`` rounds, and prints
 both, the ratio of their medians and how far the two sets of parameters are apart after
 one epoch (rounding, which Adam's steps amplify; relative to each array's largest value).
+
+``--query-layouts`` times the epoch of any meta-learning setting the same way with each
+user's query rows in place (masked out of the inner loop's support, as padding) and laid
+out query first (the default, :func:`fast_jax.meta.query_first`: the inner loop runs on
+the rows after the query's).
 
 ``--side-by-side`` times the epoch of ``--jobs`` (at least 2) copies of the configuration
 training at once, each in a process of its own as a grid's ``--jobs`` workers run, in
@@ -136,59 +142,82 @@ def bench_scan(runner: Runner, epochs: int, method: Method | None = None) -> dic
 
 
 @contextlib.contextmanager
-def one_step_kernel(on: bool):
-  """Methods built inside take one inner step in kernel form (``on``) or by forming the
-  adapted weights (:data:`fast_jax.methods.learner.ONE_STEP_KERNEL`)."""
-  before = learn.ONE_STEP_KERNEL
-  learn.ONE_STEP_KERNEL = on
+def switched(name: str, on: bool):
+  """Methods built inside see ``fast_jax.methods.learner.<name>`` = ``on``
+  (:data:`~fast_jax.methods.learner.ONE_STEP_KERNEL`, :data:`~fast_jax.methods.learner.QUERY_FIRST`)."""
+  before = getattr(learn, name)
+  setattr(learn, name, on)
   try:
     yield
   finally:
-    learn.ONE_STEP_KERNEL = before
+    setattr(learn, name, before)
 
 
-def bench_inner_forms(cfg: Config, data, rounds: int) -> dict:
-  """Seconds per epoch with one inner step in kernel form against forming the adapted
-  weights, each batched as a run batches it
+def one_step_kernel(on: bool):
+  """Methods built inside take one inner step in kernel form (``on``) or by forming the
+  adapted weights (:data:`fast_jax.methods.learner.ONE_STEP_KERNEL`)."""
+  return switched("ONE_STEP_KERNEL", on)
+
+
+# bench_variants' pairs: (switch of fast_jax.methods.learner, label off, label on).
+INNER_FORMS = ("ONE_STEP_KERNEL", "adapted weights", "kernel form")
+QUERY_LAYOUTS = ("QUERY_FIRST", "query in place", "query first")
+
+
+def bench_variants(cfg: Config, data, rounds: int, pair: tuple[str, str, str]) -> dict:
+  """Seconds per epoch of the training epoch built with a switch of
+  :mod:`fast_jax.methods.learner` off and on (``pair``: :data:`INNER_FORMS`,
+  :data:`QUERY_LAYOUTS`), each batched as a run batches it
   (:func:`fast_jax.methods.learner.length_parts`): both epoch programs compiled in this
   process, then run alternately, ``rounds`` times each from the same state (so a drifting
   machine slows both). Returns
-  {"times": {form: [s per round]}, "compile_s": {form: s}, "params_diff": the largest
-  difference between the two forms' parameters after one epoch, relative to the largest
-  value of the array it is in}."""
+  {"times": {"off"/"on": [s per round]}, "compile_s": {...: s}, "labels": {...: label},
+  "params_diff": the largest difference between the two programs' parameters after one
+  epoch, relative to the largest value of the array it is in}."""
+  name, off, on = pair
   key = jax.random.key(0)
   programs, compile_s, after = {}, {}, {}
-  for form, on in (("weights", False), ("kernel", True)):
-    with one_step_kernel(on):
+  for variant, flag in (("off", False), ("on", True)):
+    with switched(name, flag):
       m = Runner(cfg, data).method
       state, fit = m.init(key), m.splits["fit"]
       t0 = time.perf_counter()
       epoch = m.epoch.lower(state, fit, key).compile()
-      after[form] = jax.block_until_ready(epoch(state, fit, key))[0].params
-      compile_s[form] = time.perf_counter() - t0
-      programs[form] = (epoch, state, fit)
-  times = {form: [] for form in programs}
+      after[variant] = jax.block_until_ready(epoch(state, fit, key))[0].params
+      compile_s[variant] = time.perf_counter() - t0
+      programs[variant] = (epoch, state, fit)
+  times = {variant: [] for variant in programs}
   for r in range(rounds):
-    for form, (epoch, state, fit) in programs.items():
-      times[form].append(timed(epoch, state, fit, jax.random.fold_in(key, r + 1))[1])
+    for variant, (epoch, state, fit) in programs.items():
+      times[variant].append(timed(epoch, state, fit, jax.random.fold_in(key, r + 1))[1])
   floats = lambda t: [np.asarray(v, np.float64) for v in jax.tree.leaves(t)
                       if jnp.issubdtype(v.dtype, jnp.floating)]
   # Relative to each array's scale. Adam steps a parameter whose gradient is within
   # rounding of zero by up to its full rate either way, so rounding shows there first.
   diff = max(float(np.max(np.abs(a - b)) / max(np.max(np.abs(a)), 1e-30))
-             for a, b in zip(floats(after["weights"]), floats(after["kernel"])) if a.size)
-  return {"times": times, "compile_s": compile_s, "params_diff": diff}
+             for a, b in zip(floats(after["off"]), floats(after["on"])) if a.size)
+  return {"times": times, "compile_s": compile_s, "labels": {"off": off, "on": on},
+          "params_diff": diff}
 
 
-def print_inner_forms(r: dict) -> None:
-  """Each form's epochs and median, and the ratio of the medians (:func:`bench_inner_forms`)."""
-  for form, label in (("weights", "adapted weights"), ("kernel", "kernel form")):
-    t = r["times"][form]
-    print(f"  {label:16s} {' '.join(f'{v:.3f}' for v in t)} s/epoch, median "
-          f"{np.median(t):.3f} (compile+first epoch {r['compile_s'][form]:.1f} s)")
-  ratio = np.median(r["times"]["weights"]) / np.median(r["times"]["kernel"])
-  print(f"  kernel form x{ratio:.2f} (ratio of medians); the parameters after one epoch "
-        f"differ by at most {r['params_diff']:.1e} of an array's largest value")
+def bench_inner_forms(cfg: Config, data, rounds: int) -> dict:
+  """:func:`bench_variants` of one inner step in kernel form against forming the adapted
+  weights."""
+  return bench_variants(cfg, data, rounds, INNER_FORMS)
+
+
+def print_variants(r: dict) -> None:
+  """Each variant's epochs and median, and the ratio of the medians (:func:`bench_variants`)."""
+  for variant in ("off", "on"):
+    t = r["times"][variant]
+    print(f"  {r['labels'][variant]:16s} {' '.join(f'{v:.3f}' for v in t)} s/epoch, median "
+          f"{np.median(t):.3f} (compile+first epoch {r['compile_s'][variant]:.1f} s)")
+  ratio = np.median(r["times"]["off"]) / np.median(r["times"]["on"])
+  print(f"  {r['labels']['on']} x{ratio:.2f} (ratio of medians); the parameters after one "
+        f"epoch differ by at most {r['params_diff']:.1e} of an array's largest value")
+
+
+print_inner_forms = print_variants
 
 
 def bench_vmapped_seeds(runner: Runner, seeds: int) -> dict:
@@ -578,11 +607,15 @@ def main(argv=None) -> int:
   p.add_argument("--inner-forms", action="store_true",
                  help="time a one-step setting's epoch with its inner step in kernel form "
                       "against forming the adapted weights, --rounds rounds alternating")
+  p.add_argument("--query-layouts", action="store_true",
+                 help="time a meta-learner's epoch with each user's query rows in place "
+                      "against laid out query first, --rounds rounds alternating")
   p.add_argument("--side-by-side", action="store_true",
                  help="time --jobs copies of the epoch training at once, each process held to "
                       "its own CPUs and free to use all, --rounds rounds alternating")
   p.add_argument("--rounds", type=int, default=None,
-                 help="--authors: rounds (default 2); --inner-forms: rounds (default 5); "
+                 help="--authors: rounds (default 2); --inner-forms, --query-layouts: rounds "
+                      "(default 5); "
                       "--side-by-side: rounds (default 2)")
   p.add_argument("--out", default=None,
                  help="--table2: train the runs into this (new or empty) folder and keep them, "
@@ -615,6 +648,18 @@ def main(argv=None) -> int:
     print(f"{cfg.backbone}+{cfg.method} on {cfg.dataset}, one inner step, {rounds} rounds "
           f"alternating, backend {backend()}:")
     print_inner_forms(bench_inner_forms(cfg, data, rounds))
+    return 0
+  if args.query_layouts:
+    cfg = _config(args)
+    if args.method not in config_lib.META_METHODS:
+      p.error(f"--query-layouts: --method must be a meta-learning method "
+              f"({', '.join(config_lib.META_METHODS)}), got {args.method!r}")
+    data = load_dataset(cfg, progress=False)
+    cfg = resolve(cfg, data.meta["dataset"])
+    rounds = args.rounds or 5
+    print(f"{cfg.backbone}+{cfg.method} on {cfg.dataset}, {cfg.inner_steps} inner step(s), "
+          f"{rounds} rounds alternating, backend {backend()}:")
+    print_variants(bench_variants(cfg, data, rounds, QUERY_LAYOUTS))
     return 0
   if args.side_by_side:
     jobs = 2 if args.jobs is None else args.jobs
