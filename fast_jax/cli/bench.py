@@ -153,12 +153,6 @@ def switched(name: str, on: bool):
     setattr(learn, name, before)
 
 
-def one_step_kernel(on: bool):
-  """Methods built inside take one inner step in kernel form (``on``) or by forming the
-  adapted weights (:data:`fast_jax.methods.learner.ONE_STEP_KERNEL`)."""
-  return switched("ONE_STEP_KERNEL", on)
-
-
 # bench_variants' pairs: (switch of fast_jax.methods.learner, label off, label on).
 INNER_FORMS = ("ONE_STEP_KERNEL", "adapted weights", "kernel form")
 QUERY_LAYOUTS = ("QUERY_FIRST", "query in place", "query first")
@@ -215,9 +209,6 @@ def print_variants(r: dict) -> None:
   ratio = np.median(r["times"]["off"]) / np.median(r["times"]["on"])
   print(f"  {r['labels']['on']} x{ratio:.2f} (ratio of medians); the parameters after one "
         f"epoch differ by at most {r['params_diff']:.1e} of an array's largest value")
-
-
-print_inner_forms = print_variants
 
 
 def bench_vmapped_seeds(runner: Runner, seeds: int) -> dict:
@@ -634,32 +625,23 @@ def main(argv=None) -> int:
     return 0
   if args.rounds is not None and args.rounds < 1:
     p.error(f"--rounds must be at least 1, got {args.rounds}")
-  if args.inner_forms:
+  if args.inner_forms or args.query_layouts:
+    flag = "--inner-forms" if args.inner_forms else "--query-layouts"
     cfg = _config(args)
     if args.method not in config_lib.META_METHODS:
-      p.error(f"--inner-forms: --method must be a meta-learning method "
+      p.error(f"{flag}: --method must be a meta-learning method "
               f"({', '.join(config_lib.META_METHODS)}), got {args.method!r}")
     data = load_dataset(cfg, progress=False)
     cfg = resolve(cfg, data.meta["dataset"])
-    if cfg.inner_steps != 1:
+    if args.inner_forms and cfg.inner_steps != 1:
       p.error(f"--inner-forms: {cfg.backbone} on {cfg.dataset} takes {cfg.inner_steps} inner "
               "steps; the kernel form is for one (MeLU on bookcrossing, MetaCS on any dataset)")
     rounds = args.rounds or 5
-    print(f"{cfg.backbone}+{cfg.method} on {cfg.dataset}, one inner step, {rounds} rounds "
+    steps = "one inner step" if args.inner_forms else f"{cfg.inner_steps} inner step(s)"
+    print(f"{cfg.backbone}+{cfg.method} on {cfg.dataset}, {steps}, {rounds} rounds "
           f"alternating, backend {backend()}:")
-    print_inner_forms(bench_inner_forms(cfg, data, rounds))
-    return 0
-  if args.query_layouts:
-    cfg = _config(args)
-    if args.method not in config_lib.META_METHODS:
-      p.error(f"--query-layouts: --method must be a meta-learning method "
-              f"({', '.join(config_lib.META_METHODS)}), got {args.method!r}")
-    data = load_dataset(cfg, progress=False)
-    cfg = resolve(cfg, data.meta["dataset"])
-    rounds = args.rounds or 5
-    print(f"{cfg.backbone}+{cfg.method} on {cfg.dataset}, {cfg.inner_steps} inner step(s), "
-          f"{rounds} rounds alternating, backend {backend()}:")
-    print_variants(bench_variants(cfg, data, rounds, QUERY_LAYOUTS))
+    print_variants(bench_inner_forms(cfg, data, rounds) if args.inner_forms
+                   else bench_variants(cfg, data, rounds, QUERY_LAYOUTS))
     return 0
   if args.side_by_side:
     jobs = 2 if args.jobs is None else args.jobs

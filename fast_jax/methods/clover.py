@@ -388,10 +388,11 @@ class Players:
                    query_idx: jax.Array, *, run: Callable = meta.whole_batch):
     """Per-user query (L_rec, L_adv) after the training inner loop: (float[B], float[B]).
     ``run``: the batch runner (:func:`fast_jax.methods.learner.batch_runner`); the rows
-    laid out as :func:`fast_jax.methods.learner.train_layout` lays them."""
+    laid out query first when :data:`fast_jax.methods.learner.QUERY_FIRST`."""
     direct = self.kernel_form and not isinstance(alpha, dict)
-    x, y, support, query_idx, query_first = learn.train_layout(batch["x"], batch["y"],
-                                                               support, query_idx)
+    query_first = learn.QUERY_FIRST
+    x, y, support, query_idx = learn.lay_out(batch["x"], batch["y"], support, query_idx,
+                                             query_first)
 
     def part(support, query_idx, x, y, group):
       e = self.backbone.embed(rec, x)

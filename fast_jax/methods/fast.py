@@ -114,23 +114,17 @@ def make_train_step(lrn: learn.Learner, obj: Objective, rate: learn.InnerRate, t
   def train_step(state: TrainState, batch: dict, key: jax.Array):
     key = jax.random.fold_in(key, state.step)
     k_split, k_weights, k_split2 = jax.random.split(key, 3)
-
-    def predict(params, alpha, rows):  # rows: from learn.train_layout
-      x, y, support, query, query_first = rows
-      return learn.predict(lrn, params, alpha, x, y, support, query, batch["group"], run=run,
-                           query_first=query_first)
-
     support, query = meta.query_split(k_split, batch["length"], max_len, cfg.train_query)
     y_q = meta.take_rows(batch["y"], query)
     if cfg.gap_users == "valid":  # the gap of held-out users (--gap-users valid)
       held_loss, held_group = held_out_losses(lrn, state, batch["held_out"],
                                               jax.random.fold_in(key, 7), batch["y"].shape[0],
                                               max_len)
-    rows = learn.train_layout(batch["x"], batch["y"], support, query)
 
     def loss_fn(params):
       # Inner loop: every user of B adapted on its support set, scored on its query.
-      pred = predict(params, state.alpha, rows)
+      pred = learn.predict(lrn, params, state.alpha, batch["x"], batch["y"], support, query,
+                           batch["group"], run=run, query_first=learn.QUERY_FIRST)
       mse, mae = learn.query_errors(pred, y_q)
       # Group losses (Eq. 6-7) and, in step mode, the p update (Eq. 9).
       if cfg.gap_users == "valid":
@@ -169,10 +163,10 @@ def make_train_step(lrn: learn.Learner, obj: Objective, rate: learn.InnerRate, t
     # MetaCS (the FAST code): a second pass on the same batch with a fresh split and the
     # updated theta, whose gradient moves only the inner learning rate.
     support2, query2 = meta.query_split(k_split2, batch["length"], max_len, cfg.train_query)
-    rows2 = learn.train_layout(batch["x"], batch["y"], support2, query2)
 
     def alpha_loss(a):
-      pred2 = predict(params, a, rows2)
+      pred2 = learn.predict(lrn, params, a, batch["x"], batch["y"], support2, query2,
+                            batch["group"], run=run, query_first=learn.QUERY_FIRST)
       mse2, _ = learn.query_errors(pred2, meta.take_rows(batch["y"], query2))
       return weighted_mean(mse2, w)
     alpha, alpha_opt_state = learn.learn_rate(rate, state.alpha, state.alpha_opt_state,

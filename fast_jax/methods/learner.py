@@ -116,12 +116,13 @@ def predict(learner: Learner, params, alpha, x, y, support, query_idx, group, *,
   head runs inside each user's adaptation. ``run`` is the batch runner
   (:func:`fast_jax.meta.length_bucketing`). ``adapt=False`` switches the inner loop off:
   the meta-parameters' own predictions, through the same readout (what
-  :mod:`fast_jax.diagnostics` compares the adapted ones with). ``query_first``: the
-  rows are laid out query first (:func:`train_layout`), and the inner loop runs on the
-  rows after the query's.
+  :mod:`fast_jax.diagnostics` compares the adapted ones with). ``query_first``: lay the
+  rows out query first and run the inner loop on the rows after the query's
+  (:func:`lay_out`; a training step passes :data:`QUERY_FIRST`).
   """
   backbone, rec = learner.backbone, learner.recommender(params)
   direct = adapt and learner.query_output is not None and not isinstance(alpha, dict)
+  x, y, support, query_idx = lay_out(x, y, support, query_idx, query_first)
 
   def part(support, query_idx, x, y, group):
     e = backbone.embed(rec, x)
@@ -144,19 +145,20 @@ def predict(learner: Learner, params, alpha, x, y, support, query_idx, group, *,
 QUERY_FIRST = True
 
 
-def train_layout(x: jax.Array, y: jax.Array, support: jax.Array, query_idx: jax.Array):
-  """The rows a training step hands :func:`predict`: (x, y, support, query_idx,
-  query_first), laid out query first when :data:`QUERY_FIRST` (:func:`fast_jax.meta.query_first`)."""
-  if not QUERY_FIRST:
-    return x, y, support, query_idx, False
+def lay_out(x: jax.Array, y: jax.Array, support: jax.Array, query_idx: jax.Array,
+            query_first: bool):
+  """(x, y, support, query_idx) laid out query first (:func:`fast_jax.meta.query_first`)
+  when ``query_first``, else as they are."""
+  if not query_first:
+    return x, y, support, query_idx
   support, query_idx, x, y = meta.query_first(support, query_idx, x, y)
-  return x, y, support, query_idx, True
+  return x, y, support, query_idx
 
 
 def query_rows(e: jax.Array, y: jax.Array, support: jax.Array, query_idx: jax.Array,
                query_first: bool):
   """(query rows of e, then e, y and support as the inner loop sees them): with
-  ``query_first`` (:func:`train_layout`) the first ``Q`` rows and the rows after them,
+  ``query_first`` (rows from :func:`lay_out`) the first ``Q`` rows and the rows after them,
   else the rows ``query_idx`` and all rows, the query's masked out of the support."""
   if query_first:
     q = query_idx.shape[-1]
