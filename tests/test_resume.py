@@ -16,6 +16,9 @@ from fast_jax.runner import Diverged, Runner
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 QUIET = dict(progress=False, echo=lambda s: None)
+# A smaller synthetic dataset than the default 750 users: these tests compare runs with
+# each other, and compiling, not the number of users, is what they need.
+SMALL = dict(num_minority=40, num_majority=160)
 
 
 def _cfg(**kw):
@@ -35,7 +38,7 @@ def _records(path):
 
 def test_resumed_run_gives_the_same_results_as_an_uninterrupted_one(prepared, tmp_path,
                                                                     monkeypatch):
-  data = prepared("synthetic")
+  data = prepared("synthetic", **SMALL)
   full = train_and_evaluate(_cfg(), tmp_path / "full", data=data, **QUIET)
 
   # Interrupt the second seed after its epoch 2 (checkpointed), as a crash would.
@@ -67,7 +70,7 @@ def test_resumed_run_gives_the_same_results_as_an_uninterrupted_one(prepared, tm
 
 def test_more_seeds_extend_a_finished_run_without_retraining_its_seeds(prepared, tmp_path,
                                                                        monkeypatch):
-  data = prepared("synthetic")
+  data = prepared("synthetic", **SMALL)
   full = train_and_evaluate(_cfg(epochs=2), tmp_path / "full", data=data, **QUIET)
   monkeypatch.setattr(runfolder, "_git_commit", lambda: "first")
   train_and_evaluate(_cfg(epochs=2, seeds=1), tmp_path / "grow", data=data, **QUIET)
@@ -92,7 +95,7 @@ def test_more_seeds_extend_a_finished_run_without_retraining_its_seeds(prepared,
 
 
 def test_a_run_recorded_before_a_setting_existed_resumes_with_its_default(prepared, tmp_path):
-  data = prepared("synthetic")
+  data = prepared("synthetic", **SMALL)
   done = train_and_evaluate(_cfg(epochs=1, seeds=1), tmp_path, data=data, **QUIET)
   path = tmp_path / "config.json"
   old = json.loads(path.read_text())
@@ -107,7 +110,7 @@ def test_a_run_recorded_before_a_setting_existed_resumes_with_its_default(prepar
 
 
 def test_resume_refuses_a_run_with_other_settings(prepared, tmp_path):
-  data = prepared("synthetic")
+  data = prepared("synthetic", **SMALL)
   train_and_evaluate(_cfg(epochs=1, seeds=1), tmp_path, data=data, **QUIET)
   with pytest.raises(UsageError, match="--resume: the run in .* used lr"):
     train_and_evaluate(_cfg(epochs=1, seeds=1, lr=5e-4), tmp_path, data=data, resume=True,
@@ -150,7 +153,7 @@ def test_an_absurd_learning_rate_is_reported_as_divergence(tmp_path):
 
 
 def test_vmapped_seeds_and_sweep_points_match_sequential_runs(prepared, tmp_path):
-  data = prepared("synthetic")
+  data = prepared("synthetic", **SMALL)
   # One seed each: the two lanes differ in gamma and tau only (tau small enough that p
   # cannot saturate within the epoch, so the two trajectories must differ).
   base = dict(dataset="synthetic", method="fast", epochs=1, seeds=1, lr=1e-3, attack=False)
@@ -239,7 +242,7 @@ INNER_LR_BACKBONES = ["melu", "metacs"]
 
 @pytest.mark.parametrize("backbone", INNER_LR_BACKBONES)
 def test_inner_lr_lanes_match_sequential_runs(prepared, tmp_path, backbone):
-  data = prepared("synthetic")
+  data = prepared("synthetic", **SMALL)
   base = dict(dataset="synthetic", backbone=backbone, method="origin", epochs=1, seeds=1,
               lr=1e-3, attack=False)
   cfgs = [Config(**base, inner_lr=1e-3), Config(**base, inner_lr=5e-2)]
@@ -254,10 +257,11 @@ def test_inner_lr_lanes_match_sequential_runs(prepared, tmp_path, backbone):
 def test_vmapped_epoch_mode_lanes_carry_their_own_end_of_epoch_p(prepared, tmp_path):
   """FAST's epoch mode moves p after each epoch on the host: written back lane by lane,
   every lane's p per epoch equals its sequential run's."""
-  data = prepared("synthetic")
+  data = prepared("synthetic", **SMALL)
   base = dict(dataset="synthetic", method="fast", p_update="epoch", epochs=3, seeds=1,
               lr=1e-3, tau=0.05, attack=False)
-  cfgs = [Config(**base, gamma=0.5), Config(**base, gamma=5.0)]
+  # gamma 0.2: small enough that lane a's p stays under the cap tau on these 200 users
+  cfgs = [Config(**base, gamma=0.2), Config(**base, gamma=5.0)]
   sweep_and_evaluate(cfgs, [tmp_path / "vec-a", tmp_path / "vec-b"], data=data, **QUIET)
   for c, n in zip(cfgs, "ab"):
     train_and_evaluate(c, tmp_path / f"seq-{n}", data=data, **QUIET)

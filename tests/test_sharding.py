@@ -6,7 +6,12 @@ import subprocess
 import sys
 import textwrap
 
+from conftest import FAST_COMPILE_FLAG
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+# The suite's compile flag where this XLA has it (conftest), without the device count of
+# XLA_FLAGS: each test sets the devices its processes have.
+COMPILE_FLAGS = FAST_COMPILE_FLAG if FAST_COMPILE_FLAG in os.environ["XLA_FLAGS"] else ""
 
 SCRIPT = textwrap.dedent("""
     import jax, numpy as np, chex
@@ -16,7 +21,8 @@ SCRIPT = textwrap.dedent("""
     from fast_jax.runner import Runner
     assert jax.device_count() == 2, jax.devices()
     data = load_prepared(data_prep.ensure_prepared("synthetic", cache_dir={cache!r},
-                                                   progress=False))
+                                                   progress=False, num_minority=40,
+                                                   num_majority=160))
     results = {{}}
     for parallel in (False, True):
       runner = Runner(resolve(Config(dataset="synthetic", method="fast", lr=1e-3,
@@ -35,8 +41,8 @@ SCRIPT = textwrap.dedent("""
 
 
 def test_sharded_epoch_equals_the_unsharded_one(tmp_path):
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
-         "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+  env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu",
+         "XLA_FLAGS": f"--xla_force_host_platform_device_count=2 {COMPILE_FLAGS}"}
   proc = subprocess.run([sys.executable, "-c", SCRIPT.format(cache=str(tmp_path))],
                         capture_output=True, text=True, env=env, timeout=600)
   assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
@@ -62,7 +68,7 @@ def test_two_processes_train_like_one_and_only_process_0_writes(tmp_path, prepar
   from fast_jax.experiment import train_and_evaluate
   data_prep.ensure_prepared("synthetic", cache_dir=tmp_path, progress=False)
   env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu",
-         "FAST_JAX_CACHE": str(tmp_path), "XLA_FLAGS": ""}
+         "FAST_JAX_CACHE": str(tmp_path), "XLA_FLAGS": COMPILE_FLAGS}
   settings = ["--dataset", "synthetic", "--epochs", "1", "--seeds", "1", "--batch-size", "16",
               "--lr", "1e-3", "--no-attack", "--quiet"]
   port = _free_port()
