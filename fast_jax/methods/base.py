@@ -118,9 +118,11 @@ class Context:
 
 
 def device_split(split) -> dict:
-  """The arrays of a split as device arrays (what the jitted functions index)."""
-  return {"x": jnp.asarray(split.x), "y": jnp.asarray(split.y),
-          "length": jnp.asarray(split.length), "group": jnp.asarray(split.group)}
+  """The arrays of a split as device arrays (what the jitted functions index): put on the
+  device as they are, since ``jnp.asarray`` of a host array compiles a program for each
+  shape."""
+  return jax.device_put({"x": split.x, "y": split.y, "length": split.length,
+                         "group": split.group})
 
 
 def make_context(cfg: Config, data) -> Context:
