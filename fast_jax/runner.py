@@ -169,7 +169,7 @@ class Runner:
       arrays = tuple(np.asarray(a) for a in self._arrays(split))
       self._chunk_cache[split] = make_chunks(
           arrays, self.eval_chunk, lengths=arrays[2], budgets=eval_budgets(self.ctx.max_len),
-          put=lambda t: sharding.replicate(jax.device_put(t), self.ctx.mesh))
+          put=lambda t: sharding.replicate(t, self.ctx.mesh))
     return self._chunk_cache[split]
 
   def scores(self, state, split: str) -> dict[str, Any]:

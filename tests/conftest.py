@@ -147,6 +147,9 @@ def prepared(data_cache):
 
 # A small synthetic dataset for runs through the whole runner.
 TINY = dict(num_minority=12, num_majority=36)
+# 200 users in place of the default 750, for tests that compare runs with each other:
+# compiling, not the number of users, is what they need.
+SMALL = dict(num_minority=40, num_majority=160)
 
 
 @pytest.fixture(scope="session", autouse=True)

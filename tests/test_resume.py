@@ -13,12 +13,10 @@ from fast_jax.config import Config, resolve
 from fast_jax.experiment import UsageError, sweep_and_evaluate, train_and_evaluate
 from fast_jax.methods import learner as learn
 from fast_jax.runner import Diverged, Runner
+from conftest import SMALL
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 QUIET = dict(progress=False, echo=lambda s: None)
-# A smaller synthetic dataset than the default 750 users: these tests compare runs with
-# each other, and compiling, not the number of users, is what they need.
-SMALL = dict(num_minority=40, num_majority=160)
 
 
 def _cfg(**kw):

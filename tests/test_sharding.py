@@ -6,7 +6,7 @@ import subprocess
 import sys
 import textwrap
 
-from conftest import FAST_COMPILE_FLAG
+from conftest import FAST_COMPILE_FLAG, SMALL
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # The suite's compile flag where this XLA has it (conftest), without the device count of
@@ -21,8 +21,7 @@ SCRIPT = textwrap.dedent("""
     from fast_jax.runner import Runner
     assert jax.device_count() == 2, jax.devices()
     data = load_prepared(data_prep.ensure_prepared("synthetic", cache_dir={cache!r},
-                                                   progress=False, num_minority=40,
-                                                   num_majority=160))
+                                                   progress=False, **{small!r}))
     results = {{}}
     for parallel in (False, True):
       runner = Runner(resolve(Config(dataset="synthetic", method="fast", lr=1e-3,
@@ -43,7 +42,7 @@ SCRIPT = textwrap.dedent("""
 def test_sharded_epoch_equals_the_unsharded_one(tmp_path):
   env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu",
          "XLA_FLAGS": f"--xla_force_host_platform_device_count=2 {COMPILE_FLAGS}"}
-  proc = subprocess.run([sys.executable, "-c", SCRIPT.format(cache=str(tmp_path))],
+  proc = subprocess.run([sys.executable, "-c", SCRIPT.format(cache=str(tmp_path), small=SMALL)],
                         capture_output=True, text=True, env=env, timeout=600)
   assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
 

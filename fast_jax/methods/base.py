@@ -23,7 +23,6 @@ from typing import Any, Callable, NamedTuple
 
 import flax
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from fast_jax import models, sharding
@@ -117,20 +116,18 @@ class Context:
     return self.cfg.epochs * (self.data.train.x.shape[0] // self.cfg.batch_size)
 
 
-def device_split(split) -> dict:
-  """The arrays of a split as device arrays (what the jitted functions index): put on the
-  device as they are, since ``jnp.asarray`` of a host array compiles a program for each
-  shape."""
-  return jax.device_put({"x": split.x, "y": split.y, "length": split.length,
-                         "group": split.group})
+def device_split(split, mesh=None) -> dict:
+  """The arrays of a split as device arrays (what the jitted functions index), on every
+  device of ``mesh`` when given (:func:`fast_jax.sharding.replicate`)."""
+  return sharding.replicate({"x": split.x, "y": split.y, "length": split.length,
+                             "group": split.group}, mesh)
 
 
 def make_context(cfg: Config, data) -> Context:
   """The context of a resolved ``cfg`` on ``data``; with ``cfg.data_parallel`` the
   batches' users are split across all devices (:mod:`fast_jax.sharding`)."""
   mesh = sharding.data_mesh(cfg.batch_size) if cfg.data_parallel else None
-  splits = {name: sharding.replicate(device_split(data.split(name)), mesh)
-            for name in ("train", "valid", "test")}
+  splits = {name: device_split(data.split(name), mesh) for name in ("train", "valid", "test")}
   return Context(cfg=cfg, data=data, splits=splits, mesh=mesh,
                  num_groups=len(data.meta["sensitive"]["groups"]),
                  max_len=int(data.train.x.shape[1]))
