@@ -322,8 +322,8 @@ class Runner:
 
   @property
   def lanes_method(self) -> Method:
-    """The method on whole batches (under vmap the by-length parts' ``lax.cond`` would
-    run both branches)."""
+    """The method on whole batches (under vmap the by-length parts' ``lax.switch``
+    would run every branch)."""
     if self._lanes_method is None:
       self._lanes_method = self._make(self.ctx, by_length=False)
     return self._lanes_method
@@ -343,8 +343,8 @@ class Runner:
     result matches a sequential run up to floating-point reassociation. Lanes of one seed
     (the points of a sweep, or rows, at that seed) share their key and step counter,
     kept out of the ``vmap``, and run by length as :meth:`run_seed` does; where their
-    batches do not depend on p (the uniform sampler) they share those too, and a part's
-    ``lax.cond`` stays one branch (with a predicate that differs per lane it runs both).
+    batches do not depend on p (the uniform sampler) they share those too, and the parts'
+    ``lax.switch`` runs one branch (with an index that differs per lane it runs all).
     Lanes of several seeds run on whole batches. The end of an
     epoch (validation, FAST's epoch-mode p, logging as ``log(lane, record)``) runs per
     lane on the host. No mid-run checkpoints. ``predictions(lane, columns)`` receives

@@ -1,5 +1,7 @@
 """The inner loop: masks, one SGD step by hand, first vs second order, jit agreement."""
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -206,6 +208,39 @@ class ByRowsTest(chex.TestCase):
     grad = jax.jit(jax.grad(lambda p, b: jnp.sum(self._run(p, b) ** 2)), static_argnums=1)
     chex.assert_trees_all_close(grad(params, self.BUDGETS), grad(params, ()), rtol=1e-5,
                                 atol=1e-6)
+
+  def test_the_parts_that_fit_are_those_of_a_numpy_reference_and_switch_parts_cuts_them(self):
+    _, _, support, query_idx = self._batch()
+    fits = meta.parts_fit(support, query_idx, self.BUDGETS)
+    need = np.sort(np.array([3, 12, 5, 4, 7, 9, 6, 11]))  # rows_used of the batch
+    expected = [need[2 * j + 1] <= b for j, b in enumerate(self.BUDGETS)]
+    assert expected == [True, True, False, True]
+    chex.assert_trees_all_equal(fits, jnp.array(expected))
+    # The pattern of the branch that runs: the parts that fit, the last (all rows) never cut.
+    run = meta.length_bucketing(self.BUDGETS)
+    cut = jax.jit(lambda s, q: meta.switch_parts(run, lambda r: jnp.array(r.keywords["cut"]),
+                                                 s, q))(support, query_idx)
+    chex.assert_trees_all_equal(cut, jnp.array([True, True, False, False]))
+    # Any other runner: f(run) as it is.
+    assert meta.switch_parts(meta.whole_batch, lambda r: r, support, query_idx) is \
+        meta.whole_batch
+
+  def test_the_meta_gradient_with_the_parts_chosen_outside_it_is_the_whole_batchs(self):
+    """The second-order meta-gradient, the parts picked by one switch around it
+    (meta.switch_parts, as a training step does) = the whole batch's."""
+    params, labels, apply = tiny_net()
+    x, y, support, query_idx = self._batch()
+
+    def loss(p, run):
+      def fn(s, q, x, y):
+        return meta.adapted_query_predictions(apply, p, labels, 0.3, x, y, s, q, steps=1)
+      return jnp.sum(run(fn, support, query_idx, x, y) ** 2)
+    run = meta.length_bucketing(self.BUDGETS)
+    switched = jax.jit(lambda p: meta.switch_parts(
+        run, lambda r: jax.value_and_grad(functools.partial(loss, run=r))(p), support,
+        query_idx))(params)
+    whole = jax.jit(jax.value_and_grad(functools.partial(loss, run=meta.whole_batch)))(params)
+    chex.assert_trees_all_close(switched, whole, rtol=1e-5, atol=1e-6)
 
 
 def test_row_budgets_follow_the_length_distribution():

@@ -32,7 +32,7 @@ REGISTRY: dict[str, Callable[..., Method]] = {
 
 def make(ctx: Context, *, by_length: bool = True) -> Method:
   """The Method of ``ctx.cfg.method``; ``by_length=False`` runs whole batches (what
-  vmapped lanes need: under vmap the by-length parts' ``lax.cond`` runs both branches).
+  vmapped lanes need: under vmap the by-length parts' ``lax.switch`` runs every branch).
   Origin, Reg, IPW and FAST in step mode share one program (:func:`rows.make`)."""
   try:
     factory = REGISTRY[ctx.cfg.method]

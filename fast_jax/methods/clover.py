@@ -59,6 +59,7 @@ Not implemented (the code calls them "just tested"): the counterfactual adversar
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -474,13 +475,16 @@ def make_train_step(players: Players, tx, adv_tx, rate: learn.InnerRate, *, ctx:
     k_split, k_split2 = jax.random.split(key)
     support, query = meta.query_split(k_split, batch["length"], max_len, cfg.train_query)
 
-    def objectives(rec, adv):
+    def objectives(rec, adv, run):
       l_rec, l_adv = players.batch_losses(rec, adv, state.alpha, batch, support, query,
                                           run=run)
       return (jnp.mean(l_rec), jnp.mean(l_adv)), l_rec
 
-    (m_rec, m_adv), l_rec, g_rec, g_adv = player_grads(
-        objectives, state.params, state.extra["adv"], lam1, one_pass=one_pass)
+    # By length: the parts chosen outside the gradients (learn.switch_parts).
+    (m_rec, m_adv), l_rec, g_rec, g_adv = learn.switch_parts(
+        run, lambda run: player_grads(functools.partial(objectives, run=run), state.params,
+                                      state.extra["adv"], lam1, one_pass=one_pass),
+        support, query, query_first=learn.QUERY_FIRST)
     clamp = lambda g: jax.tree.map(lambda v: jnp.clip(v, -GRAD_CLAMP, GRAD_CLAMP), g)
     updates, opt_state = tx.update(clamp(g_rec), state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -491,11 +495,11 @@ def make_train_step(players: Players, tx, adv_tx, rate: learn.InnerRate, *, ctx:
     # MetaCS: the inner rate from the query rating loss of a second pass.
     support2, query2 = meta.query_split(k_split2, batch["length"], max_len, cfg.train_query)
 
-    def alpha_loss(a):
+    def alpha_loss(a, run):
       l_rec2, _ = players.batch_losses(params, adv, a, batch, support2, query2, run=run)
       return jnp.mean(l_rec2)
-    alpha, alpha_opt_state = learn.learn_rate(rate, state.alpha, state.alpha_opt_state,
-                                              alpha_loss)
+    alpha, alpha_opt_state = learn.learn_rate_by_parts(
+        rate, state.alpha, state.alpha_opt_state, alpha_loss, run, support2, query2)
 
     group_loss, present = fairness.group_means(l_rec, batch["group"], ctx.num_groups)
     new_state = state.replace(params=params, opt_state=opt_state, alpha=alpha,
@@ -508,16 +512,10 @@ def make_train_step(players: Players, tx, adv_tx, rate: learn.InnerRate, *, ctx:
   return train_step
 
 
-# CLOVER's step runs the cond of a batch by length through two backward passes, so it
-# needs a shorter part than the other methods to gain. bench.py, MeLU: x1.21 on
-# Book-Crossing (32 of 100 rows), x1.35 on ML-100K (48), but x0.88 on ML-1M (56).
-MAX_SHORT_ROWS = 0.5
-
-
 def game(ctx: Context, *, run: Callable | None = None, one_pass: bool | None = None):
   """CLOVER's pieces on ``ctx``: (players, train step, ``init(key) -> state``).
   ``run``: the step's batch runner (default: by length where it pays,
-  :data:`MAX_SHORT_ROWS`); ``one_pass``: :func:`make_train_step`'s."""
+  :func:`fast_jax.methods.learner.batch_runner`); ``one_pass``: :func:`make_train_step`'s."""
   cfg = ctx.cfg
   fast.check_config(cfg)
   check_config(cfg, ctx.data)
@@ -528,7 +526,7 @@ def game(ctx: Context, *, run: Callable | None = None, one_pass: bool | None = N
                     first_order=cfg.first_order, adv_inner_lr=cfg.inner_lr)
   rate, tx, adv_tx = learn.inner_rate(cfg), optax.adam(cfg.lr), optax.adam(cfg.lr)
   if run is None:
-    run = learn.batch_runner(ctx, by_length=True, max_short=MAX_SHORT_ROWS)
+    run = learn.batch_runner(ctx, by_length=True)
   step = make_train_step(players, tx, adv_tx, rate, ctx=ctx, run=run, one_pass=one_pass)
 
   def init(key):

@@ -24,6 +24,7 @@ Origin, Static, Reg and IPW are the same outer step with other pieces (an
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, NamedTuple
 
 import jax
@@ -121,7 +122,7 @@ def make_train_step(lrn: learn.Learner, obj: Objective, rate: learn.InnerRate, t
                                               jax.random.fold_in(key, 7), batch["y"].shape[0],
                                               max_len)
 
-    def loss_fn(params):
+    def loss_fn(params, run):
       # Inner loop: every user of B adapted on its support set, scored on its query.
       pred = learn.predict(lrn, params, state.alpha, batch["x"], batch["y"], support, query,
                            batch["group"], run=run, query_first=learn.QUERY_FIRST)
@@ -154,9 +155,10 @@ def make_train_step(lrn: learn.Learner, obj: Objective, rate: learn.InnerRate, t
       loss = weighted_mean(mse, w) + penalty
       return loss, (p, w, mse, group_loss, present)
 
-    # Outer step.
-    (loss, (p, w, mse, group_loss, present)), grads = jax.value_and_grad(
-        loss_fn, has_aux=True)(state.params)
+    # Outer step (by length: the parts chosen outside the gradient, learn.switch_parts).
+    (loss, (p, w, mse, group_loss, present)), grads = learn.switch_parts(
+        run, lambda run: jax.value_and_grad(functools.partial(loss_fn, run=run), has_aux=True)(
+            state.params), support, query, query_first=learn.QUERY_FIRST)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
 
@@ -164,13 +166,13 @@ def make_train_step(lrn: learn.Learner, obj: Objective, rate: learn.InnerRate, t
     # updated theta, whose gradient moves only the inner learning rate.
     support2, query2 = meta.query_split(k_split2, batch["length"], max_len, cfg.train_query)
 
-    def alpha_loss(a):
+    def alpha_loss(a, run):
       pred2 = learn.predict(lrn, params, a, batch["x"], batch["y"], support2, query2,
                             batch["group"], run=run, query_first=learn.QUERY_FIRST)
       mse2, _ = learn.query_errors(pred2, meta.take_rows(batch["y"], query2))
       return weighted_mean(mse2, w)
-    alpha, alpha_opt_state = learn.learn_rate(rate, state.alpha, state.alpha_opt_state,
-                                              alpha_loss)
+    alpha, alpha_opt_state = learn.learn_rate_by_parts(
+        rate, state.alpha, state.alpha_opt_state, alpha_loss, run, support2, query2)
 
     new_state = state.replace(params=params, opt_state=opt_state, alpha=alpha,
                               alpha_opt_state=alpha_opt_state, p=p, step=state.step + 1)

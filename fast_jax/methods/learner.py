@@ -60,6 +60,19 @@ def learn_rate(rate: InnerRate, alpha, opt_state, loss_fn: Callable):
   return optax.apply_updates(alpha, updates), opt_state
 
 
+def learn_rate_by_parts(rate: InnerRate, alpha, opt_state, loss_fn: Callable, run: Callable,
+                       support: jax.Array, query_idx: jax.Array):
+  """:func:`learn_rate` on ``loss_fn(alpha, run) -> scalar``, a loss of a training batch's
+  :func:`predict` (rows laid out by :data:`QUERY_FIRST`) on ``support`` and ``query_idx``
+  through the batch runner ``run``, whose parts are chosen outside the gradient
+  (:func:`switch_parts`)."""
+  if rate.tx is None:
+    return alpha, opt_state
+  return switch_parts(
+      run, lambda run: learn_rate(rate, alpha, opt_state, lambda a: loss_fn(a, run)), support,
+      query_idx, query_first=QUERY_FIRST)
+
+
 class Learner(NamedTuple):
   """A backbone adapted per user.
 
@@ -143,6 +156,18 @@ def predict(learner: Learner, params, alpha, x, y, support, query_idx, group, *,
 # Book-Crossing MeLU+FAST x0.93 (EXPERIMENTS.md, Speed). The same function up to
 # rounding; False keeps the rows where they are (what tests/test_query_first.py compares).
 QUERY_FIRST = True
+
+
+def switch_parts(run: Callable, f: Callable, support: jax.Array, query_idx: jax.Array, *,
+                 query_first: bool = False) -> Any:
+  """``f(run)`` with a runner by length's parts chosen outside ``f``
+  (:func:`fast_jax.meta.switch_parts`), on ``support`` and ``query_idx`` as :func:`predict`
+  lays them out with ``query_first`` (which the choice must see)."""
+  if not meta.runner_budgets(run):
+    return f(run)
+  if query_first:
+    support, query_idx = meta.query_first(support, query_idx)
+  return meta.switch_parts(run, f, support, query_idx)
 
 
 def lay_out(x: jax.Array, y: jax.Array, support: jax.Array, query_idx: jax.Array,
