@@ -195,6 +195,8 @@ SWITCHES = [
      "kernel form"),
     ("--query-layouts", "QUERY_FIRST", "bench_variants", "1 inner step(s), 3 rounds",
      "query first"),
+    ("--part-choice", "PARTS_OUTSIDE_GRAD", "bench_variants", "1 inner step(s), 3 rounds",
+     "switch outside"),
 ]
 
 
@@ -212,7 +214,8 @@ def test_variants_time_both_programs_alternately_and_print_their_median_ratio(
   monkeypatch.setattr(bench.learn, switch, None)
   cfg = config_lib.resolve(Config(dataset="synthetic", backbone="metacs", batch_size=8),
                            "synthetic")
-  pair = bench.INNER_FORMS if switch == "ONE_STEP_KERNEL" else bench.QUERY_LAYOUTS
+  pair = {"ONE_STEP_KERNEL": bench.INNER_FORMS, "QUERY_FIRST": bench.QUERY_LAYOUTS,
+          "PARTS_OUTSIDE_GRAD": bench.PART_CHOICES}[switch]
   r = bench.bench_variants(cfg, data, 3, pair)
   assert seen == [False, True]  # the switch off, then on
   assert getattr(bench.learn, switch) is None  # and put back as it was

@@ -8,6 +8,7 @@
         --rounds 3 --data-dir ../shared/data
     python experiments/bench.py --inner-forms --rounds 6 --data-dir ../shared/data
     python experiments/bench.py --query-layouts --dataset ml1m --rounds 6 --data-dir ../shared/data
+    python experiments/bench.py --part-choice --dataset ml100k --rounds 6 --data-dir ../shared/data
     python experiments/bench.py --side-by-side --dataset ml1m --jobs 2 --epochs 6 \
         --data-dir ../shared/data
 
@@ -48,6 +49,11 @@ one epoch (rounding, which Adam's steps amplify; relative to each array's larges
 user's query rows in place (masked out of the inner loop's support, as padding) and laid
 out query first (the default, :func:`fast_jax.meta.query_first`: the inner loop runs on
 the rows after the query's).
+
+``--part-choice`` times it, run by length as a run on this backend runs it (a CPU: 2
+parts for 500 steps or more; with none, both are one program), with each part's choice
+between its row budget and all rows made by a ``lax.cond`` inside the gradient, and made
+once outside it (the default, :func:`fast_jax.meta.switch_parts`).
 
 ``--side-by-side`` times the epoch of ``--jobs`` (at least 2) copies of the configuration
 training at once, each in a process of its own as a grid's ``--jobs`` workers run, in
@@ -156,12 +162,13 @@ def switched(name: str, on: bool):
 # bench_variants' pairs: (switch of fast_jax.methods.learner, label off, label on).
 INNER_FORMS = ("ONE_STEP_KERNEL", "adapted weights", "kernel form")
 QUERY_LAYOUTS = ("QUERY_FIRST", "query in place", "query first")
+PART_CHOICES = ("PARTS_OUTSIDE_GRAD", "cond in gradient", "switch outside")
 
 
 def bench_variants(cfg: Config, data, rounds: int, pair: tuple[str, str, str]) -> dict:
   """Seconds per epoch of the training epoch built with a switch of
   :mod:`fast_jax.methods.learner` off and on (``pair``: :data:`INNER_FORMS`,
-  :data:`QUERY_LAYOUTS`), each batched as a run batches it
+  :data:`QUERY_LAYOUTS`, :data:`PART_CHOICES`), each batched as a run batches it
   (:func:`fast_jax.methods.learner.length_parts`): both epoch programs compiled in this
   process, then run alternately, ``rounds`` times each from the same state (so a drifting
   machine slows both). Returns
@@ -601,11 +608,16 @@ def main(argv=None) -> int:
   p.add_argument("--query-layouts", action="store_true",
                  help="time a meta-learner's epoch with each user's query rows in place "
                       "against laid out query first, --rounds rounds alternating")
+  p.add_argument("--part-choice", action="store_true",
+                 help="time a meta-learner's epoch by length with each part's choice of rows "
+                      "inside the gradient (a lax.cond) against outside it (one lax.switch), "
+                      "--rounds rounds alternating")
   p.add_argument("--side-by-side", action="store_true",
                  help="time --jobs copies of the epoch training at once, each process held to "
                       "its own CPUs and free to use all, --rounds rounds alternating")
   p.add_argument("--rounds", type=int, default=None,
-                 help="--authors: rounds (default 2); --inner-forms, --query-layouts: rounds "
+                 help="--authors: rounds (default 2); --inner-forms, --query-layouts, "
+                      "--part-choice: rounds "
                       "(default 5); "
                       "--side-by-side: rounds (default 2)")
   p.add_argument("--out", default=None,
@@ -625,8 +637,9 @@ def main(argv=None) -> int:
     return 0
   if args.rounds is not None and args.rounds < 1:
     p.error(f"--rounds must be at least 1, got {args.rounds}")
-  if args.inner_forms or args.query_layouts:
-    flag = "--inner-forms" if args.inner_forms else "--query-layouts"
+  if args.inner_forms or args.query_layouts or args.part_choice:
+    flag = ("--inner-forms" if args.inner_forms else "--query-layouts" if args.query_layouts
+            else "--part-choice")
     cfg = _config(args)
     if args.method not in config_lib.META_METHODS:
       p.error(f"{flag}: --method must be a meta-learning method "
@@ -641,7 +654,8 @@ def main(argv=None) -> int:
     print(f"{cfg.backbone}+{cfg.method} on {cfg.dataset}, {steps}, {rounds} rounds "
           f"alternating, backend {backend()}:")
     print_variants(bench_inner_forms(cfg, data, rounds) if args.inner_forms
-                   else bench_variants(cfg, data, rounds, QUERY_LAYOUTS))
+                   else bench_variants(cfg, data, rounds,
+                                       QUERY_LAYOUTS if args.query_layouts else PART_CHOICES))
     return 0
   if args.side_by_side:
     jobs = 2 if args.jobs is None else args.jobs

@@ -158,12 +158,21 @@ def predict(learner: Learner, params, alpha, x, y, support, query_idx, group, *,
 QUERY_FIRST = True
 
 
+# A training step by length chooses its parts outside its gradient (meta.switch_parts):
+# on a 2-core CPU, epochs run alternately in one process, MeLU+FAST x0.78 (ML-100K) to
+# x0.93 (Book-Crossing), MeLU+CLOVER x0.80-0.82 (EXPERIMENTS.md, Speed). The same function
+# up to rounding; False leaves each part's lax.cond inside the gradient (what bench.py
+# --part-choice compares).
+PARTS_OUTSIDE_GRAD = True
+
+
 def switch_parts(run: Callable, f: Callable, support: jax.Array, query_idx: jax.Array, *,
                  query_first: bool = False) -> Any:
   """``f(run)`` with a runner by length's parts chosen outside ``f``
-  (:func:`fast_jax.meta.switch_parts`), on ``support`` and ``query_idx`` as :func:`predict`
-  lays them out with ``query_first`` (which the choice must see)."""
-  if not meta.runner_budgets(run):
+  (:func:`fast_jax.meta.switch_parts`, when :data:`PARTS_OUTSIDE_GRAD`), on ``support``
+  and ``query_idx`` as :func:`predict` lays them out with ``query_first`` (which the
+  choice must see)."""
+  if not PARTS_OUTSIDE_GRAD or not meta.runner_budgets(run):
     return f(run)
   if query_first:
     support, query_idx = meta.query_first(support, query_idx)
