@@ -25,7 +25,7 @@ result is the same up to floating-point reassociation. Each part chooses with a
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 from typing import Any, Callable, Sequence
 
 import jax
@@ -285,21 +285,26 @@ def parts_fit(support: jax.Array, query_idx: jax.Array, budgets: Sequence[int]) 
   return jnp.stack([need[(j + 1) * size - 1] <= b for j, b in enumerate(budgets)])
 
 
+@dataclasses.dataclass(frozen=True)
+class ByLength:
+  """A batch runner by length: :func:`by_rows` with ``budgets`` (and ``cut``, a static
+  pattern, when :func:`switch_parts` has chosen it), called as
+  ``run(fn, support, query_idx, *rows)``."""
+  budgets: tuple[int, ...]
+  cut: tuple[bool, ...] | None = None
+
+  def __call__(self, fn: Callable, support: jax.Array, query_idx: jax.Array,
+               *rows: jax.Array) -> Any:
+    return by_rows(fn, support, query_idx, *rows, budgets=self.budgets, cut=self.cut)
+
+
 def length_bucketing(budgets: Sequence[int]) -> Callable:
-  """The batch runner chosen once per method: :func:`by_rows` with ``budgets``, or
+  """The batch runner chosen once per method: :class:`ByLength` with ``budgets``, or
   :func:`whole_batch` when there are none. Both are called as
   ``run(fn, support, query_idx, *rows)``."""
   if not budgets:
     return whole_batch
-  return functools.partial(by_rows, budgets=tuple(budgets))
-
-
-def runner_budgets(run: Callable) -> tuple[int, ...]:
-  """The row budgets of a runner of :func:`length_bucketing`; () for any other runner."""
-  if (isinstance(run, functools.partial) and run.func is by_rows and not run.args
-      and set(run.keywords) == {"budgets"}):
-    return tuple(run.keywords["budgets"])
-  return ()
+  return ByLength(tuple(budgets))
 
 
 def switch_parts(run: Callable, f: Callable, support: jax.Array, query_idx: jax.Array) -> Any:
@@ -311,12 +316,14 @@ def switch_parts(run: Callable, f: Callable, support: jax.Array, query_idx: jax.
   pass, the side not taken filled with zeros. Here :func:`parts_fit` picks the pattern
   of cut parts first and one ``lax.switch`` runs ``f`` with a runner that cuts by that
   static pattern, so each branch differentiates plain code: on a 2-core CPU, epochs of
-  2 parts x0.78-0.93 (MeLU+FAST), x0.80-0.82 (MeLU+CLOVER), and compiling faster too
-  (EXPERIMENTS.md, Speed). The same function up to rounding; each branch is a copy of
-  ``f`` (two with two parts). Any other ``run`` (:func:`whole_batch`, or a callable of
-  one's own): ``f(run)``.
+  2 parts x0.78-0.93 (MeLU+FAST), x0.80-0.82 (MeLU+CLOVER) (EXPERIMENTS.md, Speed). The
+  same function up to rounding; each branch is a copy of ``f`` (two with two parts).
+  Any other ``run`` (:func:`whole_batch`, a :class:`ByLength` already cut, or a callable
+  of one's own): ``f(run)``.
   """
-  budgets = runner_budgets(run)
+  if not isinstance(run, ByLength) or run.cut is not None:
+    return f(run)
+  budgets = run.budgets
   shorter = [j for j, b in enumerate(budgets) if b < support.shape[-1]]
   if not shorter or support.shape[0] % len(budgets):
     return f(run)
@@ -327,5 +334,5 @@ def switch_parts(run: Callable, f: Callable, support: jax.Array, query_idx: jax.
     cut = [False] * len(budgets)
     for k, j in enumerate(shorter):
       cut[j] = bool(pattern >> k & 1)
-    return lambda: f(functools.partial(by_rows, budgets=tuple(budgets), cut=tuple(cut)))
+    return lambda: f(ByLength(budgets, tuple(cut)))
   return jax.lax.switch(index, [branch(i) for i in range(2 ** len(shorter))])

@@ -153,7 +153,7 @@ def test_clover_runs_by_length_on_the_budgets_of_the_other_meta_learners(prepare
   cfg = resolve(Config(dataset=dataset, method="clover"), dataset)
   ctx = make_context(cfg, prepared(dataset))
   clover.game(ctx)
-  assert [meta.runner_budgets(r) for r in runners] == [budgets]
+  assert [r.budgets for r in runners] == [budgets]
   assert learn.row_budgets(make_context(cfg.replace(method="fast"), ctx.data)) == budgets
 
 

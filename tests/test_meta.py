@@ -218,7 +218,7 @@ class ByRowsTest(chex.TestCase):
     chex.assert_trees_all_equal(fits, jnp.array(expected))
     # The pattern of the branch that runs: the parts that fit, the last (all rows) never cut.
     run = meta.length_bucketing(self.BUDGETS)
-    cut = jax.jit(lambda s, q: meta.switch_parts(run, lambda r: jnp.array(r.keywords["cut"]),
+    cut = jax.jit(lambda s, q: meta.switch_parts(run, lambda r: jnp.array(r.cut),
                                                  s, q))(support, query_idx)
     chex.assert_trees_all_equal(cut, jnp.array([True, True, False, False]))
     # Any other runner: f(run) as it is.

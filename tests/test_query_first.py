@@ -2,7 +2,6 @@
 against a NumPy re-layout, and the inner loop that skips the query rows against the one
 that carries them masked (predictions, the second-order meta-gradient, CLOVER's losses)."""
 
-import functools
 
 import chex
 import jax
@@ -80,7 +79,7 @@ def test_inner_loop_without_the_query_rows_predicts_as_with_them(prepared, steps
   if runner == "by length":  # the shorter half on fewer rows than the longest user's
     short = int(np.sort(np.asarray(length))[USERS // 2 - 1])
     assert short < x.shape[1]
-    run = functools.partial(meta.by_rows, budgets=(short, x.shape[1]))
+    run = meta.length_bucketing((short, x.shape[1]))
   assert learn.QUERY_FIRST  # what a training step passes
 
   def predict(params, alpha, y, query_first):

@@ -172,7 +172,7 @@ def switch_parts(run: Callable, f: Callable, support: jax.Array, query_idx: jax.
   (:func:`fast_jax.meta.switch_parts`, when :data:`PARTS_OUTSIDE_GRAD`), on ``support``
   and ``query_idx`` as :func:`predict` lays them out with ``query_first`` (which the
   choice must see)."""
-  if not PARTS_OUTSIDE_GRAD or not meta.runner_budgets(run):
+  if not PARTS_OUTSIDE_GRAD or not isinstance(run, meta.ByLength):
     return f(run)
   if query_first:
     support, query_idx = meta.query_first(support, query_idx)
