@@ -236,6 +236,29 @@ def test_a_grid_worker_runs_on_the_cpus_it_was_given():
     assert pool.submit(os.sched_getaffinity, 0).result(timeout=120) == everything
 
 
+# (platforms JAX may use, jobs, a memory setting the user made) -> what each worker adds.
+WORKER_MEMORY = [
+    ("cuda,cpu", 3, {}, {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.300"}),
+    ("cuda", 2, {}, {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.450"}),
+    ("cuda", 1, {}, {}),                                       # one job: JAX's default
+    ("cpu", 3, {}, {}),                                        # no accelerator
+    ("cuda", 3, {"XLA_PYTHON_CLIENT_PREALLOCATE": "false"}, {}),  # the user's choice
+    ("cuda", 3, {"XLA_PYTHON_CLIENT_MEM_FRACTION": ".2"}, {}),
+]
+
+
+@pytest.mark.parametrize("platforms, jobs, user, expected", WORKER_MEMORY)
+def test_grid_workers_share_an_accelerators_memory(platforms, jobs, user, expected):
+  from fast_jax.cli import grid
+  assert grid.worker_memory(jobs, {"JAX_PLATFORMS": platforms, **user}) == expected
+
+
+def test_a_grid_worker_starts_with_the_environment_it_was_given():
+  from fast_jax.cli import grid
+  with grid.worker_pool([None], {"FAST_JAX_TEST_WORKER": "7"}) as pool:
+    assert pool.submit(os.getenv, "FAST_JAX_TEST_WORKER").result(timeout=120) == "7"
+
+
 def test_table2_trains_runs_two_at_a_time_in_their_own_processes(tmp_path, shared_data_dir):
   """--jobs 2 on real ML-100K rows: each run in a spawned process gives the committed
   result, and the log reports the grid's wall time."""

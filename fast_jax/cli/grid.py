@@ -115,7 +115,7 @@ def run_grid(runs: list[Run], root: pathlib.Path, *, progress: bool = False,
       record(group, folders, *_run_group([r.cfg for r in group], folders, vectorised,
                                          progress))
   else:
-    with worker_pool(worker_cpus(jobs)) as pool:
+    with worker_pool(worker_cpus(jobs), worker_memory(jobs)) as pool:
       futures = {pool.submit(_run_group, [r.cfg for r in g], f, v, False): (g, f)
                  for g, f, v in work}
       try:
@@ -232,13 +232,14 @@ def _check_same_run(folder: pathlib.Path, before: dict, cfg: Config) -> None:
                      "it away or use another --root")
 
 
-def cpu_only() -> bool:
+def cpu_only(environ=None) -> bool:
   """Whether JAX can only run on the CPU here: ``JAX_PLATFORMS`` names the CPU alone, or no
   accelerator plugin (a ``jax_plugins`` package or entry point, or ``libtpu``) is
   installed. Decided without starting JAX, which on a GPU would claim its memory in the
   grid's parent."""
   from importlib import metadata, util
-  platforms = [p.strip() for p in os.environ.get("JAX_PLATFORMS", "").split(",") if p.strip()]
+  environ = os.environ if environ is None else environ
+  platforms = [p.strip() for p in environ.get("JAX_PLATFORMS", "").split(",") if p.strip()]
   if platforms:
     return set(platforms) == {"cpu"}
   if any(True for _ in metadata.entry_points(group="jax_plugins")):
@@ -265,22 +266,45 @@ def worker_cpus(jobs: int, available=None) -> list[frozenset[int] | None]:
   return [frozenset(int(c) for c in part) for part in np.array_split(cpus, jobs)]
 
 
-def worker_pool(cpus: list[frozenset[int] | None]) -> concurrent.futures.ProcessPoolExecutor:
+# What JAX reads to size its share of an accelerator's memory; a user who set one decides.
+_MEMORY_SETTINGS = ("XLA_PYTHON_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_PREALLOCATE",
+                    "XLA_PYTHON_CLIENT_ALLOCATOR")
+
+
+def worker_memory(jobs: int, environ=None) -> dict[str, str]:
+  """The environment each of ``jobs`` workers adds so that they share one accelerator:
+  by default JAX takes 75% of a GPU's memory in every process, so a second worker finds
+  a quarter left. With several jobs and an accelerator (:func:`cpu_only`), each takes
+  ``0.9 / jobs`` of it instead; nothing on a CPU, for one job, or where the user set
+  how JAX sizes its memory (``XLA_PYTHON_CLIENT_MEM_FRACTION``, ``..._PREALLOCATE``,
+  ``..._ALLOCATOR``)."""
+  environ = os.environ if environ is None else environ
+  if jobs <= 1 or any(k in environ for k in _MEMORY_SETTINGS) or cpu_only(environ):
+    return {}
+  return {"XLA_PYTHON_CLIENT_MEM_FRACTION": f"{0.9 / jobs:.3f}"}
+
+
+def worker_pool(cpus: list[frozenset[int] | None],
+                env: dict[str, str] | None = None) -> concurrent.futures.ProcessPoolExecutor:
   """A pool of ``len(cpus)`` spawned worker processes (no fork of a process that may hold
   JAX), each held to one of the sets in ``cpus`` (None: free to use every CPU) from its
-  start, before JAX sizes its threads (:func:`worker_cpus`, :func:`_pin_worker`)."""
+  start, before JAX sizes its threads (:func:`worker_cpus`, :func:`_pin_worker`), with
+  ``env`` added to its environment before JAX starts (:func:`worker_memory`)."""
   context = multiprocessing.get_context("spawn")
   queue = context.Queue()
   for subset in cpus:
     queue.put(subset)
   return concurrent.futures.ProcessPoolExecutor(len(cpus), mp_context=context,
-                                                initializer=_pin_worker, initargs=(queue,))
+                                                initializer=_pin_worker,
+                                                initargs=(queue, env or {}))
 
 
-def _pin_worker(cpus) -> None:
-  """A grid worker's initializer: hold this process (and so the threads JAX starts in it)
-  to the next set of CPUs in the queue ``cpus`` (:func:`worker_cpus`)."""
+def _pin_worker(cpus, env=None) -> None:
+  """A grid worker's initializer: add ``env`` to this process's environment, and hold
+  this process (and so the threads JAX starts in it) to the next set of CPUs in the
+  queue ``cpus`` (:func:`worker_cpus`)."""
   import queue
+  os.environ.update(env or {})
   try:
     subset = cpus.get(timeout=60)
   except queue.Empty:  # a worker beyond the sets handed out: run unpinned
