@@ -4,46 +4,66 @@
 #
 #   PYTHONPATH=. bash experiments/device_check.sh DATA_DIR
 #
-# DATA_DIR holds ml-100k-clover and bookcrossing-clover (ml-1m-clover is timed when
-# present). QUICK=1 skips the Table 2 block (a check of the script itself on a CPU).
-# Full outputs go to $OUT (default /tmp/device_check); a short table is printed last.
+# DATA_DIR holds ml-100k-clover, ml-1m-clover and bookcrossing-clover. In order, each
+# step held to what is left of DEADLINE seconds (default 480): a Book-Crossing MeLU+FAST
+# epoch (bench.py: the default batching, whole batches, 5 seeds vmapped against one after
+# another), the whole Table 2 (three datasets, 5 seeds, JOBS processes at once, default 6,
+# --vmap) and, if time is left, the main command with its seeds as lanes. T2_ARGS replaces
+# the Table 2 rows and datasets (a check of the script itself on a CPU:
+# T2_ARGS="--datasets ml100k --rows melu-fast global-mean --epochs 1 --seeds 2").
+# Programs and run folders go to WORK (default /tmp/device_check); the logs, the table and
+# the runs' results (runs.tgz) to OUT (default WORK/out), at most 8 files; a short summary
+# is printed last.
 set -u
 DATA=${1:?usage: device_check.sh DATA_DIR}
-OUT=${OUT:-/tmp/device_check}
-mkdir -p "$OUT"
-export FAST_JAX_CACHE="$OUT/cache"  # each program compiles once per call, shared by all
-START=$(date +%s)
+WORK=${WORK:-/tmp/device_check}
+OUT=${OUT:-$WORK/out}
+DEADLINE=${DEADLINE:-480}
+JOBS=${JOBS:-6}
+T2_ARGS=${T2_ARGS:---datasets ml100k ml1m bookcrossing}
+mkdir -p "$WORK" "$OUT"
+export FAST_JAX_CACHE="$WORK/cache"  # each program compiles once per call, shared by all
+export PYTHONUNBUFFERED=1
+START=$SECONDS
+LOG=$OUT/log.txt
 
-step() {  # step NAME COMMAND...: run, keep its output, note its wall time
-  local name=$1; shift
+left() { echo $(( DEADLINE - (SECONDS - START) )); }
+
+step() {  # step NAME SECONDS COMMAND...: run under a time limit, keep its output
+  local name=$1 limit=$2; shift 2
+  if [ "$limit" -lt 20 ]; then
+    printf '%-12s skipped (%d s left)\n' "$name" "$limit" >> "$LOG"; return
+  fi
   local t0=$SECONDS
-  "$@" > "$OUT/$name.txt" 2>&1
+  timeout -k 10 "$limit" "$@" > "$OUT/$name.txt" 2>&1
   local rc=$?
-  printf '%-22s rc=%d %5d s\n' "$name" "$rc" $(( SECONDS - t0 )) >> "$OUT/steps.txt"
+  printf '%-12s rc=%d %5d s (limit %d s)\n' "$name" "$rc" $(( SECONDS - t0 )) "$limit" >> "$LOG"
 }
 
-python -c "import jax; print(jax.__version__, jax.devices())" > "$OUT/backend.txt" 2>&1
-# A Book-Crossing MeLU+FAST epoch (default batching; bench also times whole batches and
-# 5 seeds vmapped against one after another).
-step bx_epoch python experiments/bench.py --dataset bookcrossing --data-dir "$DATA" \
-  --loop-steps 0 --seeds 5
-if [ -d "$DATA/ml-1m-clover" ]; then
-  step ml1m_epoch python experiments/bench.py --dataset ml1m --data-dir "$DATA" --loop-steps 0
-fi
-# The main command, its seeds as lanes.
-step main_vmap python experiments/run.py --backbone melu --dataset ml100k --gamma 2 \
-  --tau 0.2 --data-dir "$DATA" --vmap-seeds --quiet --out "$OUT/main_vmap"
-if [ "${QUICK:-0}" != 1 ]; then
-  # The ML-100K Table 2 block: each backbone's Origin/Reg/IPW/FAST rows x 5 seeds as one
-  # program (rows as lanes), CLOVER's seeds as lanes, three processes at once.
-  step t2_ml100k_vmap python experiments/bench.py --table2 ml100k --jobs 3 --vmap \
-    --data-dir "$DATA"
-fi
+{
+  python -c "import jax; print('JAX', jax.__version__, jax.devices())"
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  nproc
+} >> "$LOG" 2>&1
 
-echo "== $(cat "$OUT/backend.txt" | tail -1)"
-cat "$OUT/steps.txt"
-grep -h -E "jitted epoch|by length|vmapped|peak RSS:" "$OUT/bx_epoch.txt" "$OUT/ml1m_epoch.txt" \
-  2>/dev/null
-head -3 "$OUT/main_vmap.txt"  # the main command's results (CPU: 0.852 MAE, 0.079 GF(MAE))
-cat "$OUT/t2_ml100k_vmap.txt" 2>/dev/null | grep -A20 "^Table 2 block"
-echo "total $(( $(date +%s) - START )) s"
+step bx_epoch $(( $(left) < 150 ? $(left) : 150 )) python experiments/bench.py \
+  --dataset bookcrossing --data-dir "$DATA" --loop-steps 0 --seeds 5
+# shellcheck disable=SC2086
+step table2 $(( $(left) - 25 )) python experiments/table2.py $T2_ARGS --jobs "$JOBS" --vmap \
+  --data-dir "$DATA" --root "$WORK/runs" --out "$OUT/table2"
+if [ "$(left)" -gt 100 ]; then
+  step main_vmap $(( $(left) - 15 )) python experiments/run.py --backbone melu \
+    --dataset ml100k --gamma 2 --tau 0.2 --data-dir "$DATA" --vmap-seeds --quiet \
+    --out "$WORK/main_vmap"
+fi
+(cd "$WORK/runs" 2>/dev/null && find . -name results.json -o -name wall_time.txt \
+  | tar czf "$OUT/runs.tgz" -T -) >> "$LOG" 2>&1
+
+{
+  echo "== summary"
+  grep -h -E "jitted epoch|by length|whole|vmapped|peak RSS:" "$OUT/bx_epoch.txt"
+  grep -E "\([0-9]+ s\)$|runs in" "$OUT/table2.txt"
+  head -3 "$OUT/main_vmap.txt" 2>/dev/null
+  echo "total $(( SECONDS - START )) s"
+} >> "$LOG" 2>&1
+cat "$LOG"
