@@ -276,3 +276,21 @@ def test_side_by_side_trains_copies_at_once_held_to_their_cpus_and_free(prepared
   monkeypatch.setenv("FAST_JAX_PIN_JOBS", "0")
   with pytest.raises(ValueError, match="cannot be held to CPUs"):
     bench.bench_side_by_side(cfg, data, jobs=2, epochs=1, rounds=1)
+
+
+def test_profile_sums_the_traced_operations_per_epoch(prepared, tmp_path):
+  """--profile: the trace of a tiny real epoch, summed per operation, holds the epoch's
+  compiled operations (named as in the HLO written beside it), longest first."""
+  data = prepared("synthetic", **TINY)
+  cfg = config_lib.resolve(Config(dataset="synthetic", backbone="metacs", batch_size=8),
+                           "synthetic")
+  r = bench.profile_epochs(Runner(cfg, data), 2, tmp_path, top=5)
+  hlo = (tmp_path / "epoch.hlo.txt").read_text()
+  assert "ENTRY" in hlo
+  assert list(tmp_path.rglob("*.xplane.pb"))
+  assert 0 < len(r["top"]) <= 5 and r["count"] >= len(r["top"])
+  seconds = [s for _, s, _ in r["top"]]
+  assert seconds == sorted(seconds, reverse=True) and seconds[0] > 0
+  assert 0 < sum(seconds) <= r["busy_s"] + 1e-12
+  for name, _, runs in r["top"]:
+    assert name.split(".")[0] in hlo and runs > 0

@@ -11,6 +11,8 @@
     python experiments/bench.py --part-choice --dataset ml100k --rounds 6 --data-dir ../shared/data
     python experiments/bench.py --side-by-side --dataset ml1m --jobs 2 --epochs 6 \
         --data-dir ../shared/data
+    python experiments/bench.py --profile /tmp/trace --dataset bookcrossing --epochs 2 \
+        --data-dir ../shared/data
 
 ``--breakdown`` trains the configuration as a run does (one seed, or ``--seeds``) and
 prints where its time goes, for the first seed, each later seed (which reuses the first
@@ -61,6 +63,13 @@ training at once, each in a process of its own as a grid's ``--jobs`` workers ru
 (what the grid does on a CPU, :func:`fast_jax.cli.grid.worker_cpus`) and once with every
 process free to use them all, and prints each process's median epoch and the ratio of the
 medians.
+
+``--profile DIR`` traces ``--epochs`` epochs (compiled before the trace) with
+``jax.profiler`` into DIR, writes the epoch's optimised HLO beside it (``epoch.hlo.txt``),
+and prints the time the operations took per epoch, how many ran, and the longest: on a
+GPU each kernel (XLA runs a step's kernels as CUDA graphs, so the kernels, not the graph,
+are named), on a CPU each XLA operation. Open the trace in xprof or TensorBoard for the
+timeline.
 
 Without those flags it prints,
 for MeLU+FAST (or --backbone/--method, any meta-learning method) on the
@@ -145,6 +154,59 @@ def bench_scan(runner: Runner, epochs: int, method: Method | None = None) -> dic
   return {"compile_s": compile_s, "epoch_s": float(np.median(times)),
           "epoch_with_valid_s": float(np.median(with_valid)),
           "users_per_s": n / float(np.median(times))}
+
+
+def device_events(trace: pathlib.Path):
+  """The compiled programs' operations in a ``jax.profiler`` trace folder ->
+  [(operation, nanoseconds)]: the kernels on a GPU's or TPU's streams (planes
+  ``/device:...``), named by kernel (their HLO operation is often the CUDA graph that
+  launched them), where there are any; else the host's XLA operations (a CPU's: events
+  with an ``hlo_op`` statistic), named by that operation."""
+  events = {"device": [], "host": []}
+  for path in sorted(trace.rglob("*.xplane.pb")):
+    for plane in jax.profiler.ProfileData.from_file(str(path)).planes:
+      on_device = plane.name.startswith("/device:")
+      for line in plane.lines:
+        if on_device and "stream" not in line.name.lower():
+          continue  # derived lines (XLA Modules/Ops, steps) repeat the streams' kernels
+        for e in line.events:
+          stats = dict(e.stats)
+          if on_device:
+            events["device"].append((e.name, float(e.duration_ns)))
+          elif "hlo_op" in stats:
+            events["host"].append((str(stats["hlo_op"]), float(e.duration_ns)))
+  return events["device"] or events["host"]
+
+
+def profile_epochs(runner: Runner, epochs: int, folder: pathlib.Path, top: int = 15) -> dict:
+  """Trace ``epochs`` epochs of the runner's method (compiled before the trace) with
+  ``jax.profiler`` into ``folder`` (for xprof or TensorBoard), beside the epoch's
+  optimised HLO (``epoch.hlo.txt``), and sum the trace per operation: {"wall_s": s per
+  epoch, "busy_s": operation time per epoch, "count": operations run per epoch,
+  "top": [(operation, s per epoch, runs per epoch)] the ``top`` longest}."""
+  m = runner.method
+  data, key = m.splits["fit"], jax.random.key(0)
+  state = m.init(key)
+  epoch = m.epoch.lower(state, data, key).compile()
+  folder.mkdir(parents=True, exist_ok=True)
+  (folder / "epoch.hlo.txt").write_text(epoch.as_text())
+  state, _ = jax.block_until_ready(epoch(state, data, key))
+  jax.profiler.start_trace(str(folder))
+  t0 = time.perf_counter()
+  try:
+    for e in range(epochs):
+      state, _ = jax.block_until_ready(epoch(state, data, jax.random.fold_in(key, e + 1)))
+  finally:
+    wall = time.perf_counter() - t0
+    jax.profiler.stop_trace()
+  per_op = {}
+  for name, ns in device_events(folder):
+    total, count = per_op.get(name, (0.0, 0))
+    per_op[name] = (total + ns, count + 1)
+  ranked = sorted(per_op.items(), key=lambda kv: -kv[1][0])
+  return {"wall_s": wall / epochs, "busy_s": sum(t for t, _ in per_op.values()) / 1e9 / epochs,
+          "count": sum(c for _, c in per_op.values()) / epochs,
+          "top": [(name, t / 1e9 / epochs, c / epochs) for name, (t, c) in ranked[:top]]}
 
 
 @contextlib.contextmanager
@@ -615,6 +677,9 @@ def main(argv=None) -> int:
   p.add_argument("--side-by-side", action="store_true",
                  help="time --jobs copies of the epoch training at once, each process held to "
                       "its own CPUs and free to use all, --rounds rounds alternating")
+  p.add_argument("--profile", metavar="DIR", default=None,
+                 help="trace --epochs epochs with jax.profiler into DIR (with the epoch's "
+                      "optimised HLO) and print the operations that took the most time")
   p.add_argument("--rounds", type=int, default=None,
                  help="--authors: rounds (default 2); --inner-forms, --query-layouts, "
                       "--part-choice: rounds "
@@ -720,6 +785,14 @@ def main(argv=None) -> int:
         f"{n} training users, L={runner.ctx.max_len}, batch {cfg.batch_size}, "
         f"{n // cfg.batch_size} steps/epoch; backend {backend()}, "
         f"{jax.device_count()} device(s)")
+  if args.profile is not None:
+    r = profile_epochs(runner, args.epochs, pathlib.Path(args.profile))
+    print(f"profiled {args.epochs} epochs into {args.profile}: {r['wall_s']:.4f} s/epoch "
+          f"under the profiler, {r['busy_s']:.4f} s of operations in "
+          f"{r['count']:.0f} operations per epoch; the longest, per epoch:")
+    for name, seconds, count in r["top"]:
+      print(f"  {seconds * 1e3:9.3f} ms {count:7.0f} x  {name}")
+    return 0
   scan = bench_scan(runner, args.epochs)
   print(f"jitted epoch scan: compile+first epoch {scan['compile_s']:.2f} s, "
         f"{scan['epoch_s']:.3f} s/epoch, {scan['epoch_with_valid_s']:.3f} s/epoch with "
