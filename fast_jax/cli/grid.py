@@ -480,7 +480,7 @@ def add_grid_args(parser, *, out_name: str) -> None:
   parser.add_argument("--jobs", type=_at_least_one, default=1,
                       help="runs training at once, each in its own process, on a CPU each "
                            "held to its own share of the CPUs (FAST_JAX_PIN_JOBS=0: free to use "
-                           "all); 2 suits a 2-core CPU")
+                           "all), on a GPU each with 0.9/N of its memory; 2 suits a 2-core CPU")
   parser.add_argument("--vmap", action="store_true",
                       help="train each run's seeds, the gamma/tau/inner-lr points of a sweep "
                            "and a backbone's Origin, Reg, IPW and FAST rows as one vectorised "
