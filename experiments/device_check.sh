@@ -13,7 +13,10 @@
 # T2_ARGS="--datasets ml100k --rows melu-fast global-mean --epochs 1 --seeds 2").
 # Programs and run folders go to WORK (default /tmp/device_check); the logs, the table and
 # the runs' results (runs.tgz) to OUT (default WORK/out), at most 8 files; a short summary
-# is printed last.
+# is printed last. `python` must be the one with JAX for the accelerator (on the lent H200
+# of session 26: `export PATH=/opt/torch/.venv/bin:$PATH`; a symlink to that python loses
+# its virtual environment). A tool that copies only a limited working tree may need the
+# committed results/runs* folders (about 226 MB) left out: the script does not read them.
 set -u
 DATA=${1:?usage: device_check.sh DATA_DIR}
 WORK=${WORK:-/tmp/device_check}
