@@ -170,11 +170,10 @@ def device_events(trace: pathlib.Path):
         if on_device and "stream" not in line.name.lower():
           continue  # derived lines (XLA Modules/Ops, steps) repeat the streams' kernels
         for e in line.events:
-          stats = dict(e.stats)
           if on_device:
             events["device"].append((e.name, float(e.duration_ns)))
-          elif "hlo_op" in stats:
-            events["host"].append((str(stats["hlo_op"]), float(e.duration_ns)))
+          elif (op := dict(e.stats).get("hlo_op")) is not None:
+            events["host"].append((str(op), float(e.duration_ns)))
   return events["device"] or events["host"]
 
 

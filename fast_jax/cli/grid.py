@@ -299,12 +299,12 @@ def worker_pool(cpus: list[frozenset[int] | None],
                                                 initargs=(queue, env or {}))
 
 
-def _pin_worker(cpus, env=None) -> None:
+def _pin_worker(cpus, env: dict[str, str]) -> None:
   """A grid worker's initializer: add ``env`` to this process's environment, and hold
   this process (and so the threads JAX starts in it) to the next set of CPUs in the
   queue ``cpus`` (:func:`worker_cpus`)."""
   import queue
-  os.environ.update(env or {})
+  os.environ.update(env)
   try:
     subset = cpus.get(timeout=60)
   except queue.Empty:  # a worker beyond the sets handed out: run unpinned
