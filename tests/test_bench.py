@@ -2,6 +2,7 @@
 here, a tiny real run of two seeds through it, and the padding probe's truncated data."""
 
 import os
+import types
 
 import numpy as np
 import pytest
@@ -294,3 +295,33 @@ def test_profile_sums_the_traced_operations_per_epoch(prepared, tmp_path):
   assert 0 < sum(seconds) <= r["busy_s"] + 1e-12
   for name, _, runs in r["top"]:
     assert name.split(".")[0] in hlo and runs > 0
+
+
+def _plane(name, lines):
+  """A stand-in for a profiler plane: ``lines`` {line name: [(event, ns, stats)]}."""
+  event = lambda n, ns, stats: types.SimpleNamespace(name=n, duration_ns=ns, stats=stats)
+  return types.SimpleNamespace(name=name, lines=[
+      types.SimpleNamespace(name=line, events=[event(*e) for e in events])
+      for line, events in lines.items()])
+
+
+HOST = _plane("/host:CPU", {"tf_XLACpuThunk": [
+    ("fusion.3", 40, [("hlo_op", "fusion.3"), ("hlo_module", "jit_epoch")]),
+    ("PjitFunction(epoch)", 900, [("hlo_module", "jit_epoch")])]})
+GPU = _plane("/device:GPU:0", {
+    "Stream #13(Compute)": [("gemm_kernel", 300, []), ("loop_fusion_kernel", 120, [])],
+    "XLA Ops": [("command_buffer.1", 420, [("hlo_op", "command_buffer.1")])],
+    "Steps": [("0", 420, [])]})
+# (the trace's planes, the operations that device_events sums): a GPU's stream kernels
+# (not the derived lines that repeat them, not the host's operations); a CPU's
+# operations, only events that name one.
+TRACES = [
+    ([HOST, GPU], [("gemm_kernel", 300.0), ("loop_fusion_kernel", 120.0)]),
+    ([GPU], [("gemm_kernel", 300.0), ("loop_fusion_kernel", 120.0)]),
+    ([HOST], [("fusion.3", 40.0)]),
+]
+
+
+@pytest.mark.parametrize("planes,expected", TRACES)
+def test_trace_events_are_the_device_kernels_or_else_the_host_operations(planes, expected):
+  assert bench.plane_events(planes) == expected

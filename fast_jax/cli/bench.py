@@ -162,18 +162,25 @@ def device_events(trace: pathlib.Path):
   ``/device:...``), named by kernel (their HLO operation is often the CUDA graph that
   launched them), where there are any; else the host's XLA operations (a CPU's: events
   with an ``hlo_op`` statistic), named by that operation."""
+  return plane_events(plane for path in sorted(trace.rglob("*.xplane.pb"))
+                      for plane in jax.profiler.ProfileData.from_file(str(path)).planes)
+
+
+def plane_events(planes) -> list[tuple[str, float]]:
+  """:func:`device_events` of a trace's planes (``jax.profiler.ProfileData`` planes, or
+  anything with their ``name``, ``lines``, and lines' ``name`` and ``events``, events'
+  ``name``, ``duration_ns`` and ``stats``)."""
   events = {"device": [], "host": []}
-  for path in sorted(trace.rglob("*.xplane.pb")):
-    for plane in jax.profiler.ProfileData.from_file(str(path)).planes:
-      on_device = plane.name.startswith("/device:")
-      for line in plane.lines:
-        if on_device and "stream" not in line.name.lower():
-          continue  # derived lines (XLA Modules/Ops, steps) repeat the streams' kernels
-        for e in line.events:
-          if on_device:
-            events["device"].append((e.name, float(e.duration_ns)))
-          elif (op := dict(e.stats).get("hlo_op")) is not None:
-            events["host"].append((str(op), float(e.duration_ns)))
+  for plane in planes:
+    on_device = plane.name.startswith("/device:")
+    for line in plane.lines:
+      if on_device and "stream" not in line.name.lower():
+        continue  # derived lines (XLA Modules/Ops, steps) repeat the streams' kernels
+      for e in line.events:
+        if on_device:
+          events["device"].append((e.name, float(e.duration_ns)))
+        elif (op := dict(e.stats).get("hlo_op")) is not None:
+          events["host"].append((str(op), float(e.duration_ns)))
   return events["device"] or events["host"]
 
 
