@@ -18,11 +18,12 @@ LAYOUTS = [(3, 7, 2, 0), (5, 12, 3, 1), (4, 20, 10, 2)]
 
 
 def _numpy_query_first(support, query, x):
-  """Each user's query rows (in query order), its support rows, its other rows."""
+  """Each user's query rows (in query order; a repeated entry once), its support rows, its
+  other rows."""
   out_x, out_s = np.empty_like(x), np.zeros_like(support)
   for u in range(len(x)):
     rest = [i for i in range(x.shape[1]) if i not in query[u]]
-    order = list(query[u]) + [i for i in rest if support[u, i]] + [
+    order = list(dict.fromkeys(query[u])) + [i for i in rest if support[u, i]] + [
         i for i in rest if not support[u, i]]
     out_x[u] = x[u, order]
     out_s[u] = support[u, order]
@@ -47,6 +48,26 @@ def test_query_first_lays_out_query_then_support_then_the_rest(users, rows, q, s
   pos = np.arange(rows)
   np.testing.assert_array_equal(new_support, (pos >= q) & (pos < np.asarray(length)[:, None]))
   np.testing.assert_array_equal(meta.rows_used(new_support, new_query), length)
+
+
+# (users, rows per user, query rows, seed): query indices drawn with repeats, supports
+# anywhere (some empty), where the layout's places are counted rather than sorted for.
+ODD_LAYOUTS = [(4, 9, 3, 3), (6, 15, 6, 4)]
+
+
+@pytest.mark.parametrize("users,rows,q,seed", ODD_LAYOUTS)
+def test_query_first_with_repeated_query_rows_matches_numpy(users, rows, q, seed):
+  rng = np.random.default_rng(seed)
+  query = rng.integers(0, rows, (users, q)).astype(np.int32)
+  query[0] = query[0, 0]                                    # one row named q times
+  support = rng.random((users, rows)) < 0.5
+  support[-1] = False
+  x = rng.integers(0, 50, (users, rows, 2)).astype(np.int32)
+  new_support, _, new_x = jax.jit(meta.query_first)(
+      jnp.asarray(support), jnp.asarray(query), jnp.asarray(x))
+  ref_support, ref_x = _numpy_query_first(support, query, x)
+  np.testing.assert_array_equal(new_x, ref_x)
+  np.testing.assert_array_equal(new_support, ref_support)
 
 
 # (inner steps, rate: scalar / per parameter, batch runner: whole batches / by length)
