@@ -115,12 +115,11 @@ def _query_first_order(support: jax.Array, query_idx: jax.Array) -> jax.Array:
   entry_place = jnp.cumsum(new_entry, -1) - 1
   query_place = jnp.take_along_axis(entry_place, jnp.argmax(is_query, -1), -1)
   n_query = jnp.sum(new_entry, -1, keepdims=True)
-  in_support = support & ~in_query
-  rest = ~support & ~in_query
-  place = jnp.where(in_query, query_place,
-                    jnp.where(in_support, n_query + jnp.cumsum(in_support, -1) - 1,
-                              n_query + jnp.sum(in_support, -1, keepdims=True)
-                              + jnp.cumsum(rest, -1) - 1)).astype(jnp.int32)
+  in_support, rest = support & ~in_query, ~support & ~in_query
+  n_support = jnp.sum(in_support, -1, keepdims=True)
+  after_query = jnp.where(in_support, jnp.cumsum(in_support, -1),
+                          n_support + jnp.cumsum(rest, -1)) - 1
+  place = jnp.where(in_query, query_place, n_query + after_query).astype(jnp.int32)
   rows = jnp.broadcast_to(pos.astype(jnp.int32), place.shape)
   return jnp.put_along_axis(jnp.zeros_like(place), place, rows, axis=-1, inplace=False)
 

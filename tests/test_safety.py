@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import pytest
 
@@ -150,20 +151,11 @@ def test_config_json_loads_back_into_the_same_config(finished, small):
     config_lib.from_record({**record, "colour": "blue"})
 
 
-def _assert_same_up_to_rounding(a, b, rtol=1e-6):
-  """Equal JSON values, floats within ``rtol`` (float32 rounding), the rest exactly."""
-  if isinstance(a, dict):
-    assert a.keys() == b.keys()
-    for k in a:
-      _assert_same_up_to_rounding(a[k], b[k], rtol)
-  elif isinstance(a, list):
-    assert len(a) == len(b)
-    for x, y in zip(a, b):
-      _assert_same_up_to_rounding(x, y, rtol)
-  elif isinstance(a, float):
-    assert b == pytest.approx(a, rel=rtol, abs=1e-12)
-  else:
-    assert a == b
+def _same_up_to_rounding(a, b) -> None:
+  """Equal JSON values (the same structure), floats within float32 rounding (rel 1e-6)."""
+  def leaf(x, y):
+    assert y == (pytest.approx(x, rel=1e-6) if isinstance(x, float) else x)
+  jax.tree.map(leaf, a, b)
 
 
 def test_config_reruns_a_recorded_run_and_flags_beside_it_override(finished, tmp_path):
@@ -179,7 +171,7 @@ def test_config_reruns_a_recorded_run_and_flags_beside_it_override(finished, tmp
       "warning: --reg-weight has no effect with --method fast (it acts on reg)"]
   before = json.loads((finished["folder"] / "results.json").read_text())
   again = json.loads((tmp_path / "again" / "results.json").read_text())
-  _assert_same_up_to_rounding(again["per_seed"], before["per_seed"][:1])
+  _same_up_to_rounding(again["per_seed"], before["per_seed"][:1])
   assert again["config"] == {**before["config"], "seeds": 1, "reg_weight": 0.5}
 
 
