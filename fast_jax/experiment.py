@@ -167,16 +167,17 @@ def train_and_evaluate(cfg: Config, out_dir: str | os.PathLike | None = None, *,
 
 
 # Config fields a vectorised sweep may vary: they live in the train state (FAST's gamma
-# and tau in ``state.hyper``, the inner learning rate as the initial alpha), not the program.
+# and tau and Reg's weight in ``state.hyper``, the inner learning rate as the initial
+# alpha), not the program.
 # The method may vary too among the rows of :mod:`fast_jax.methods.rows` (Origin, Reg,
 # IPW, FAST in step mode): each lane's in ``state.hyper["row"]``.
-SWEEPABLE = ("gamma", "tau", "inner_lr")
+SWEEPABLE = ("gamma", "tau", "inner_lr", "reg_weight")
 
 
 def sweep_and_evaluate(cfgs: list[Config], out_dirs: list | None = None, *, data=None,
                        progress: bool = True, echo: Callable[[str], None] = print) -> list[dict]:
   """Train configurations that differ only in :data:`SWEEPABLE` settings (FAST's ``gamma``
-  and ``tau``, the inner learning rate) and in their method among the rows of
+  and ``tau``, the inner learning rate, Reg's weight) and in their method among the rows of
   :mod:`fast_jax.methods.rows` as one vectorised program: each (configuration, seed) is
   a lane of a ``vmap``-ped epoch.
 
@@ -225,7 +226,8 @@ def sweep_and_evaluate(cfgs: list[Config], out_dirs: list | None = None, *, data
   results = []
   for cfg, folder, (per_seed, diverged) in zip(cfgs, folders, outcomes):
     results.append(finish(folder, cfg, per_seed, diverged, runner.group_names))
-    echo(f"{cfg.method} gamma={cfg.gamma:g} tau={cfg.tau:g} inner_lr={cfg.inner_lr:g}: "
+    weight = f" reg_weight={cfg.reg_weight:g}" if cfg.method == "reg" else ""
+    echo(f"{cfg.method} gamma={cfg.gamma:g} tau={cfg.tau:g} inner_lr={cfg.inner_lr:g}{weight}: "
          + format_table(results[-1], data.meta))
   return results
 

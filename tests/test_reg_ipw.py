@@ -60,7 +60,8 @@ def _toy_step(method, reg_weight=0.0, reg_kind="loss", lr=0.005):
   step = fast.make_train_step(learner, objective, learn.inner_rate(cfg), tx, ctx=ctx)
   state = TrainState(params=params, opt_state=tx.init(params), step=jnp.zeros((), jnp.int32),
                      alpha=jnp.float32(0.01), p=jnp.full((2,), 0.5),
-                     hyper={"gamma": jnp.float32(cfg.gamma), "tau": jnp.float32(cfg.tau)})
+                     hyper={"gamma": jnp.float32(cfg.gamma), "tau": jnp.float32(cfg.tau),
+                            "reg_weight": jnp.float32(cfg.reg_weight)})
   return learner, quick_jit(step), state, batch
 
 
@@ -93,9 +94,9 @@ def test_value_penalty_is_the_reg_weight_times_value_unfairness_on_the_item_colu
   # Column 0 is the item, column 1 a user field that must not split items.
   x = jnp.stack([jnp.asarray(rng.integers(0, 3, (4, 5))), jnp.arange(4)[:, None] + 0 * pred],
                 -1).astype(jnp.int32)
-  objective = reg.objective(_toy_ctx(Config(method="reg", reg_weight=2.0, reg_kind="value")))
+  objective = reg.objective(_toy_ctx(Config(method="reg", reg_kind="value")))
   terms = fast.OuterTerms(mse=jnp.zeros(4), mae=jnp.zeros(4), group=group, weights=jnp.ones(4),
-                     pred=pred, y=y, x=x)
+                          pred=pred, y=y, x=x, hyper={"reg_weight": jnp.float32(2.0)})
   expected = fairness.value_unfairness(pred, y, x[..., :1], group, 2)
   assert float(expected) > 0
   np.testing.assert_allclose(objective.penalty(terms), 2.0 * expected, rtol=1e-6)

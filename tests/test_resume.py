@@ -150,12 +150,19 @@ def test_an_absurd_learning_rate_is_reported_as_divergence(tmp_path):
   assert "Traceback" not in proc.stderr
 
 
-def test_vmapped_seeds_and_sweep_points_match_sequential_runs(prepared, tmp_path):
+# Sweeps whose two points train as lanes of one program: FAST's gamma and tau (tau small
+# enough that p cannot saturate within the epoch), Reg's weight; each with the record
+# field its two points must differ in.
+SWEEPS = [("fast", [dict(gamma=0.5, tau=0.002), dict(gamma=3.0, tau=0.01)], "p"),
+          ("reg", [dict(reg_weight=0.0), dict(reg_weight=5.0)], "train_loss")]
+
+
+@pytest.mark.parametrize("method, points, moved", SWEEPS)
+def test_vmapped_seeds_and_sweep_points_match_sequential_runs(prepared, tmp_path, method,
+                                                              points, moved):
   data = prepared("synthetic", **SMALL)
-  # One seed each: the two lanes differ in gamma and tau only (tau small enough that p
-  # cannot saturate within the epoch, so the two trajectories must differ).
-  base = dict(dataset="synthetic", method="fast", epochs=1, seeds=1, lr=1e-3, attack=False)
-  cfgs = [Config(**base, gamma=0.5, tau=0.002), Config(**base, gamma=3.0, tau=0.01)]
+  base = dict(dataset="synthetic", method=method, epochs=1, seeds=1, lr=1e-3, attack=False)
+  cfgs = [Config(**base, **point) for point in points]
   vec = sweep_and_evaluate(cfgs, [tmp_path / "vec-a", tmp_path / "vec-b"], data=data, **QUIET)
   seq = [train_and_evaluate(c, tmp_path / f"seq-{n}", data=data, **QUIET)
          for c, n in zip(cfgs, "ab")]
@@ -164,13 +171,14 @@ def test_vmapped_seeds_and_sweep_points_match_sequential_runs(prepared, tmp_path
       assert a["seed"] == b["seed"]
       for k in ("mae", "mse", "gf_mae"):
         np.testing.assert_allclose(a[k], b[k], rtol=1e-4)
-  p = {n: [r["p"] for r in _records(tmp_path / n)] for n in ("vec-a", "vec-b", "seq-a", "seq-b")}
-  np.testing.assert_allclose(p["vec-a"], p["seq-a"], atol=1e-5)
-  np.testing.assert_allclose(p["vec-b"], p["seq-b"], atol=1e-5)
-  assert not np.allclose(p["vec-a"], p["vec-b"])  # the lanes really had their own gamma/tau
+  r = {n: [r[moved] for r in _records(tmp_path / n)] for n in ("vec-a", "vec-b", "seq-a", "seq-b")}
+  np.testing.assert_allclose(r["vec-a"], r["seq-a"], rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(r["vec-b"], r["seq-b"], rtol=1e-4, atol=1e-5)
+  assert not np.allclose(r["vec-a"], r["vec-b"])  # the lanes really had their own settings
   assert (tmp_path / "vec-a" / "seeds" / "seed-1024.json").exists()
 
-  with pytest.raises(UsageError, match=r"varies only gamma, tau, inner_lr .*; lr is"):
+  with pytest.raises(UsageError, match=r"varies only gamma, tau, inner_lr, reg_weight .*; "
+                                       r"lr is"):
     sweep_and_evaluate([cfgs[0], Config(**{**base, "lr": 1e-2})], data=data, **QUIET)
 
 

@@ -36,10 +36,14 @@ def test_the_rows_of_a_backbone_lower_to_one_program(prepared, monkeypatch):
   assert len(set(programs.values())) == 1
   for i, m in enumerate(ROW_METHODS):
     assert int(_method(data, m).init(jax.random.key(0)).hyper["row"]) == i
-  # Not the rows that draw their batches from p, nor another setting of the objective.
+  # Reg's weight is a value of the state, not of the program; the rows that draw their
+  # batches from p and another setting of the objective are other programs.
+  assert _epoch_program(data, "reg", reg_weight=2.0) == programs["reg"]
+  assert float(_method(data, "reg", reg_weight=2.0).init(jax.random.key(0)).hyper[
+      "reg_weight"]) == 2.0
   assert _epoch_program(data, "fast", p_update="epoch") != programs["fast"]
   assert "row" not in _method(data, "fast", p_update="epoch").init(jax.random.key(0)).hyper
-  assert _epoch_program(data, "origin", reg_weight=2.0) != programs["origin"]
+  assert _epoch_program(data, "origin", reg_kind="value") != programs["origin"]
   monkeypatch.setattr(rows, "SHARED_PROGRAM", False)  # each method's own program
   own = {m: _epoch_program(data, m) for m in ROW_METHODS}
   assert len(set(own.values())) == len(ROW_METHODS)
@@ -65,10 +69,12 @@ def test_a_row_on_the_shared_program_gives_its_own_programs_results(prepared, tm
 
 def test_a_checkpoint_from_before_the_rows_shared_a_program_resumes(prepared, tmp_path,
                                                                     monkeypatch):
+  # ... and from before Reg's weight was in the state: the run's config supplies it.
   data = prepared("synthetic")
   monkeypatch.setattr(rows, "SHARED_PROGRAM", False)
   old = _method(data, "reg").init(jax.random.key(3))
   assert "row" not in old.hyper
+  old = old.replace(hyper={k: v for k, v in old.hyper.items() if k != "reg_weight"})
   ckpt = SeedCheckpoint(tmp_path, 1024)
   ckpt.save(state=old, best_state=old, best_score=1.0, epoch=2, records=[])
   monkeypatch.setattr(rows, "SHARED_PROGRAM", True)
@@ -77,6 +83,7 @@ def test_a_checkpoint_from_before_the_rows_shared_a_program_resumes(prepared, tm
   for state in (restored["state"], restored["best_state"]):
     assert int(state.hyper["row"]) == ROW_METHODS.index("reg")  # the run's own row
     assert float(state.hyper["gamma"]) == float(old.hyper["gamma"])
+    assert float(state.hyper["reg_weight"]) == BASE["reg_weight"]
     for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(old.params)):
       np.testing.assert_array_equal(a, b)
   assert restored["epoch"] == 2

@@ -68,6 +68,7 @@ class OuterTerms(NamedTuple):
   pred: jax.Array     # float[B, Q] adapted query predictions
   y: jax.Array        # float[B, Q] query ratings
   x: jax.Array        # int[B, Q, F] query inputs
+  hyper: dict         # the lane's hyperparameters (``state.hyper``: Reg's ``reg_weight``)
 
 
 def uniform_weights(key, group, p):
@@ -145,7 +146,7 @@ def make_train_step(lrn: learn.Learner, obj: Objective, rate: learn.InnerRate, t
                                 state.hyper["tau"])
         w = o.weights(k_weights, batch["group"], p)
         terms = OuterTerms(mse=mse, mae=mae, group=batch["group"], weights=w, pred=pred,
-                           y=y_q, x=x_q)
+                           y=y_q, x=x_q, hyper=state.hyper)
         return p, w, o.penalty(terms)
       if obj.rows:  # this lane's row: every row's terms, one taken (they are small)
         row = state.hyper["row"].astype(jnp.int32)
@@ -241,7 +242,8 @@ def meta_record(state: TrainState, steps: dict) -> dict:
 
 
 def init_state(ctx: Context, backbone, labels, rate: learn.InnerRate, tx, key) -> TrainState:
-  """A meta-learner's initial state: theta, Adam, alpha, p uniform, gamma and tau."""
+  """A meta-learner's initial state: theta, Adam, alpha, p uniform, and the lane's
+  hyperparameters (FAST's gamma and tau, Reg's weight)."""
   cfg = ctx.cfg
   params = backbone.init(key, ctx.splits["train"]["x"][0])
   alpha = rate.init(params, labels)
@@ -249,7 +251,8 @@ def init_state(ctx: Context, backbone, labels, rate: learn.InnerRate, tx, key) -
                     alpha_opt_state=rate.tx.init(alpha) if rate.tx is not None else (),
                     p=jnp.full((ctx.num_groups,), 1.0 / ctx.num_groups, jnp.float32),
                     step=jnp.zeros((), jnp.int32),
-                    hyper={"gamma": jnp.float32(cfg.gamma), "tau": jnp.float32(cfg.tau)})
+                    hyper={"gamma": jnp.float32(cfg.gamma), "tau": jnp.float32(cfg.tau),
+                           "reg_weight": jnp.float32(cfg.reg_weight)})
 
 
 # The meta-learning settings with a fixed set of values (the command line offers only
