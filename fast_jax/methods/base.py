@@ -165,8 +165,8 @@ class TrainState:
   """A method's train state: what the outer optimizer moves, plus counters.
 
   ``hyper`` holds the hyperparameters a vectorised sweep varies per lane (FAST's
-  ``gamma``, ``tau``, Reg's ``reg_weight``), as float32 scalars in the state rather than constants of the
-  program; ``extra`` the method's own players (CLOVER's adversaries).
+  ``gamma``, ``tau``, Reg's ``reg_weight``), as float32 scalars in the state rather than
+  constants of the program; ``extra`` the method's own players (CLOVER's adversaries).
   """
   params: Params
   opt_state: Any

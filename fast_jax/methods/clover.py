@@ -386,14 +386,18 @@ class Players:
     return forward_query, adv
 
   def batch_losses(self, rec: Params, adv: Params, alpha, batch: dict, support: jax.Array,
-                   query_idx: jax.Array, *, run: Callable = meta.whole_batch):
+                   query_idx: jax.Array, *, run: Callable = meta.whole_batch,
+                   laid_out: bool = False):
     """Per-user query (L_rec, L_adv) after the training inner loop: (float[B], float[B]).
     ``run``: the batch runner (:func:`fast_jax.methods.learner.batch_runner`); the rows
-    laid out query first when :data:`fast_jax.methods.learner.QUERY_FIRST`."""
+    laid out query first when :data:`fast_jax.methods.learner.QUERY_FIRST`, here or
+    before (``laid_out``: ``batch``'s x and y, ``support`` and ``query_idx`` already are
+    as :func:`fast_jax.methods.learner.lay_out` gives them)."""
     direct = self.kernel_form and not isinstance(alpha, dict)
     query_first = learn.QUERY_FIRST
-    x, y, support, query_idx = learn.lay_out(batch["x"], batch["y"], support, query_idx,
-                                             query_first)
+    x, y = batch["x"], batch["y"]
+    if not laid_out:
+      x, y, support, query_idx = learn.lay_out(x, y, support, query_idx, query_first)
 
     def part(support, query_idx, x, y, group):
       e = self.backbone.embed(rec, x)
@@ -454,6 +458,14 @@ def player_grads(objectives: Callable, rec: Params, adv: Params, lam1: float, *,
   return (m_rec, m_adv), aux, g_rec, g_adv
 
 
+def laid_batch(batch: dict, support: jax.Array, query_idx: jax.Array):
+  """(batch, support, query_idx) with the rows laid out as the inner loop sees them
+  (:func:`fast_jax.methods.learner.lay_out` with :data:`~fast_jax.methods.learner.QUERY_FIRST`)."""
+  x, y, support, query_idx = learn.lay_out(batch["x"], batch["y"], support, query_idx,
+                                           learn.QUERY_FIRST)
+  return {**batch, "x": x, "y": y}, support, query_idx
+
+
 def make_train_step(players: Players, tx, adv_tx, rate: learn.InnerRate, *, ctx: Context,
                     run: Callable = meta.whole_batch, one_pass: bool | None = None) -> Callable:
   """``train_step(state, batch, key) -> (state, metrics)``: one CLOVER outer iteration.
@@ -474,17 +486,20 @@ def make_train_step(players: Players, tx, adv_tx, rate: learn.InnerRate, *, ctx:
     key = jax.random.fold_in(key, state.step)
     k_split, k_split2 = jax.random.split(key)
     support, query = meta.query_split(k_split, batch["length"], max_len, cfg.train_query)
+    # The rows as the inner loop sees them, laid out once for the parts' choice and the
+    # losses.
+    laid, support, query = laid_batch(batch, support, query)
 
     def objectives(rec, adv, run):
-      l_rec, l_adv = players.batch_losses(rec, adv, state.alpha, batch, support, query,
-                                          run=run)
+      l_rec, l_adv = players.batch_losses(rec, adv, state.alpha, laid, support, query,
+                                          run=run, laid_out=True)
       return (jnp.mean(l_rec), jnp.mean(l_adv)), l_rec
 
     # By length: the parts chosen outside the gradients (learn.switch_parts).
     (m_rec, m_adv), l_rec, g_rec, g_adv = learn.switch_parts(
         run, lambda run: player_grads(functools.partial(objectives, run=run), state.params,
                                       state.extra["adv"], lam1, one_pass=one_pass),
-        support, query, query_first=learn.QUERY_FIRST)
+        support, query)
     clamp = lambda g: jax.tree.map(lambda v: jnp.clip(v, -GRAD_CLAMP, GRAD_CLAMP), g)
     updates, opt_state = tx.update(clamp(g_rec), state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -494,9 +509,11 @@ def make_train_step(players: Players, tx, adv_tx, rate: learn.InnerRate, *, ctx:
 
     # MetaCS: the inner rate from the query rating loss of a second pass.
     support2, query2 = meta.query_split(k_split2, batch["length"], max_len, cfg.train_query)
+    laid2, support2, query2 = laid_batch(batch, support2, query2)
 
     def alpha_loss(a, run):
-      l_rec2, _ = players.batch_losses(params, adv, a, batch, support2, query2, run=run)
+      l_rec2, _ = players.batch_losses(params, adv, a, laid2, support2, query2, run=run,
+                                       laid_out=True)
       return jnp.mean(l_rec2)
     alpha, alpha_opt_state = learn.learn_rate_by_parts(
         rate, state.alpha, state.alpha_opt_state, alpha_loss, run, support2, query2)

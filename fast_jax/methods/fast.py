@@ -118,6 +118,9 @@ def make_train_step(lrn: learn.Learner, obj: Objective, rate: learn.InnerRate, t
     k_split, k_weights, k_split2 = jax.random.split(key, 3)
     support, query = meta.query_split(k_split, batch["length"], max_len, cfg.train_query)
     y_q = meta.take_rows(batch["y"], query)
+    # The rows as the inner loop sees them (query first), laid out once for the parts'
+    # choice and the prediction.
+    laid = learn.lay_out(batch["x"], batch["y"], support, query, learn.QUERY_FIRST)
     if cfg.gap_users == "valid":  # the gap of held-out users (--gap-users valid)
       held_loss, held_group = held_out_losses(lrn, state, batch["held_out"],
                                               jax.random.fold_in(key, 7), batch["y"].shape[0],
@@ -125,8 +128,8 @@ def make_train_step(lrn: learn.Learner, obj: Objective, rate: learn.InnerRate, t
 
     def loss_fn(params, run):
       # Inner loop: every user of B adapted on its support set, scored on its query.
-      pred = learn.predict(lrn, params, state.alpha, batch["x"], batch["y"], support, query,
-                           batch["group"], run=run, query_first=learn.QUERY_FIRST)
+      pred = learn.predict(lrn, params, state.alpha, *laid, batch["group"], run=run,
+                           query_first=learn.QUERY_FIRST, laid_out=True)
       mse, mae = learn.query_errors(pred, y_q)
       # Group losses (Eq. 6-7) and, in step mode, the p update (Eq. 9).
       if cfg.gap_users == "valid":
@@ -159,21 +162,22 @@ def make_train_step(lrn: learn.Learner, obj: Objective, rate: learn.InnerRate, t
     # Outer step (by length: the parts chosen outside the gradient, learn.switch_parts).
     (loss, (p, w, mse, group_loss, present)), grads = learn.switch_parts(
         run, lambda run: jax.value_and_grad(functools.partial(loss_fn, run=run), has_aux=True)(
-            state.params), support, query, query_first=learn.QUERY_FIRST)
+            state.params), *laid[2:])
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
 
     # MetaCS (the FAST code): a second pass on the same batch with a fresh split and the
     # updated theta, whose gradient moves only the inner learning rate.
     support2, query2 = meta.query_split(k_split2, batch["length"], max_len, cfg.train_query)
+    laid2 = learn.lay_out(batch["x"], batch["y"], support2, query2, learn.QUERY_FIRST)
 
     def alpha_loss(a, run):
-      pred2 = learn.predict(lrn, params, a, batch["x"], batch["y"], support2, query2,
-                            batch["group"], run=run, query_first=learn.QUERY_FIRST)
+      pred2 = learn.predict(lrn, params, a, *laid2, batch["group"], run=run,
+                            query_first=learn.QUERY_FIRST, laid_out=True)
       mse2, _ = learn.query_errors(pred2, meta.take_rows(batch["y"], query2))
       return weighted_mean(mse2, w)
     alpha, alpha_opt_state = learn.learn_rate_by_parts(
-        rate, state.alpha, state.alpha_opt_state, alpha_loss, run, support2, query2)
+        rate, state.alpha, state.alpha_opt_state, alpha_loss, run, *laid2[2:])
 
     new_state = state.replace(params=params, opt_state=opt_state, alpha=alpha,
                               alpha_opt_state=alpha_opt_state, p=p, step=state.step + 1)

@@ -63,14 +63,14 @@ def learn_rate(rate: InnerRate, alpha, opt_state, loss_fn: Callable):
 def learn_rate_by_parts(rate: InnerRate, alpha, opt_state, loss_fn: Callable, run: Callable,
                        support: jax.Array, query_idx: jax.Array):
   """:func:`learn_rate` on ``loss_fn(alpha, run) -> scalar``, a loss of a training batch's
-  :func:`predict` (rows laid out by :data:`QUERY_FIRST`) on ``support`` and ``query_idx``
-  through the batch runner ``run``, whose parts are chosen outside the gradient
-  (:func:`switch_parts`)."""
+  :func:`predict` through the batch runner ``run``, whose parts are chosen outside the
+  gradient (:func:`switch_parts`) on ``support`` and ``query_idx`` as that predict sees
+  them (laid out by :func:`lay_out`)."""
   if rate.tx is None:
     return alpha, opt_state
   return switch_parts(
       run, lambda run: learn_rate(rate, alpha, opt_state, lambda a: loss_fn(a, run)), support,
-      query_idx, query_first=QUERY_FIRST)
+      query_idx)
 
 
 class Learner(NamedTuple):
@@ -121,7 +121,7 @@ def maml(backbone: Backbone, labels: Params, *, steps: int, first_order: bool) -
 
 def predict(learner: Learner, params, alpha, x, y, support, query_idx, group, *,
             run: Callable = meta.whole_batch, adapt: bool = True,
-            query_first: bool = False) -> jax.Array:
+            query_first: bool = False, laid_out: bool = False) -> jax.Array:
   """Adapted query predictions. x: int32[B, L, F]; y, support: [B, L]; query_idx:
   int32[B, Q]; group: int32[B] -> float32[B, Q].
 
@@ -131,11 +131,14 @@ def predict(learner: Learner, params, alpha, x, y, support, query_idx, group, *,
   the meta-parameters' own predictions, through the same readout (what
   :mod:`fast_jax.diagnostics` compares the adapted ones with). ``query_first``: lay the
   rows out query first and run the inner loop on the rows after the query's
-  (:func:`lay_out`; a training step passes :data:`QUERY_FIRST`).
+  (:func:`lay_out`; a training step passes :data:`QUERY_FIRST`). ``laid_out``: the rows
+  already are as :func:`lay_out` with ``query_first`` gives them (a training step lays
+  its batch out once, before choosing its parts).
   """
   backbone, rec = learner.backbone, learner.recommender(params)
   direct = adapt and learner.query_output is not None and not isinstance(alpha, dict)
-  x, y, support, query_idx = lay_out(x, y, support, query_idx, query_first)
+  if not laid_out:
+    x, y, support, query_idx = lay_out(x, y, support, query_idx, query_first)
 
   def part(support, query_idx, x, y, group):
     e = backbone.embed(rec, x)
@@ -166,16 +169,13 @@ QUERY_FIRST = True
 PARTS_OUTSIDE_GRAD = True
 
 
-def switch_parts(run: Callable, f: Callable, support: jax.Array, query_idx: jax.Array, *,
-                 query_first: bool = False) -> Any:
+def switch_parts(run: Callable, f: Callable, support: jax.Array, query_idx: jax.Array) -> Any:
   """``f(run)`` with a runner by length's parts chosen outside ``f``
   (:func:`fast_jax.meta.switch_parts`, when :data:`PARTS_OUTSIDE_GRAD`), on ``support``
-  and ``query_idx`` as :func:`predict` lays them out with ``query_first`` (which the
-  choice must see)."""
+  and ``query_idx`` as ``f``'s :func:`predict` sees them (laid out by :func:`lay_out`:
+  the choice must see the layout the parts run on)."""
   if not PARTS_OUTSIDE_GRAD or not isinstance(run, meta.ByLength):
     return f(run)
-  if query_first:
-    support, query_idx = meta.query_first(support, query_idx)
   return meta.switch_parts(run, f, support, query_idx)
 
 

@@ -30,7 +30,8 @@ def objective(ctx: Context) -> fast.Objective:
     cols = jnp.asarray(ctx.item_columns)
 
     def penalty(t: fast.OuterTerms):
-      return t.hyper["reg_weight"] * fairness.value_unfairness(t.pred, t.y, t.x[..., cols], t.group, g)
+      return t.hyper["reg_weight"] * fairness.value_unfairness(t.pred, t.y, t.x[..., cols],
+                                                               t.group, g)
   else:
     raise ValueError(f"reg_kind {kind!r}: expected 'loss' or 'value'")
   return fast.Objective("uniform", "none", fast.uniform_weights, penalty)
