@@ -162,7 +162,7 @@ def make_train_step(lrn: learn.Learner, obj: Objective, rate: learn.InnerRate, t
     # Outer step (by length: the parts chosen outside the gradient, learn.switch_parts).
     (loss, (p, w, mse, group_loss, present)), grads = learn.switch_parts(
         run, lambda run: jax.value_and_grad(functools.partial(loss_fn, run=run), has_aux=True)(
-            state.params), *laid[2:])
+            state.params), laid.support, laid.query_idx)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
 
@@ -177,7 +177,8 @@ def make_train_step(lrn: learn.Learner, obj: Objective, rate: learn.InnerRate, t
       mse2, _ = learn.query_errors(pred2, meta.take_rows(batch["y"], query2))
       return weighted_mean(mse2, w)
     alpha, alpha_opt_state = learn.learn_rate_by_parts(
-        rate, state.alpha, state.alpha_opt_state, alpha_loss, run, *laid2[2:])
+        rate, state.alpha, state.alpha_opt_state, alpha_loss, run, laid2.support,
+        laid2.query_idx)
 
     new_state = state.replace(params=params, opt_state=opt_state, alpha=alpha,
                               alpha_opt_state=alpha_opt_state, p=p, step=state.step + 1)

@@ -179,14 +179,22 @@ def switch_parts(run: Callable, f: Callable, support: jax.Array, query_idx: jax.
   return meta.switch_parts(run, f, support, query_idx)
 
 
+class Rows(NamedTuple):
+  """A batch's rows as the inner loop sees them (:func:`lay_out`)."""
+  x: jax.Array          # int32[B, L, F]
+  y: jax.Array          # float32[B, L]
+  support: jax.Array    # bool[B, L]
+  query_idx: jax.Array  # int32[B, Q]
+
+
 def lay_out(x: jax.Array, y: jax.Array, support: jax.Array, query_idx: jax.Array,
-            query_first: bool):
-  """(x, y, support, query_idx) laid out query first (:func:`fast_jax.meta.query_first`)
-  when ``query_first``, else as they are."""
+            query_first: bool) -> Rows:
+  """The rows laid out query first (:func:`fast_jax.meta.query_first`) when
+  ``query_first``, else as they are."""
   if not query_first:
-    return x, y, support, query_idx
+    return Rows(x, y, support, query_idx)
   support, query_idx, x, y = meta.query_first(support, query_idx, x, y)
-  return x, y, support, query_idx
+  return Rows(x, y, support, query_idx)
 
 
 def query_rows(e: jax.Array, y: jax.Array, support: jax.Array, query_idx: jax.Array,
