@@ -74,8 +74,8 @@ def run_grid(runs: list[Run], root: pathlib.Path, *, progress: bool = False,
              vmap: bool = False, jobs: int = 1, log=print) -> dict[str, dict]:
   """Run every configuration that has no results yet; return name -> results.
 
-  With ``vmap``, the unfinished meta-learning runs that differ only in gamma, tau and
-  the inner lr, and in their method among Origin, Reg, IPW and FAST in step mode
+  With ``vmap``, the unfinished meta-learning runs that differ only in gamma, tau, the
+  inner lr and Reg's weight, and in their method among Origin, Reg, IPW and FAST in step mode
   (:mod:`fast_jax.methods.rows`), train together, each run's seeds too, as one
   vectorised program (:func:`fast_jax.experiment.sweep_and_evaluate`); the others run
   one by one, and so does on a CPU a meta-learner's run with nothing to group with
@@ -482,9 +482,9 @@ def add_grid_args(parser, *, out_name: str) -> None:
                            "held to its own share of the CPUs (FAST_JAX_PIN_JOBS=0: free to use "
                            "all), on a GPU each with 0.9/N of its memory; 2 suits a 2-core CPU")
   parser.add_argument("--vmap", action="store_true",
-                      help="train each run's seeds, the gamma/tau/inner-lr points of a sweep "
-                           "and a backbone's Origin, Reg, IPW and FAST rows as one vectorised "
-                           "program (no mid-run checkpoints)")
+                      help="train each run's seeds, the gamma/tau/inner-lr/reg-weight points "
+                           "of a sweep and a backbone's Origin, Reg, IPW and FAST rows as one "
+                           "vectorised program (no mid-run checkpoints)")
 
 
 def parse_grid_args(parser, argv=None):
