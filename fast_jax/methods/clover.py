@@ -461,9 +461,8 @@ def player_grads(objectives: Callable, rec: Params, adv: Params, lam1: float, *,
 def laid_batch(batch: dict, support: jax.Array, query_idx: jax.Array):
   """(batch, support, query_idx) with the rows laid out as the inner loop sees them
   (:func:`fast_jax.methods.learner.lay_out` with :data:`~fast_jax.methods.learner.QUERY_FIRST`)."""
-  x, y, support, query_idx = learn.lay_out(batch["x"], batch["y"], support, query_idx,
-                                           learn.QUERY_FIRST)
-  return {**batch, "x": x, "y": y}, support, query_idx
+  rows = learn.lay_out(batch["x"], batch["y"], support, query_idx, learn.QUERY_FIRST)
+  return {**batch, "x": rows.x, "y": rows.y}, rows.support, rows.query_idx
 
 
 def make_train_step(players: Players, tx, adv_tx, rate: learn.InnerRate, *, ctx: Context,
