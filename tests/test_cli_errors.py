@@ -131,6 +131,8 @@ RUN_CASES = [
     ("meta-counts", ["--dataset", "{meta-counts}"], ["meta.json", "counts"]),
     ("meta-max-len", ["--dataset", "{meta-max-len}"], ["meta.json", "max_len"]),
     ("unwritable-out", ["--out", "{root}/a-file/run"], ["--out", "a-file"]),
+    ("missing-data-dir", ["--dataset", "ml100k", "--data-dir", "{root}/no-such-dir"],
+     ["--data-dir", "no-such-dir", "no such folder"]),
     ("one-group", ["--dataset", "{one-group}"], ["one-group", "2 groups"]),
     ("coordinator-alone", ["--coordinator", "127.0.0.1:1"], ["--coordinator", "--process-id"]),
     ("process-id-out-of-range", ["--coordinator", "127.0.0.1:1", "--num-processes", "2",

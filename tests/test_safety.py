@@ -466,6 +466,29 @@ def test_data_dir_comes_from_fast_jax_data_dir(monkeypatch, tmp_path):
   assert not (tmp_path / "cache").exists()
 
 
+@pytest.mark.parametrize("given", ["flag", "variable"])
+def test_a_data_dir_that_is_not_a_folder_is_an_error_even_when_the_cache_has_the_data(
+    monkeypatch, tmp_path, given):
+  from fast_jax.data_prep import ensure_prepared
+  cache = tmp_path / "cache"
+  # Any prepared folder stands in for the cached ML-100K: the check comes before loading it.
+  cached = prepare("synthetic", cache / "prepared" / "ml100k-clover-12345", progress=False,
+                   num_minority=20, num_majority=60)
+  assert ensure_prepared("ml100k", cache_dir=cache) == cached
+  typo = tmp_path / "shraed" / "data"
+  kw = {"data_dir": str(typo)}
+  if given == "variable":
+    monkeypatch.setenv("FAST_JAX_DATA_DIR", str(typo))
+    kw = {}
+  name = "--data-dir" if given == "flag" else "$FAST_JAX_DATA_DIR"
+  with pytest.raises(DataError, match=f"^{re.escape(name)} {re.escape(str(typo))}: no such "
+                                      "folder"):
+    ensure_prepared("ml100k", cache_dir=cache, **kw)
+  with pytest.raises(DataError, match="no such folder"):
+    build("ml100k", cache_dir=cache, progress=False, **kw)
+  assert ensure_prepared("ml100k", data_dir=str(tmp_path), cache_dir=cache) == cached
+
+
 def test_the_offline_error_names_data_dir_the_variable_and_the_files(tmp_path):
   result = _run([RUN, "--dataset", "ml100k", "--quiet"], tmp_path)
   line = assert_one_line_error(result, "--data-dir", "FAST_JAX_DATA_DIR", "ml-100k-clover/",

@@ -51,6 +51,8 @@ def ensure_prepared(dataset: str, *, data_dir=None, protocol: str | None = None,
   that no longer loads is prepared again.
   """
   protocol = resolve_protocol(dataset, protocol)
+  if (dataset, protocol) in sources.NEEDS:  # a cached folder must not hide a wrong data_dir
+    sources.check_data_dir(data_dir, cache_dir)
   root = sources.cache_root(cache_dir)
   out = root / "prepared" / _cache_name(dataset, protocol, seed, options)
   if (out / "meta.json").is_file():
@@ -88,6 +90,7 @@ def build(dataset: str, *, protocol: str | None = None, data_dir=None, cache_dir
                       "(--ratings and --users: CSV files; --sensitive: the users.csv column "
                       "naming each user's group; see docs/data.md)")
     return custom.prepare_custom(seed=seed, **common, **options)
+  sources.check_data_dir(data_dir, cache_dir)
   folder = sources.resolve(dataset, protocol, data_dir=data_dir, cache_dir=cache_dir,
                            progress=progress)
   if protocol == "clover":

@@ -161,6 +161,19 @@ def cache_root(cache_dir=None) -> pathlib.Path:
   return pathlib.Path(root).expanduser()
 
 
+def check_data_dir(data_dir=None, cache_dir=None) -> None:
+  """A ``data_dir`` given (else $FAST_JAX_DATA_DIR) must be a folder: a mistyped path
+  would otherwise pass unnoticed, the data coming from the cache or a download instead."""
+  variable = os.environ.get("FAST_JAX_DATA_DIR") or None
+  name = "--data-dir" if data_dir and str(data_dir) != variable else "$FAST_JAX_DATA_DIR"
+  data_dir = data_dir or variable
+  if data_dir is not None and not pathlib.Path(data_dir).expanduser().is_dir():
+    raise DataError(f"{name} {data_dir}: no such folder (it should hold the raw data's "
+                    f"folders, e.g. ml-100k-clover/; "
+                    f"{'leave it out' if name == '--data-dir' else 'unset it'} to use the cache "
+                    f"{cache_root(cache_dir)})")
+
+
 def resolve(dataset: str, protocol: str, *, data_dir=None, cache_dir=None,
             download: bool | None = None, mirror: str | None = None,
             timeout: float = DEFAULT_TIMEOUT, progress: bool = False) -> pathlib.Path:
