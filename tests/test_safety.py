@@ -165,6 +165,23 @@ def test_config_reruns_a_recorded_run_and_flags_beside_it_override(finished, tmp
   assert again["config"] == {**before["config"], "seeds": 1, "reg_weight": 0.5}
 
 
+def test_config_looks_the_raw_data_up_on_this_machine(finished, tmp_path, monkeypatch):
+  # A recorded data_dir is where that run found the files (here relative to the folder it
+  # started in); re-running it takes --data-dir, else $FAST_JAX_DATA_DIR, else the cache.
+  record = json.loads((finished["folder"] / "config.json").read_text())
+  path = tmp_path / "config.json"
+  path.write_text(json.dumps({**record, "data_dir": "../where/it/ran"}))
+  cfg = lambda argv: run_cli.config_from_args(run_cli.build_parser().parse_args(argv),
+                                              run_cli.given_flags(argv))
+  monkeypatch.delenv("FAST_JAX_DATA_DIR", raising=False)
+  assert cfg(["--config", str(path)]).data_dir is None
+  assert cfg(["--config", str(path), "--data-dir", str(tmp_path)]).data_dir == str(tmp_path)
+  monkeypatch.setenv("FAST_JAX_DATA_DIR", str(tmp_path / "env"))
+  assert cfg(["--config", str(path)]).data_dir == str(tmp_path / "env")
+  assert cfg(["--config", str(path)]).replace(data_dir=None) == cfg(
+      ["--config", str(finished["folder"] / "config.json")]).replace(data_dir=None)
+
+
 def test_a_flag_without_effect_for_the_method_is_named_in_a_warning():
   warn = lambda argv: run_cli.ineffective_flags(
       run_cli.config_from_args(run_cli.build_parser().parse_args(argv)),

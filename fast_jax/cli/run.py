@@ -196,11 +196,13 @@ def init_processes(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
 
 def config_from_args(args: argparse.Namespace, given: set[str] | None = None) -> Config:
   """The run's Config: the flags, or with ``--config`` the recorded run's settings with
-  the flags in ``given`` (those on the command line) overriding them."""
+  the flags in ``given`` (those on the command line) overriding them. Where the raw data
+  lives is this machine's, not the record's: ``--data-dir`` or $FAST_JAX_DATA_DIR, else
+  the cache (a recorded relative path meant the folder the run started in)."""
   fields = set(Config.__dataclass_fields__)
   if getattr(args, "config", None) is None:
     return Config(**{k: v for k, v in vars(args).items() if k in fields})
-  base = load_config_file(args.config)
+  base = load_config_file(args.config).replace(data_dir=getattr(args, "data_dir", None))
   given = set(vars(args)) if given is None else given
   return base.replace(**{k: getattr(args, k) for k in given if k in fields})
 
