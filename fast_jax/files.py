@@ -28,6 +28,11 @@ def write_json_atomic(path: pathlib.Path, obj: Any) -> None:
   write_bytes_atomic(path, text.encode())
 
 
+def write_text_atomic(path: pathlib.Path, text: str) -> None:
+  """:func:`write_bytes_atomic` of ``text`` in UTF-8."""
+  write_bytes_atomic(path, text.encode("utf-8"))
+
+
 def write_bytes_atomic(path: pathlib.Path, data: bytes) -> None:
   """Write ``data`` to a temporary file beside ``path``, fsync it and rename it into place,
   readable as ``open`` would make it (0666 less the umask: 0644 under the usual umask 022;

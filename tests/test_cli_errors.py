@@ -251,3 +251,65 @@ def test_the_same_command_twice_gives_identical_results(folders, tmp_path):
   logs = [[{k: v for k, v in json.loads(line).items() if k != "seconds"}
            for line in (out / "metrics.jsonl").read_text().splitlines()] for out in outs]
   assert logs[0] == logs[1] and len(logs[0]) == 2  # 1 epoch x 2 seeds
+
+
+@pytest.fixture(scope="module")
+def global_mean_run(folders):
+  """A finished run folder (the global mean: no training, no p) on the small folder."""
+  from fast_jax.cli.run import main
+  out = folders["root"] / "global-mean-run"
+  with contextlib.redirect_stdout(io.StringIO()):
+    assert main(["--dataset", str(folders["good"]), "--method", "global-mean", "--seeds", "1",
+                 "--quiet", "--out", str(out)]) == 0
+  return out
+
+
+# (case id, fast-jax command and arguments with {root}/{good}/{run}/{tmp} placeholders,
+# names the message must hold): the drivers other than run and prep.
+DRIVER_CASES = [
+    ("collect-no-such-folder", ["collect", "{root}/no-such-run", "--out", "{tmp}/t"],
+     ["no-such-run", "no such run folder"]),
+    ("collect-nothing-finished", ["collect", "{root}", "--out", "{tmp}/t"],
+     ["finished run", "results.json"]),
+    ("collect-broken-results", ["collect", "{broken}", "--out", "{tmp}/t"],
+     ["broken/results.json", "not a results file"]),
+    ("collect-unwritable-out", ["collect", "{run}", "--out", "{root}/a-file/t"],
+     ["cannot write", "a-file/t.csv"]),
+    ("plot-scatter-no-csv", ["plot", "scatter", "{root}/none.csv", "{tmp}/x.png"],
+     ["none.csv"]),
+    ("plot-scatter-not-a-table", ["plot", "scatter", "{other}", "{tmp}/x.png"],
+     ["other.csv", "no column gf_mae"]),
+    ("plot-scatter-not-a-csv", ["plot", "scatter", "{run}/results.json", "{tmp}/x.png"],
+     ["results.json", "cannot read it as a CSV"]),
+    ("plot-p-not-a-run", ["plot", "p", "{root}", "--out", "{tmp}/p.png"],
+     ["not a run folder", "metrics.jsonl"]),
+    ("plot-p-without-p", ["plot", "p", "{run}", "--out", "{tmp}/p.png"],
+     ["metrics.jsonl", "no p"]),
+    ("table2-unwritable-root", ["table2", "--datasets", "{good}", "--rows", "global-mean",
+                                "--seeds", "1", "--root", "{root}/a-file/runs", "--out",
+                                "{tmp}/t"], ["--root", "a-file/runs"]),
+    ("bench-unknown-dataset", ["bench", "--dataset", "nosuchdata"], ["--dataset", "nosuchdata"]),
+]
+
+
+@pytest.mark.parametrize("case,args,names", DRIVER_CASES, ids=[c[0] for c in DRIVER_CASES])
+def test_the_other_drivers_report_bad_input_in_one_line(folders, global_mean_run, tmp_path,
+                                                        monkeypatch, case, args, names):
+  from fast_jax import cli
+  broken = tmp_path / "broken"
+  broken.mkdir()
+  (broken / "results.json").write_text('{"config": {"method": ')
+  (tmp_path / "other.csv").write_text("dataset,row,mae\nml100k,melu-fast,0.9\n")
+  places = {**folders, "run": global_mean_run, "tmp": tmp_path, "broken": broken,
+            "other": tmp_path / "other.csv"}
+  monkeypatch.setattr(sys, "argv", ["fast-jax"])  # cli.main names the command in argv[0]
+  result = _main(cli.main, _fill(args, places), _env(tmp_path / "cache"), monkeypatch)
+  lines = result.stderr.splitlines()
+  assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
+  assert "Traceback" not in result.stderr
+  # collect warns, one line, about a given folder without results, before its error.
+  errors = [line for line in lines if not line.startswith("warning: ")]
+  assert len(errors) == 1 and errors[0].startswith(f"fast-jax {args[0]}: error: "), lines
+  for name in names:
+    assert name in errors[0], (name, errors[0])
+  assert not list(tmp_path.glob("t.*")) and not list(tmp_path.glob("*.png"))

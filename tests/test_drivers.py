@@ -354,6 +354,22 @@ def test_plot_p_reads_every_seed_of_a_run_and_names_its_groups(tmp_path):
   assert (tmp_path / "p.png").stat().st_size > 10_000
 
 
+# file suffix -> the first bytes of that format
+FIGURE_FORMATS = [(".png", b"\x89PNG"), (".pdf", b"%PDF-"), (".svg", b"<?xml"), ("", b"\x89PNG")]
+
+
+@pytest.mark.parametrize("suffix,magic", FIGURE_FORMATS)
+def test_a_figure_is_written_whole_in_the_format_its_name_asks_for(tmp_path, suffix, magic):
+  import matplotlib.pyplot as plt
+  from fast_jax.cli import plots
+  fig, ax = plt.subplots()
+  ax.plot([1, 2, 3])
+  plots.save(fig, tmp_path / f"figure{suffix}")
+  plt.close(fig)
+  assert (tmp_path / f"figure{suffix}").read_bytes().startswith(magic)
+  assert [f.name for f in tmp_path.iterdir()] == [f"figure{suffix}"]  # no temporary left
+
+
 def test_group_names_come_from_the_run_folder_then_its_dataset(tmp_path):
   from fast_jax.cli import plots
   (tmp_path / "config.json").write_text(json.dumps({"dataset": "ml1m"}))

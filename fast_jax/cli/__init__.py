@@ -10,7 +10,9 @@ checkout's ``experiments/`` call the same functions.
 
 from __future__ import annotations
 
+import functools
 import importlib
+import pathlib
 import sys
 
 # subcommand -> (module, one line of help)
@@ -25,6 +27,24 @@ COMMANDS = {
     "bench": ("fast_jax.cli.bench", "time training on this machine"),
     "plot": ("fast_jax.cli.plots", "plots of tables and run folders"),
 }
+
+
+def one_line_errors(main):
+  """A driver's ``main(argv)`` that reports bad input (a :class:`~fast_jax.config.UsageError`
+  or :class:`~fast_jax.dataset.DataError`: a flag, a missing or broken file, an output
+  that cannot be written) as one line ``<command>: error: ...`` and exit code 2, as
+  ``fast-jax run`` does, rather than as a traceback."""
+  @functools.wraps(main)
+  def wrapped(argv=None):
+    from fast_jax.config import UsageError
+    from fast_jax.dataset import DataError
+    try:
+      return main(argv)
+    except (UsageError, DataError) as e:
+      message = " ".join(part.strip() for part in str(e).splitlines() if part.strip())
+      print(f"{pathlib.Path(sys.argv[0]).name}: error: {message}", file=sys.stderr)
+      raise SystemExit(2) from None
+  return wrapped
 
 
 def usage() -> str:

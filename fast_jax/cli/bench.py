@@ -104,6 +104,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from fast_jax.cli import one_line_errors
 from fast_jax import fairness, meta
 from fast_jax import config as config_lib
 from fast_jax.config import Config, resolve
@@ -635,6 +636,7 @@ def _config(args) -> Config:
                 first_order=args.first_order, length_parts=args.length_parts)
 
 
+@one_line_errors
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)

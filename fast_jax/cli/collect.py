@@ -15,11 +15,24 @@ import pathlib
 import sys
 
 from fast_jax import config as config_lib
+from fast_jax import files
+from fast_jax.cli import one_line_errors
 from fast_jax.cli.grid import METRICS, PAPER_TABLE2, write_csv
+from fast_jax.config import UsageError
+from fast_jax.dataset import DataError
 
 
 def row_of(folder: pathlib.Path) -> dict:
-  res = json.loads((folder / "results.json").read_text())
+  path = folder / "results.json"
+  try:
+    res = json.loads(path.read_text())
+    return _row(folder, res)
+  except (ValueError, KeyError, TypeError, AttributeError) as e:
+    raise DataError(f"{path}: not a results file of fast-jax ({type(e).__name__}: {e})") \
+        from None
+
+
+def _row(folder: pathlib.Path, res: dict) -> dict:
   cfg = res["config"]
   method = cfg["method"]
   paper_row = method if cfg["method"] in ("widedeep", "dropoutnet", "nlba") else \
@@ -60,16 +73,34 @@ def markdown(rows: list[dict]) -> str:
 NO_BACKBONE = config_lib.BASELINES
 
 
+def finished(folders: list[pathlib.Path]) -> list[pathlib.Path]:
+  """The folders that hold a finished run (``results.json``); a folder that does not exist
+  is an error, one without results (an unfinished run) a warning line on stderr."""
+  done = []
+  for f in folders:
+    if not f.is_dir():
+      raise UsageError(f"{f}: no such run folder")
+    if (f / "results.json").is_file():
+      done.append(f)
+    else:
+      print(f"warning: {f}: no results.json (an unfinished run?); left out", file=sys.stderr)
+  if not done:
+    raise UsageError(f"none of the {len(folders)} folder(s) holds a finished run "
+                     f"(results.json)")
+  return done
+
+
+@one_line_errors
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("runs", nargs="+", type=pathlib.Path)
   p.add_argument("--out", type=pathlib.Path, required=True)
   args = p.parse_args(argv)
-  rows = [row_of(f) for f in args.runs if (f / "results.json").exists()]
+  rows = [row_of(f) for f in finished(args.runs)]
   rows.sort(key=lambda r: (r["dataset"], r["backbone"], r["method"], r["mode"]))
   write_csv(rows, args.out.with_suffix(".csv"))
-  args.out.with_suffix(".md").write_text(markdown(rows))
+  files.write_text_atomic(args.out.with_suffix(".md"), markdown(rows))
   print(markdown(rows))
   return 0
 

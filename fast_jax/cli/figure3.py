@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from fast_jax.cli import one_line_errors
 from fast_jax.cli.grid import METRICS, Run, add_grid_args, parse_grid_args, run_and_collect
 from fast_jax.cli import plots
 
@@ -39,6 +40,7 @@ def make_runs(datasets, backbones, *, seeds, epochs, data_dir, p_update,
   return runs
 
 
+@one_line_errors
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -34,6 +34,7 @@ import sys
 
 import numpy as np
 
+from fast_jax.cli import one_line_errors
 from fast_jax.cli.grid import (Run, add_grid_args, load_results, paired_vs_origin,
                                parse_grid_args, run_and_collect, summary_rows, write_csv)
 from fast_jax.cli import plots
@@ -129,6 +130,7 @@ class _PAverage(argparse.Action):
     namespace.out_name = "figure4_avg"
 
 
+@one_line_errors
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -25,6 +25,7 @@ import time
 
 import numpy as np
 
+from fast_jax import files
 from fast_jax.config import BASELINES, META_METHODS, PRESETS, Config, UsageError
 
 METRICS = ("mae", "mse", "gf_mae", "gf_mse")
@@ -84,7 +85,11 @@ def run_grid(runs: list[Run], root: pathlib.Path, *, progress: bool = False,
   process, the largest first (:func:`plan`), and on a CPU each process on its own share
   of the CPUs (:func:`worker_cpus`).
   """
-  root.mkdir(parents=True, exist_ok=True)
+  try:
+    root.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    raise UsageError(f"--root {root}: cannot make the runs' folder there "
+                     f"({files.reason(e)})") from None
   out, todo = {}, []
   for run in runs:
     done = _finished(root / run.name)
@@ -426,14 +431,14 @@ SETTING_COLUMNS = ("lr", "inner_lr", "gamma", "tau", "value", "reg_weight")
 
 
 def write_csv(rows: list[dict], path: pathlib.Path) -> None:
-  """``rows`` as a CSV: metrics to 4 decimals, :data:`SETTING_COLUMNS` exactly."""
+  """``rows`` as a CSV, written atomically: metrics to 4 decimals,
+  :data:`SETTING_COLUMNS` exactly."""
   import pandas as pd
-  path.parent.mkdir(parents=True, exist_ok=True)
   frame = pd.DataFrame(rows)
   for col in SETTING_COLUMNS:
     if col in frame and pd.api.types.is_float_dtype(frame[col]):
       frame[col] = frame[col].map(lambda v: "" if pd.isna(v) else f"{v:g}")
-  frame.to_csv(path, index=False, float_format="%.4f")
+  files.write_text_atomic(path, frame.to_csv(index=False, float_format="%.4f"))
 
 
 def provenance(argv: list[str]) -> str:
@@ -500,13 +505,11 @@ def parse_grid_args(parser, argv=None):
 
 
 def run_and_collect(runs: list[Run], args) -> list[dict]:
-  """Run (or, with --collect-only, just load) the grid; write ``<out>.csv``; return rows."""
-  try:
-    results = (load_results(args.root, runs) if args.collect_only
-               else run_grid(runs, args.root, vmap=args.vmap, jobs=args.jobs))
-  except UsageError as e:  # a bad setting: one line naming the flag, as run.py gives
-    print(f"{pathlib.Path(sys.argv[0]).name}: error: {e}", file=sys.stderr)
-    raise SystemExit(2) from None
+  """Run (or, with --collect-only, just load) the grid; write ``<out>.csv``; return rows.
+  A bad setting raises :class:`~fast_jax.config.UsageError`, which the drivers' mains
+  report in one line (:func:`fast_jax.cli.one_line_errors`)."""
+  results = (load_results(args.root, runs) if args.collect_only
+             else run_grid(runs, args.root, vmap=args.vmap, jobs=args.jobs))
   rows = summary_rows(runs, results)
   write_csv(rows, args.out.with_suffix(".csv"))
   return rows

@@ -8,6 +8,7 @@ training, and the fairness-utility scatter.
 from __future__ import annotations
 
 import argparse
+import io
 import itertools
 import json
 import pathlib
@@ -19,6 +20,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import matplotlib.ticker
 import numpy as np
+
+from fast_jax import files
+from fast_jax.cli import one_line_errors
+from fast_jax.config import UsageError
+from fast_jax.dataset import DataError
 
 LABELS = {"mae": "MAE", "mse": "MSE", "gf_mae": "GF(MAE)", "gf_mse": "GF(MSE)"}
 DATASET_NAMES = {"ml1m": "ML-1M", "ml100k": "ML-100K", "bookcrossing": "Book-Crossing"}
@@ -110,7 +116,7 @@ def grouped_bars(rows, metrics, *, panel_keys, bar_key, path, title=""):
                       fontsize=9)
   _suptitle(fig, title)
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  save(fig, path)
   plt.close(fig)
 
 
@@ -164,8 +170,20 @@ def sweeps(rows, path, reference=None, dataset="bookcrossing", label="", compare
   fig.suptitle(f"FAST sensitivity ({_name(DATASET_NAMES, dataset)}; {'/'.join(map(str, seeds))} "
                f"seed{'s' if seeds != [1] else ''} per point)")
   fig.tight_layout(rect=(0, 0.05, 1, 1))
-  fig.savefig(path, dpi=120)
+  save(fig, path)
   plt.close(fig)
+
+
+def save(fig, path) -> None:
+  """Write ``fig`` at ``path`` in the format its suffix names (PNG without one), atomically
+  (:func:`fast_jax.files.write_bytes_atomic`)."""
+  path = pathlib.Path(path)
+  buffer = io.BytesIO()
+  try:
+    fig.savefig(buffer, dpi=120, format=path.suffix.lstrip(".").lower() or "png")
+  except ValueError as e:  # a suffix matplotlib cannot write
+    raise UsageError(f"{path}: {str(e).splitlines()[0]}") from None
+  files.write_bytes_atomic(path, buffer.getvalue())
 
 
 def read_p(run_dir) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -174,11 +192,27 @@ def read_p(run_dir) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   Returns ``epochs`` int[E], ``p`` float[S, E, G] and ``group_loss`` float[S, E, G] for
   the S seeds of the run, cut to the epochs every seed has reached.
   """
-  recs = [json.loads(line) for line in
-          (pathlib.Path(run_dir) / "metrics.jsonl").read_text().splitlines() if line.strip()]
+  path = pathlib.Path(run_dir) / "metrics.jsonl"
+  try:
+    lines = path.read_text().splitlines()
+  except OSError as e:
+    raise UsageError(f"{run_dir}: not a run folder ({path.name}: "
+                     f"{e.strerror or e})") from None
   by_seed: dict = {}
-  for r in recs:  # a resumed run may repeat an epoch: the last record wins
-    by_seed.setdefault(r["seed"], {})[r["epoch"]] = r
+  for n, line in enumerate(lines, 1):
+    if not line.strip():
+      continue
+    try:
+      r = json.loads(line)
+      seed, epoch = r["seed"], r["epoch"]
+    except (ValueError, KeyError, TypeError) as e:
+      raise DataError(f"{path}, line {n}: not a metrics record ({e})") from None
+    if "p" not in r or "group_loss" not in r:
+      raise UsageError(f"{path}: its records have no p and group_loss (only FAST and "
+                       f"Static runs sample the groups by p)")
+    by_seed.setdefault(seed, {})[epoch] = r  # a resumed run may repeat an epoch: the last wins
+  if not by_seed:
+    raise UsageError(f"{path}: no epochs recorded yet")
   epochs = sorted(set.intersection(*(set(e) for e in by_seed.values())))
   p = np.array([[by_seed[s][e]["p"] for e in epochs] for s in by_seed], float)
   loss = np.array([[by_seed[s][e]["group_loss"] for e in epochs] for s in by_seed], float)
@@ -257,7 +291,7 @@ def p_trajectories(run_dirs, path, *, titles=None, ncols=None, losses=True, titl
              frameon=False)
   _suptitle(fig, title)
   fig.tight_layout(rect=(0, 0.09 if one_column else 0.05, 1, 1))
-  fig.savefig(path, dpi=120)
+  save(fig, path)
   plt.close(fig)
 
 
@@ -338,10 +372,11 @@ def scatter(rows, path, *, note: str = ""):
                f"{'/'.join(map(str, seeds))} seed{'s' if seeds != [1] else ''}); "
                f"lower-left is better{'; ' + note if note else ''}", fontsize=11)
   fig.tight_layout(rect=(0, 0.06 + 0.035 * (len(handles) > 8), 1, 1))
-  fig.savefig(path, dpi=120)
+  save(fig, path)
   plt.close(fig)
 
 
+@one_line_errors
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -355,7 +390,16 @@ def main(argv=None) -> int:
   args = p.parse_args(argv)
   if args.cmd == "scatter":
     import pandas as pd
-    scatter(pd.read_csv(args.csv).fillna("").to_dict("records"), args.png)
+    try:
+      table = pd.read_csv(args.csv)
+    except (OSError, ValueError) as e:
+      raise UsageError(f"{args.csv}: cannot read it as a CSV "
+                       f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    missing = {"dataset", "row", "mae", "gf_mae", "mae_std", "gf_mae_std"} - set(table.columns)
+    if missing:
+      raise UsageError(f"{args.csv}: no column {', '.join(sorted(missing))} (expected a "
+                       f"table2 CSV)")
+    scatter(table.fillna("").to_dict("records"), args.png)
   else:
     p_trajectories(args.runs, args.out, losses=True)
   return 0

@@ -20,7 +20,8 @@ import sys
 from fast_jax.cli.grid import (METRICS, PAPER_DATASETS, Run, add_grid_args, parse_grid_args,
                                provenance, run_and_collect)
 
-from fast_jax.cli import plots
+from fast_jax import files
+from fast_jax.cli import one_line_errors, plots
 
 from fast_jax.config import BASELINES, Config
 
@@ -117,6 +118,7 @@ def _marks(rows: list[dict]) -> dict:
   return marks
 
 
+@one_line_errors
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -131,7 +133,7 @@ def main(argv=None) -> int:
           "Ours: mean ± population std over seeds; in brackets the paper's mean and our "
           "difference. **Bold** / _italic_: best / runner-up per backbone.\n"
           + markdown(rows, args.datasets))
-  args.out.with_suffix(".md").write_text(text)
+  files.write_text_atomic(args.out.with_suffix(".md"), text)
   if rows:  # the fairness-utility trade-off of every row, one panel per dataset
     plots.scatter(rows, args.out.parent / f"{args.out.name}_scatter.png",
                   note=f"FAST in {args.p_update} mode")

@@ -45,8 +45,9 @@ import sys
 
 import numpy as np
 
+from fast_jax.cli import one_line_errors
 from fast_jax.cli.grid import Run, load_results, run_grid, write_csv
-from fast_jax.config import Config, UsageError, seed_list
+from fast_jax.config import Config, seed_list
 
 INNER_LRS = (1e-4, 1e-3, 3e-3, 1e-2, 3e-2)
 OUT_BIASES = ("init", "mean")
@@ -138,6 +139,7 @@ def top_points(rows: list[dict], k: int) -> set[str]:
   return keep
 
 
+@one_line_errors
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(prog="fast-jax tune", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -183,12 +185,8 @@ def main(argv=None) -> int:
       p.error(f"--screen {args.screen}: no such file")
     keep = top_points(pd.read_csv(args.screen).to_dict("records"), args.top)
     runs = [r for r in runs if r.name in keep]
-  try:
-    results = (load_results(args.root, runs) if args.collect_only
-               else run_grid(runs, args.root, vmap=args.vmap, jobs=args.jobs))
-  except UsageError as e:
-    print(f"fast-jax tune: error: {e}", file=sys.stderr)
-    return 2
+  results = (load_results(args.root, runs) if args.collect_only
+             else run_grid(runs, args.root, vmap=args.vmap, jobs=args.jobs))
   rows = summarize(runs, args.root, results)
   if not rows:
     print(f"fast-jax tune: no finished runs under {args.root}", file=sys.stderr)
