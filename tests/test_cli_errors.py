@@ -288,6 +288,9 @@ DRIVER_CASES = [
     ("table2-unwritable-root", ["table2", "--datasets", "{good}", "--rows", "global-mean",
                                 "--seeds", "1", "--root", "{root}/a-file/runs", "--out",
                                 "{tmp}/t"], ["--root", "a-file/runs"]),
+    ("table2-nothing-to-collect", ["table2", "--datasets", "{good}", "--rows", "global-mean",
+                                   "--collect-only", "--root", "{tmp}/empty", "--out",
+                                   "{tmp}/t"], ["--collect-only", "none of the 1 runs"]),
     ("bench-unknown-dataset", ["bench", "--dataset", "nosuchdata"], ["--dataset", "nosuchdata"]),
 ]
 

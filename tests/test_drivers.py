@@ -354,6 +354,20 @@ def test_plot_p_reads_every_seed_of_a_run_and_names_its_groups(tmp_path):
   assert (tmp_path / "p.png").stat().st_size > 10_000
 
 
+# the process's argv (as the fast-jax command sets it, or a checkout script's) -> the command
+PROVENANCE = [
+    (["fast-jax table2", "table2", "--jobs", "2"], "fast-jax table2 --jobs 2"),
+    (["/usr/bin/fast-jax", "table2", "--jobs", "2"], "fast-jax table2 --jobs 2"),
+    (["experiments/table2.py", "--jobs", "2"], "python experiments/table2.py --jobs 2"),
+]
+
+
+@pytest.mark.parametrize("argv,command", PROVENANCE)
+def test_a_table_names_the_command_that_made_it(argv, command):
+  from fast_jax.cli import grid
+  assert grid.provenance(argv).startswith(f"command: `{command}`; commit ")
+
+
 # file suffix -> the first bytes of that format
 FIGURE_FORMATS = [(".png", b"\x89PNG"), (".pdf", b"%PDF-"), (".svg", b"<?xml"), ("", b"\x89PNG")]
 

@@ -442,14 +442,19 @@ def write_csv(rows: list[dict], path: pathlib.Path) -> None:
 
 
 def provenance(argv: list[str]) -> str:
-  """The command and git commit that produced a results file."""
+  """The command (``argv``: the process's, whose ``argv[0]`` the ``fast-jax`` command sets
+  to ``fast-jax SUBCOMMAND``) and the git commit that produced a results file."""
   import subprocess
   try:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True, cwd=pathlib.Path(__file__).parent).stdout.strip()
   except OSError:
     commit = "unknown"
-  return f"command: `python {' '.join(argv)}`; commit {commit or 'unknown'}"
+  if pathlib.Path(argv[0]).name.startswith("fast-jax"):  # argv[1] is the subcommand
+    command = " ".join(["fast-jax", *argv[1:]])
+  else:
+    command = " ".join(["python", *argv])
+  return f"command: `{command}`; commit {commit or 'unknown'}"
 
 
 # Relative to the working folder, so a wheel install writes where it is run, as a checkout
@@ -508,8 +513,19 @@ def run_and_collect(runs: list[Run], args) -> list[dict]:
   """Run (or, with --collect-only, just load) the grid; write ``<out>.csv``; return rows.
   A bad setting raises :class:`~fast_jax.config.UsageError`, which the drivers' mains
   report in one line (:func:`fast_jax.cli.one_line_errors`)."""
-  results = (load_results(args.root, runs) if args.collect_only
-             else run_grid(runs, args.root, vmap=args.vmap, jobs=args.jobs))
+  if not args.collect_only:
+    results = run_grid(runs, args.root, vmap=args.vmap, jobs=args.jobs)
+  else:
+    results = load_results(args.root, runs)
+    if not results:
+      raise UsageError(f"--collect-only: none of the {len(runs)} runs has finished under "
+                       f"--root {args.root}")
+    missing = [r.name for r in runs if r.name not in results]
+    if missing:
+      print(f"warning: --collect-only: {len(missing)} of the {len(runs)} runs have not "
+            f"finished under --root {args.root} ({', '.join(missing[:3])}"
+            f"{', ...' if len(missing) > 3 else ''}); the table leaves them out",
+            file=sys.stderr)
   rows = summary_rows(runs, results)
   write_csv(rows, args.out.with_suffix(".csv"))
   return rows
