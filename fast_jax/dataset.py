@@ -196,6 +196,22 @@ def split_counts(split: TaskSplit, num_groups: int) -> dict:
 # ----------------------------------------------------------------------------- writing
 
 
+def check_prepared_out(out) -> None:
+  """Raise DataError when :func:`save_prepared` could not write a prepared folder at
+  ``out``: it, or a folder above it, is a file; or it is a folder that holds other files
+  and no meta.json (it is not a prepared folder, which would be replaced). Cheap, so a
+  command checks it before building the data."""
+  out = pathlib.Path(out).expanduser().absolute()
+  if out.exists() and not out.is_dir():
+    raise DataError(f"output path {out} exists and is not a folder")
+  above = next((p for p in out.parents if p.exists()), None)
+  if above is not None and not above.is_dir():
+    raise DataError(f"cannot write {out}: {above} is a file, not a folder")
+  if out.is_dir() and any(out.iterdir()) and not (out / "meta.json").is_file():
+    raise DataError(f"refusing to replace {out}: it is not empty and not a prepared data "
+                    "folder (no meta.json); choose another --out")
+
+
 def save_prepared(out, splits: dict[str, TaskSplit], meta: dict) -> pathlib.Path:
   """Validate and write a prepared folder; return its path.
 
@@ -219,11 +235,7 @@ def save_prepared(out, splits: dict[str, TaskSplit], meta: dict) -> pathlib.Path
   meta["counts"] = {s: split_counts(splits[s], num_groups) for s in SPLITS}
   _validate(splits, meta, where=f"data for {out}")
 
-  if out.exists() and not out.is_dir():
-    raise DataError(f"output path {out} exists and is not a folder")
-  if out.is_dir() and any(out.iterdir()) and not (out / "meta.json").is_file():
-    raise DataError(f"refusing to replace {out}: it is not empty and not a prepared data "
-                    "folder (no meta.json); choose another --out")
+  check_prepared_out(out)
   try:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))

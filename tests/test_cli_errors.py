@@ -206,6 +206,8 @@ DATA_PREP_CASES = [
     ("bad-bounds", ["--dataset", "synthetic", "--min-interactions", "0"], ["--min-interactions"]),
     ("unwritable-out", ["--dataset", "synthetic", "--num-minority", "20", "--num-majority", "60",
                         "--out", "{root}/a-file/out"], ["cannot write", "a-file/out"]),
+    ("unwritable-out-before-any-data", ["--dataset", "ml100k", "--out", "{root}/a-file/out"],
+     ["cannot write", "a-file/out"]),
     ("not-a-data-folder", ["--dataset", "synthetic", "--num-minority", "20", "--num-majority",
                            "60", "--out", "{root}"], ["--out"]),
     ("one-group", ["--dataset", "custom", "--ratings", "{one}/ratings.csv", "--users",

@@ -7,7 +7,7 @@ import json
 import pathlib
 
 from fast_jax import config
-from fast_jax.dataset import DataError, load_prepared, save_prepared
+from fast_jax.dataset import DataError, check_prepared_out, load_prepared, save_prepared
 
 from fast_jax.data_prep import clover, custom, raw, sources, synthetic
 from fast_jax.data_prep.common import check_interaction_bounds, md5_file
@@ -33,8 +33,10 @@ def prepare(dataset: str, out, *, protocol: str | None = None, data_dir=None,
 
   Raw inputs are looked up under ``data_dir`` (folder names as in the shared data:
   ml-100k, ml-1m, ml-100k-clover, ml-1m-clover, bookcrossing-clover) and downloaded into
-  the cache when missing (see :mod:`data_prep.sources`). Raises DataError on bad input.
+  the cache when missing (see :mod:`data_prep.sources`). Raises DataError on bad input,
+  an ``out`` it cannot write included, before reading any data.
   """
+  check_prepared_out(out)
   splits, meta = build(dataset, protocol=protocol, data_dir=data_dir, seed=seed,
                        min_interactions=min_interactions, max_interactions=max_interactions,
                        progress=progress, **options)
