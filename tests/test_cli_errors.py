@@ -293,6 +293,11 @@ DRIVER_CASES = [
     ("table2-nothing-to-collect", ["table2", "--datasets", "{good}", "--rows", "global-mean",
                                    "--collect-only", "--root", "{tmp}/empty", "--out",
                                    "{tmp}/t"], ["--collect-only", "none of the 1 runs"]),
+    ("figure4-tau-above-1", ["figure4", "--taus", "0.1", "2", "--root", "{tmp}/runs", "--out",
+                             "{tmp}/t"], ["--tau", "<= 1"]),
+    ("tune-screen-not-a-screen", ["tune", "--datasets", "ml100k", "--screen", "{other}", "--top",
+                                  "2", "--root", "{tmp}/runs", "--out", "{tmp}/t"],
+     ["--screen", "other.csv", "no column backbone"]),
     ("bench-unknown-dataset", ["bench", "--dataset", "nosuchdata"], ["--dataset", "nosuchdata"]),
 ]
 
@@ -318,3 +323,4 @@ def test_the_other_drivers_report_bad_input_in_one_line(folders, global_mean_run
   for name in names:
     assert name in errors[0], (name, errors[0])
   assert not list(tmp_path.glob("t.*")) and not list(tmp_path.glob("*.png"))
+  assert not (tmp_path / "runs").exists()  # no run started

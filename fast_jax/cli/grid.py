@@ -85,6 +85,9 @@ def run_grid(runs: list[Run], root: pathlib.Path, *, progress: bool = False,
   process, the largest first (:func:`plan`), and on a CPU each process on its own share
   of the CPUs (:func:`worker_cpus`).
   """
+  from fast_jax.experiment import check_config
+  for run in runs:  # every run's settings before any trains (a sweep's last point too)
+    check_config(run.cfg)
   try:
     root.mkdir(parents=True, exist_ok=True)
   except OSError as e:

@@ -47,7 +47,7 @@ import numpy as np
 
 from fast_jax.cli import one_line_errors
 from fast_jax.cli.grid import Run, load_results, run_grid, write_csv
-from fast_jax.config import Config, seed_list
+from fast_jax.config import Config, UsageError, seed_list
 
 INNER_LRS = (1e-4, 1e-3, 3e-3, 1e-2, 3e-2)
 OUT_BIASES = ("init", "mean")
@@ -182,9 +182,21 @@ def main(argv=None) -> int:
   if args.screen is not None:
     import pandas as pd
     if not args.screen.is_file():
-      p.error(f"--screen {args.screen}: no such file")
-    keep = top_points(pd.read_csv(args.screen).to_dict("records"), args.top)
+      raise UsageError(f"--screen {args.screen}: no such file")
+    try:
+      screened = pd.read_csv(args.screen)
+    except (OSError, ValueError) as e:
+      raise UsageError(f"--screen {args.screen}: cannot read it as a CSV "
+                       f"({str(e).splitlines()[0]})") from None
+    missing = {"name", "dataset", "backbone", "valid_mae"} - set(screened.columns)
+    if missing:
+      raise UsageError(f"--screen {args.screen}: no column {', '.join(sorted(missing))} "
+                       f"(expected the CSV of a screening stage, {{--out}}.csv)")
+    keep = top_points(screened.to_dict("records"), args.top)
     runs = [r for r in runs if r.name in keep]
+    if not runs:
+      raise UsageError(f"--screen {args.screen}: none of its points is a run of this grid "
+                       f"(other --datasets, --backbones or --method?)")
   results = (load_results(args.root, runs) if args.collect_only
              else run_grid(runs, args.root, vmap=args.vmap, jobs=args.jobs))
   rows = summarize(runs, args.root, results)
