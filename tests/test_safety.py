@@ -197,6 +197,11 @@ def test_a_flag_without_effect_for_the_method_is_named_in_a_warning():
       "methods)"]
   assert warn(["--method", "reg", "--alpha-mode", "per-param"]) == [
       "warning: --alpha-mode has no effect with --backbone melu (it acts on metacs)"]
+  named = ", ".join(config_lib.DATASETS)
+  assert warn(["--dataset", "prepared/bx", "--protocol", "raw", "--data-dir", "data"]) == [
+      f"warning: --{flag} has no effect with a prepared folder as --dataset (it acts on the "
+      f"named datasets, {named})" for flag in ("data-dir", "protocol")]
+  assert warn(["--dataset", "ml100k", "--protocol", "raw", "--data-dir", "data"]) == []
 
 
 def test_a_bad_config_file_is_one_line(tmp_path):

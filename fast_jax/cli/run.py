@@ -264,6 +264,11 @@ def ineffective_flags(cfg: Config, given: set[str]) -> list[str]:
     elif name == "alpha_mode" and cfg.backbone != "metacs":
       lines.append(f"warning: --alpha-mode has no effect with --backbone {cfg.backbone} "
                    "(it acts on metacs)")
+  if cfg.dataset not in config_lib.DATASETS:  # a prepared folder: its data is made already
+    for name in sorted(given & {"protocol", "data_dir"}):
+      lines.append(f"warning: --{name.replace('_', '-')} has no effect with a prepared "
+                   f"folder as --dataset (it acts on the named datasets, "
+                   f"{', '.join(config_lib.DATASETS)})")
   return lines
 
 
