@@ -379,7 +379,7 @@ def test_a_figure_is_written_whole_in_the_format_its_name_asks_for(tmp_path, suf
   fig, ax = plt.subplots()
   ax.plot([1, 2, 3])
   plots.save(fig, tmp_path / f"figure{suffix}")
-  plt.close(fig)
+  assert not plt.fignum_exists(fig.number)  # closed
   assert (tmp_path / f"figure{suffix}").read_bytes().startswith(magic)
   assert [f.name for f in tmp_path.iterdir()] == [f"figure{suffix}"]  # no temporary left
 

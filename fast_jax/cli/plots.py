@@ -117,7 +117,6 @@ def grouped_bars(rows, metrics, *, panel_keys, bar_key, path, title=""):
   _suptitle(fig, title)
   fig.tight_layout()
   save(fig, path)
-  plt.close(fig)
 
 
 SWEEP_METRICS = ("mae", "gf_mae", "p0_swing_last10")
@@ -171,18 +170,19 @@ def sweeps(rows, path, reference=None, dataset="bookcrossing", label="", compare
                f"seed{'s' if seeds != [1] else ''} per point)")
   fig.tight_layout(rect=(0, 0.05, 1, 1))
   save(fig, path)
-  plt.close(fig)
 
 
 def save(fig, path) -> None:
   """Write ``fig`` at ``path`` in the format its suffix names (PNG without one), atomically
-  (:func:`fast_jax.files.write_bytes_atomic`)."""
+  (:func:`fast_jax.files.write_bytes_atomic`), and close it."""
   path = pathlib.Path(path)
   buffer = io.BytesIO()
   try:
     fig.savefig(buffer, dpi=120, format=path.suffix.lstrip(".").lower() or "png")
   except ValueError as e:  # a suffix matplotlib cannot write
-    raise UsageError(f"{path}: {str(e).splitlines()[0]}") from None
+    raise UsageError(f"{path}: {e}") from None
+  finally:
+    plt.close(fig)
   files.write_bytes_atomic(path, buffer.getvalue())
 
 
@@ -292,7 +292,6 @@ def p_trajectories(run_dirs, path, *, titles=None, ncols=None, losses=True, titl
   _suptitle(fig, title)
   fig.tight_layout(rect=(0, 0.09 if one_column else 0.05, 1, 1))
   save(fig, path)
-  plt.close(fig)
 
 
 METHOD_NAMES = {"origin": "Origin", "static": "Static", "fast": "FAST", "reg": "Reg",
@@ -373,7 +372,6 @@ def scatter(rows, path, *, note: str = ""):
                f"lower-left is better{'; ' + note if note else ''}", fontsize=11)
   fig.tight_layout(rect=(0, 0.06 + 0.035 * (len(handles) > 8), 1, 1))
   save(fig, path)
-  plt.close(fig)
 
 
 @one_line_errors
@@ -393,8 +391,7 @@ def main(argv=None) -> int:
     try:
       table = pd.read_csv(args.csv)
     except (OSError, ValueError) as e:
-      raise UsageError(f"{args.csv}: cannot read it as a CSV "
-                       f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+      raise UsageError(f"{args.csv}: cannot read it as a CSV ({str(e).strip()})") from None
     missing = {"dataset", "row", "mae", "gf_mae", "mae_std", "gf_mae_std"} - set(table.columns)
     if missing:
       raise UsageError(f"{args.csv}: no column {', '.join(sorted(missing))} (expected a "
