@@ -186,7 +186,8 @@ def main(argv=None) -> int:
     try:
       screened = pd.read_csv(args.screen)
     except (OSError, ValueError) as e:
-      raise UsageError(f"--screen {args.screen}: cannot read it as a CSV ({str(e).strip()})") from None
+      raise UsageError(f"--screen {args.screen}: cannot read it as a CSV "
+                       f"({str(e).strip()})") from None
     missing = {"name", "dataset", "backbone", "valid_mae"} - set(screened.columns)
     if missing:
       raise UsageError(f"--screen {args.screen}: no column {', '.join(sorted(missing))} "
