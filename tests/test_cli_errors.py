@@ -298,6 +298,9 @@ DRIVER_CASES = [
     ("tune-screen-not-a-screen", ["tune", "--datasets", "ml100k", "--screen", "{other}", "--top",
                                   "2", "--root", "{tmp}/runs", "--out", "{tmp}/t"],
      ["--screen", "other.csv", "no column backbone"]),
+    ("tune-nothing-to-collect", ["tune", "--datasets", "ml100k", "--collect-only", "--root",
+                                 "{tmp}/empty", "--out", "{tmp}/t"],
+     ["--collect-only", "none of the", "empty"]),
     ("bench-unknown-dataset", ["bench", "--dataset", "nosuchdata"], ["--dataset", "nosuchdata"]),
 ]
 

@@ -512,23 +512,29 @@ def parse_grid_args(parser, argv=None):
   return args
 
 
+def collect_finished(runs: list[Run], root: pathlib.Path) -> dict[str, dict]:
+  """``--collect-only``: the finished runs' results (name -> results), with a warning
+  naming the runs that have not finished; none finished is a
+  :class:`~fast_jax.config.UsageError`."""
+  results = load_results(root, runs)
+  if not results:
+    raise UsageError(f"--collect-only: none of the {len(runs)} runs has finished under "
+                     f"--root {root}")
+  missing = [r.name for r in runs if r.name not in results]
+  if missing:
+    print(f"warning: --collect-only: {len(missing)} of the {len(runs)} runs have not "
+          f"finished under --root {root} ({', '.join(missing[:3])}"
+          f"{', ...' if len(missing) > 3 else ''}); the table leaves them out",
+          file=sys.stderr)
+  return results
+
+
 def run_and_collect(runs: list[Run], args) -> list[dict]:
   """Run (or, with --collect-only, just load) the grid; write ``<out>.csv``; return rows.
   A bad setting raises :class:`~fast_jax.config.UsageError`, which the drivers' mains
   report in one line (:func:`fast_jax.cli.one_line_errors`)."""
-  if not args.collect_only:
-    results = run_grid(runs, args.root, vmap=args.vmap, jobs=args.jobs)
-  else:
-    results = load_results(args.root, runs)
-    if not results:
-      raise UsageError(f"--collect-only: none of the {len(runs)} runs has finished under "
-                       f"--root {args.root}")
-    missing = [r.name for r in runs if r.name not in results]
-    if missing:
-      print(f"warning: --collect-only: {len(missing)} of the {len(runs)} runs have not "
-            f"finished under --root {args.root} ({', '.join(missing[:3])}"
-            f"{', ...' if len(missing) > 3 else ''}); the table leaves them out",
-            file=sys.stderr)
+  results = (collect_finished(runs, args.root) if args.collect_only
+             else run_grid(runs, args.root, vmap=args.vmap, jobs=args.jobs))
   rows = summary_rows(runs, results)
   write_csv(rows, args.out.with_suffix(".csv"))
   return rows

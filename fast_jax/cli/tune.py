@@ -46,7 +46,7 @@ import sys
 import numpy as np
 
 from fast_jax.cli import one_line_errors
-from fast_jax.cli.grid import Run, load_results, run_grid, write_csv
+from fast_jax.cli.grid import Run, collect_finished, run_grid, write_csv
 from fast_jax.config import Config, UsageError, seed_list
 
 INNER_LRS = (1e-4, 1e-3, 3e-3, 1e-2, 3e-2)
@@ -197,12 +197,9 @@ def main(argv=None) -> int:
     if not runs:
       raise UsageError(f"--screen {args.screen}: none of its points is a run of this grid "
                        f"(other --datasets, --backbones or --method?)")
-  results = (load_results(args.root, runs) if args.collect_only
+  results = (collect_finished(runs, args.root) if args.collect_only
              else run_grid(runs, args.root, vmap=args.vmap, jobs=args.jobs))
   rows = summarize(runs, args.root, results)
-  if not rows:
-    print(f"fast-jax tune: no finished runs under {args.root}", file=sys.stderr)
-    return 1
   best = pick(rows)
   write_csv(rows, args.out.with_suffix(".csv"))
   write_csv(best, args.out.parent / f"{args.out.name}_best.csv")
