@@ -219,9 +219,11 @@ def one_step_forward(module: MeLU, params: Params, local_modules: Sequence[str],
   has_user = bool(module._used("user"))
   shared = shared_user and has_user
   split = module.proj_dim
-  local = set(local_modules) & {"item_fc", "user_fc", "fc1", "fc2", "out"}
-  if not has_user:
-    local.discard("user_fc")
+  # In the network's order, not a set's: a set of strings iterates in an order that
+  # changes with each process's hash seed, and so would the program built from it (the
+  # taps below), which then missed the persistent compilation cache in every new process.
+  local = tuple(name for name in ("item_fc", "user_fc", "fc1", "fc2", "out")
+                if name in local_modules and (has_user or name != "user_fc"))
 
   def forward(rows, adjust):
     """The head on ``rows`` with ``adjust(name, z, x) -> z`` applied to each local layer's
