@@ -56,12 +56,12 @@ def pytest_configure(config):
 HEAVY_FIRST = [
     "test_resume.py", "test_train.py", "test_clover.py", "test_methods.py", "test_safety.py",
     "test_rows.py", "test_bench.py", "test_query_first.py", "test_kernel_form.py",
-    "test_sharding.py", "test_drivers.py", "test_presets.py", "test_cli_errors.py",
-    "test_notebooks.py", "test_packaging.py", "test_baselines.py", "test_eval_chunks.py",
-    "test_docs.py", "test_predictions.py", "test_data_prep.py", "test_meta.py",
-    "test_reg_ipw.py", "test_user_tower.py", "test_fairness.py", "test_attack.py",
-    "test_metrics.py", "test_download.py", "test_dataset.py", "test_diagnostics.py",
-    "test_tune.py",
+    "test_sharding.py", "test_drivers.py", "test_presets.py", "test_compile_cache.py",
+    "test_cli_errors.py", "test_notebooks.py", "test_packaging.py", "test_baselines.py",
+    "test_eval_chunks.py", "test_docs.py", "test_predictions.py", "test_data_prep.py",
+    "test_meta.py", "test_reg_ipw.py", "test_user_tower.py", "test_fairness.py",
+    "test_attack.py", "test_metrics.py", "test_download.py", "test_dataset.py",
+    "test_diagnostics.py", "test_tune.py",
 ]
 
 
