@@ -179,6 +179,19 @@ def _optimized_when_marked(request):
   jax.config.update("jax_disable_most_optimizations", True)
 
 
+def cli_env(cache: pathlib.Path, **extra) -> dict:
+  """The environment of a command-line subprocess: this project first on PYTHONPATH,
+  ``cache`` as its cache folder, offline, on the CPU, and no data URL or data folder from
+  the caller's environment unless ``extra`` (added last) sets one."""
+  env = dict(os.environ, FAST_JAX_OFFLINE="1", FAST_JAX_CACHE=str(cache),
+             JAX_PLATFORMS="cpu", **extra)
+  env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))
+  for key in ("FAST_JAX_DATA_URL", "FAST_JAX_DATA_DIR"):
+    if key not in extra:
+      env.pop(key, None)
+  return env
+
+
 def assert_one_line_error(result, *names: str) -> str:
   """Exit code 2 and exactly one stderr line `error: ...` naming each of ``names``."""
   lines = result.stderr.splitlines()

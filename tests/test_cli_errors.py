@@ -16,7 +16,6 @@ import concurrent.futures
 import contextlib
 import io
 import json
-import os
 import pathlib
 import shutil
 import subprocess
@@ -26,19 +25,11 @@ import numpy as np
 import pytest
 
 from data_prep import prepare
-from conftest import assert_one_line_error
+from conftest import assert_one_line_error, cli_env as _env
 
 PROJECT_ROOT = pathlib.Path(__file__).resolve().parents[1]
 RUN = PROJECT_ROOT / "experiments" / "run.py"
 SMALL = dict(num_minority=20, num_majority=60)  # 56 training users
-
-
-def _env(cache: pathlib.Path) -> dict:
-  env = dict(os.environ, FAST_JAX_OFFLINE="1", FAST_JAX_CACHE=str(cache),
-             JAX_PLATFORMS="cpu")
-  env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))
-  env.pop("FAST_JAX_DATA_URL", None)
-  return env
 
 
 def _run(args, env, cwd, timeout=300) -> subprocess.CompletedProcess:

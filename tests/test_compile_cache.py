@@ -9,13 +9,13 @@ compile nothing (JAX names each miss with ``JAX_EXPLAIN_CACHE_MISSES``).
 
 from __future__ import annotations
 
-import os
 import pathlib
 import subprocess
 import sys
 
 import pytest
 
+from conftest import cli_env
 from data_prep import prepare
 
 PROJECT_ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -34,9 +34,7 @@ def tiny(tmp_path_factory) -> pathlib.Path:
 
 
 def _run(folder, backbone, method, out, cache, hash_seed) -> subprocess.CompletedProcess:
-  env = dict(os.environ, FAST_JAX_OFFLINE="1", FAST_JAX_CACHE=str(cache), JAX_PLATFORMS="cpu",
-             PYTHONHASHSEED=str(hash_seed), JAX_EXPLAIN_CACHE_MISSES="1")
-  env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))
+  env = cli_env(cache, PYTHONHASHSEED=str(hash_seed), JAX_EXPLAIN_CACHE_MISSES="1")
   return subprocess.run(
       [sys.executable, str(RUN), "--dataset", str(folder), "--backbone", backbone, "--method",
        method, "--epochs", "1", "--seeds", "1", "--batch-size", "16", "--quiet", "--no-attack",

@@ -29,23 +29,13 @@ from fast_jax.cli import run as run_cli
 from fast_jax.config import Config, UsageError
 from fast_jax.data_prep import sources
 from fast_jax.dataset import DataError, load_prepared
-from conftest import assert_one_line_error
+from conftest import assert_one_line_error, cli_env as _env
 
 PROJECT_ROOT = pathlib.Path(__file__).resolve().parents[1]
 RUN = PROJECT_ROOT / "experiments" / "run.py"
 SMALL = dict(num_minority=20, num_majority=60)  # 56 training users
 QUICK = ["--epochs", "2", "--seeds", "2", "--checkpoint-every", "1", "--batch-size", "16",
          "--quiet", "--no-attack"]
-
-
-def _env(cache: pathlib.Path, **extra) -> dict:
-  env = dict(os.environ, FAST_JAX_OFFLINE="1", FAST_JAX_CACHE=str(cache),
-             JAX_PLATFORMS="cpu", **extra)
-  env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))
-  for key in ("FAST_JAX_DATA_URL", "FAST_JAX_DATA_DIR"):
-    if key not in extra:
-      env.pop(key, None)
-  return env
 
 
 def _run(args, cwd, timeout=300, **env) -> subprocess.CompletedProcess:
