@@ -1,4 +1,5 @@
-"""Bad input at the command line: one line `error: ...` on stderr, exit code 2, no traceback.
+"""Bad input at the command line: one line `<command>: error: ...` on stderr, exit code 2, no
+traceback.
 
 Every case runs the CLI's ``main`` (that of `experiments/run.py` and of `python -m
 data_prep`) on a small synthetic prepared folder or a broken copy of it: in this process
@@ -25,6 +26,7 @@ import numpy as np
 import pytest
 
 from data_prep import prepare
+from fast_jax import cli
 from conftest import assert_one_line_error, cli_env as _env
 
 PROJECT_ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -63,6 +65,14 @@ def _cli(command, args, env, cwd, monkeypatch, case) -> subprocess.CompletedProc
     from fast_jax.data_prep.cli import main
   monkeypatch.chdir(cwd)
   return _main(main, args, env, monkeypatch)
+
+
+def _program(command, case) -> str:
+  """The name ``command``'s error line starts with: the script's or module's, or in this
+  process the name the run command takes from ``sys.argv[0]``."""
+  if command == "data_prep":
+    return "data_prep"
+  return "run.py" if case in AS_SUBPROCESS else cli.program()
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +171,7 @@ def test_run_py_reports_bad_input_in_one_line(folders, tmp_path, monkeypatch, ca
           "--seeds", "1", "--quiet"]
   result = _cli("run", [*base, *_fill(args, folders)], _env(tmp_path / "cache"), tmp_path,
                 monkeypatch, case)
-  assert_one_line_error(result, *names)
+  assert_one_line_error(result, *names, program=_program("run", case))
   assert not (tmp_path / "out" / "results.json").exists()
 
 
@@ -174,7 +184,7 @@ def test_flag_errors_come_before_any_data_is_read(folders, tmp_path, monkeypatch
   # flag must be reported, not the data.
   result = _cli("run", [flag, value, "--dataset", *_fill([dataset], folders), "--quiet"],
                 _env(tmp_path / "empty-cache"), tmp_path, monkeypatch, flag)
-  assert_one_line_error(result, flag)
+  assert_one_line_error(result, flag, program=_program("run", flag))
   assert not (tmp_path / "empty-cache").exists()
 
 
@@ -224,7 +234,7 @@ def test_data_prep_reports_bad_input_in_one_line(folders, tmp_path, monkeypatch,
     args += ["--out", str(tmp_path / "out")]
   result = _cli("data_prep", [*args, "--no-progress"], _env(tmp_path / "cache"), PROJECT_ROOT,
                 monkeypatch, case)
-  assert_one_line_error(result, *names)
+  assert_one_line_error(result, *names, program="data_prep")
   assert not (tmp_path / "out").exists()
 
 

@@ -197,7 +197,7 @@ def test_a_flag_without_effect_for_the_method_is_named_in_a_warning():
 def test_a_bad_config_file_is_one_line(tmp_path):
   (tmp_path / "config.json").write_text("{not json")
   result = _run([RUN, "--config", tmp_path / "config.json"], tmp_path)
-  assert_one_line_error(result, "--config", "config.json")
+  assert_one_line_error(result, "--config", "config.json", program="run.py")
 
 
 # ----------------------------------------------------------------------------- one run per folder
@@ -216,7 +216,7 @@ def test_a_second_run_on_a_folder_in_use_is_refused_and_the_first_is_untouched(s
     second = _run([RUN, "--dataset", small, "--epochs", "1", "--seeds", "1", "--gamma", "0.5",
                    "--quiet", "--out", out], tmp_path)
     assert first.poll() is None  # the first run was still training: the lock refused
-    assert_one_line_error(second, "another run", str(out))
+    assert_one_line_error(second, "another run", str(out), program="run.py")
   finally:
     _interrupt(first)
   assert json.loads((out / "config.json").read_text())["epochs"] == 100000
@@ -230,7 +230,7 @@ def test_a_second_run_on_a_folder_in_use_is_refused_and_the_first_is_untouched(s
 def test_a_folder_holding_a_run_needs_resume_or_overwrite(run_copy, small, tmp_path):
   before = _snapshot(run_copy)
   result = _run([RUN, "--dataset", small, *QUICK, "--out", run_copy], tmp_path)
-  assert_one_line_error(result, str(run_copy), "--resume", "--overwrite")
+  assert_one_line_error(result, str(run_copy), "--resume", "--overwrite", program="run.py")
   assert _snapshot(run_copy) == before
 
 
@@ -283,7 +283,7 @@ def test_a_failed_resume_is_one_line_and_changes_nothing_on_disk(run_copy, small
   breaks(run_copy)
   before = _snapshot(run_copy)
   result = _run([RUN, "--dataset", small, *QUICK, "--out", run_copy, "--resume"], tmp_path)
-  assert_one_line_error(result, name)
+  assert_one_line_error(result, name, program="run.py")
   assert _snapshot(run_copy) == before
 
 
@@ -322,7 +322,7 @@ def test_a_full_disk_is_one_line_and_loses_nothing(run_copy, small, monkeypatch,
   rc = run_cli.main(["--dataset", str(small), *QUICK, "--out", str(run_copy), "--resume"])
   err = capsys.readouterr().err.splitlines()
   assert rc == 2 and len(err) == 1, err
-  assert re.match(r"error: cannot write .*config\.json \(No space left on device\); .* "
+  assert re.match(r"[^:]+: error: cannot write .*config\.json \(No space left on device\); .* "
                   r"continue with --resume$", err[0]), err[0]
   assert _snapshot(run_copy) == before  # config.json intact, metrics.jsonl not truncated
   assert not [p for p in run_copy.rglob(".*") if p.name != runfolder.LOCK_NAME]

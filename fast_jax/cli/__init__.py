@@ -29,6 +29,17 @@ COMMANDS = {
 }
 
 
+def program() -> str:
+  """The running command's name for its error lines: ``fast-jax run`` under the
+  ``fast-jax`` command (which sets ``sys.argv[0]``), ``run.py`` run as a script."""
+  return pathlib.Path(sys.argv[0]).name
+
+
+def error_line(message: str) -> str:
+  """``<command>: error: <message>``, argparse's form, for every command's bad input."""
+  return f"{program()}: error: {message}"
+
+
 def one_line_errors(main):
   """A driver's ``main(argv)`` that reports bad input (a :class:`~fast_jax.config.UsageError`
   or :class:`~fast_jax.dataset.DataError`: a flag, a missing or broken file, an output
@@ -42,7 +53,7 @@ def one_line_errors(main):
       return main(argv)
     except (UsageError, DataError) as e:
       message = " ".join(part.strip() for part in str(e).splitlines() if part.strip())
-      print(f"{pathlib.Path(sys.argv[0]).name}: error: {message}", file=sys.stderr)
+      print(error_line(message), file=sys.stderr)
       raise SystemExit(2) from None
   return wrapped
 
@@ -65,8 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"fast-jax {__version__}")
     return 0
   if argv[0] not in COMMANDS:
-    print(f"error: unknown command {argv[0]!r}; expected one of {', '.join(COMMANDS)} "
-          f"(see fast-jax --help)", file=sys.stderr)
+    print(f"fast-jax: error: unknown command {argv[0]!r}; expected one of "
+          f"{', '.join(COMMANDS)} (see fast-jax --help)", file=sys.stderr)
     return 2
   module = importlib.import_module(COMMANDS[argv[0]][0])
   sys.argv[0] = f"fast-jax {argv[0]}"

@@ -25,6 +25,7 @@ import sys
 import time
 
 from fast_jax import config as config_lib
+from fast_jax.cli import error_line
 from fast_jax.config import Config, UsageError
 
 
@@ -32,7 +33,7 @@ class _Parser(argparse.ArgumentParser):
   """A bad flag is one line on stderr and exit code 2, like every other usage error."""
 
   def error(self, message):
-    self.exit(2, f"error: {message} (see --help)\n")
+    self.exit(2, error_line(f"{message} (see --help)") + "\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -191,7 +192,7 @@ def init_processes(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
     where = (f"--coordinator {args.coordinator}" if args.coordinator else
              "--distributed (no Slurm, Open MPI or TPU-pod environment found?)")
     reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-    parser.exit(2, f"error: {where}: could not join the multi-process job: {reason}\n")
+    parser.exit(2, error_line(f"{where}: could not join the multi-process job: {reason}") + "\n")
 
 
 def config_from_args(args: argparse.Namespace, given: set[str] | None = None) -> Config:
@@ -325,13 +326,13 @@ def main(argv=None) -> int:
     from fast_jax.files import WriteError
     hint = ("; free space, then continue with --resume" if isinstance(e, WriteError) and
             out is not None and (out / "config.json").exists() else "")
-    print(f"error: {e}{hint}", file=sys.stderr)
+    print(error_line(f"{e}{hint}"), file=sys.stderr)
     return 2
   except FloatingPointError as e:
-    print(f"error: training diverged: {e}", file=sys.stderr)
+    print(error_line(f"training diverged: {e}"), file=sys.stderr)
     return 1
   except OSError as e:
-    print(f"error: {e.strerror or e}" + (f": {e.filename}" if e.filename else ""),
+    print(error_line(f"{e.strerror or e}" + (f": {e.filename}" if e.filename else "")),
           file=sys.stderr)
     return 2
   except KeyboardInterrupt:
