@@ -192,15 +192,14 @@ def cli_env(cache: pathlib.Path, **extra) -> dict:
   return env
 
 
-def assert_one_line_error(result, *names: str, program: str | None = None) -> str:
+def assert_one_line_error(result, *names: str, program: str) -> str:
   """Exit code 2 and exactly one stderr line `<program>: error: ...` (argparse's form)
   naming each of ``names``; ``program``: the command's name the line must start with."""
   lines = result.stderr.splitlines()
   assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
   assert "Traceback" not in result.stderr, result.stderr[-2000:]
-  assert len(lines) == 1 and ": error: " in lines[0], result.stderr[-2000:]
-  if program is not None:
-    assert lines[0].startswith(f"{program}: error: "), (program, lines[0])
+  assert len(lines) == 1 and lines[0].startswith(f"{program}: error: "), (
+      program, result.stderr[-2000:])
   for name in names:
     assert name in lines[0], (name, lines[0])
   return lines[0]

@@ -68,11 +68,24 @@ def _cli(command, args, env, cwd, monkeypatch, case) -> subprocess.CompletedProc
 
 
 def _program(command, case) -> str:
-  """The name ``command``'s error line starts with: the script's or module's, or in this
-  process the name the run command takes from ``sys.argv[0]``."""
-  if command == "data_prep":
-    return "data_prep"
-  return "run.py" if case in AS_SUBPROCESS else cli.program()
+  """The name ``command``'s error line starts with: the script's or module's in a
+  subprocess, or in this process the name taken from this process's ``sys.argv[0]``."""
+  if case not in AS_SUBPROCESS:
+    return cli.program()
+  return "run.py" if command == "run" else "data_prep"
+
+
+# sys.argv[0] -> the name a command's error lines start with (fast_jax.cli.program).
+PROGRAMS = [("/home/u/fast-jax/experiments/run.py", "run.py"),
+            ("fast-jax run", "fast-jax run"),  # set by the fast-jax dispatcher
+            ("/home/u/fast-jax/data_prep/__main__.py", "data_prep"),  # python -m data_prep
+            ("/site-packages/fast_jax/data_prep/__main__.py", "data_prep")]
+
+
+@pytest.mark.parametrize("argv0,expected", PROGRAMS)
+def test_error_lines_name_the_command_as_it_was_run(monkeypatch, argv0, expected):
+  monkeypatch.setattr(sys, "argv", [argv0])
+  assert cli.error_line("--x: bad") == f"{expected}: error: --x: bad"
 
 
 @pytest.fixture(scope="module")
@@ -234,7 +247,7 @@ def test_data_prep_reports_bad_input_in_one_line(folders, tmp_path, monkeypatch,
     args += ["--out", str(tmp_path / "out")]
   result = _cli("data_prep", [*args, "--no-progress"], _env(tmp_path / "cache"), PROJECT_ROOT,
                 monkeypatch, case)
-  assert_one_line_error(result, *names, program="data_prep")
+  assert_one_line_error(result, *names, program=_program("data_prep", case))
   assert not (tmp_path / "out").exists()
 
 

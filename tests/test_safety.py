@@ -25,6 +25,7 @@ from data_prep import build, prepare
 from fast_jax import config as config_lib
 from fast_jax import runfolder
 from fast_jax.checkpoint import CheckpointError, SeedCheckpoint
+from fast_jax import cli
 from fast_jax.cli import run as run_cli
 from fast_jax.config import Config, UsageError
 from fast_jax.data_prep import sources
@@ -322,7 +323,7 @@ def test_a_full_disk_is_one_line_and_loses_nothing(run_copy, small, monkeypatch,
   rc = run_cli.main(["--dataset", str(small), *QUICK, "--out", str(run_copy), "--resume"])
   err = capsys.readouterr().err.splitlines()
   assert rc == 2 and len(err) == 1, err
-  assert re.match(r"[^:]+: error: cannot write .*config\.json \(No space left on device\); .* "
+  assert re.match(re.escape(cli.program()) + r": error: cannot write .*config\.json \(No space left on device\); .* "
                   r"continue with --resume$", err[0]), err[0]
   assert _snapshot(run_copy) == before  # config.json intact, metrics.jsonl not truncated
   assert not [p for p in run_copy.rglob(".*") if p.name != runfolder.LOCK_NAME]
@@ -338,7 +339,8 @@ def test_a_full_tmpfs_is_one_line(small, tmp_path):
   try:
     result = _run([RUN, "--dataset", small, "--epochs", "1", "--seeds", "1", "--quiet",
                    "--no-attack", "--out", mount / "run"], tmp_path)
-    line = assert_one_line_error(result, "No space left on device", str(mount / "run"))
+    line = assert_one_line_error(result, "No space left on device", str(mount / "run"),
+                                program="run.py")
     assert "continue with --resume" in line
     assert json.loads((mount / "run" / "config.json").read_text())["epochs"] == 1
   finally:
@@ -402,7 +404,8 @@ def test_a_repeated_user_item_pair_is_an_error_naming_file_and_line(tmp_path):
   result = _run(["-m", "data_prep", "--dataset", "custom", "--ratings", files["ratings"],
                  "--users", files["users"], "--sensitive", "gender", "--out", tmp_path / "o",
                  "--no-progress"], tmp_path)
-  assert_one_line_error(result, "ratings.csv:602", "first on line 2", "--duplicates")
+  assert_one_line_error(result, "ratings.csv:602", "first on line 2", "--duplicates",
+                        program="data_prep")
 
 
 @pytest.mark.parametrize("policy", ["last", "mean"])
@@ -504,7 +507,7 @@ def test_a_data_dir_that_is_not_a_folder_is_an_error_even_when_the_cache_has_the
 def test_the_offline_error_names_data_dir_the_variable_and_the_files(tmp_path):
   result = _run([RUN, "--dataset", "ml100k", "--quiet"], tmp_path)
   line = assert_one_line_error(result, "--data-dir", "FAST_JAX_DATA_DIR", "ml-100k-clover/",
-                                "user_warm_state.json", "user_cold_state_test_y.json")
+                                "user_warm_state.json", "user_cold_state_test_y.json", program="run.py")
   assert "DIR/ml-100k-clover/" in line
   assert not (tmp_path / "cache").exists()  # nothing, empty or not, left in the cache
 

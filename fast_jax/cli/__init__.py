@@ -31,8 +31,10 @@ COMMANDS = {
 
 def program() -> str:
   """The running command's name for its error lines: ``fast-jax run`` under the
-  ``fast-jax`` command (which sets ``sys.argv[0]``), ``run.py`` run as a script."""
-  return pathlib.Path(sys.argv[0]).name
+  ``fast-jax`` command (which sets ``sys.argv[0]``), ``run.py`` run as a script, and the
+  package's name (``data_prep``) run as ``python -m data_prep``."""
+  path = pathlib.Path(sys.argv[0])
+  return path.parent.name if path.name == "__main__.py" else path.name
 
 
 def error_line(message: str) -> str:

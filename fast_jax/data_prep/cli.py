@@ -15,6 +15,7 @@ import argparse
 import os
 import sys
 
+from fast_jax.cli import error_line
 from fast_jax.dataset import DataError, load_prepared
 
 from fast_jax.data_prep import api, synthetic
@@ -28,13 +29,7 @@ class _Parser(argparse.ArgumentParser):
   """A bad flag is one line on stderr and exit code 2, like every other error here."""
 
   def error(self, message):
-    self.exit(2, f"{_program()}: error: {message} (see --help)\n")
-
-
-def _program() -> str:
-  """This command's name in its error lines: ``fast-jax prep``, or ``data_prep`` when run
-  as ``python -m data_prep``."""
-  return "fast-jax prep" if "fast-jax" in sys.argv[0] else "data_prep"
+    self.exit(2, error_line(f"{message} (see --help)") + "\n")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -95,11 +90,10 @@ def main(argv=None) -> int:
       out = api.ensure_prepared(args.dataset, cache_dir=args.cache_dir, **common, **bounds)
     data = load_prepared(out)
   except DataError as e:
-    print(f"{_program()}: error: {e}", file=sys.stderr)
+    print(error_line(str(e)), file=sys.stderr)
     return 2
   except OSError as e:
-    print(f"{_program()}: error: {e.strerror or e}: {e.filename or ''}".rstrip(": "),
-          file=sys.stderr)
+    print(error_line(f"{e.strerror or e}: {e.filename or ''}".rstrip(": ")), file=sys.stderr)
     return 2
   counts = data.meta["counts"]
   summary = "; ".join(f"{s} {c['users']} users / {c['ratings']} ratings (groups {c['groups']})"
